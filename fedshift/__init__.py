@@ -1,0 +1,1 @@
+"""fedshift command-line front end (the `fedshift` console script)."""

@@ -1,0 +1,176 @@
+"""One round of local DP-SGD on a silo (Opacus), and the loss both training and
+evaluation use.
+
+Privacy argument (Abadi et al., CCS 2016, "Deep Learning with Differential Privacy"):
+each step Poisson-samples *users* (one example per user), clips each example's gradient
+to ``max-grad-norm`` and adds Gaussian noise ``σ·C``. An example's loss depends only on
+that example and public data: its own target item, and negatives drawn from the public
+catalogue of the silo's platform — never other users' items.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader
+
+from fl_client.privacy import PrivacyState
+from fl_client.task import IGNORE_INDEX, SiloData, TrainUsers, collate
+from shared_model.config import RunConfig
+from shared_model.model import InterestModel, item_scores, own_item_scores
+
+
+def interest_loss(
+    model: torch.nn.Module,
+    batch: tuple[torch.Tensor, ...],
+    item_emb: torch.Tensor,
+    prior_index: torch.Tensor,
+    negatives: torch.Tensor,
+    cfg: RunConfig,
+) -> torch.Tensor:
+    """Mean over the batch of ``w_item·CE(next item) + w_cat·CE(next interest)``.
+
+    The next-item term is a softmax over the example's own target and ``negatives``
+    (rows of the public platform catalogue); a negative equal to the target is masked.
+    """
+    input_ids, mask, rows, cats = batch
+    user, cat_logits = model(input_ids, mask)
+    pos = own_item_scores(user, cat_logits, item_emb[rows], prior_index[rows], cfg.logit_scale, cfg.category_prior_weight)
+    neg = item_scores(user, cat_logits, item_emb[negatives], prior_index[negatives], cfg.logit_scale, cfg.category_prior_weight)
+    neg = neg.masked_fill(negatives.unsqueeze(0) == rows.unsqueeze(1), float("-inf"))
+    logits = torch.cat([pos.unsqueeze(1), neg], dim=1)
+    item_loss = F.cross_entropy(logits, torch.zeros_like(rows), reduction="none")
+    cat_loss = F.cross_entropy(cat_logits.float(), cats, ignore_index=IGNORE_INDEX, reduction="none")
+    per_example = cfg.item_loss_weight * item_loss + cfg.category_loss_weight * cat_loss
+    return per_example.sum() / max(len(rows), 1)
+
+
+@dataclass
+class RoundResult:
+    loss: float
+    steps: int
+    examples: int
+    empty_steps: int
+    seconds: float
+    noise_multiplier: float = 0.0
+    sample_rate: float = 0.0
+    epsilon_round: float = 0.0
+    epsilon_total: float = 0.0
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+
+
+def pick_device(cfg: RunConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def train_round(
+    model: InterestModel,
+    data: SiloData,
+    cfg: RunConfig,
+    privacy: PrivacyState,
+    seed: int,
+    device: torch.device,
+) -> RoundResult:
+    """Train ``local-steps`` DP-SGD steps; the accountant continues ``privacy.history``."""
+    torch.manual_seed(seed)
+    dataset = TrainUsers(data, cfg, seed=seed)
+    if len(dataset) == 0:
+        raise ValueError(f"silo {data.name}: no training users")
+    pad_id = dataset.encode.tokenizer.pad_token_id or 0
+    loader = DataLoader(
+        dataset,
+        batch_size=min(cfg.batch_size, len(dataset)),
+        shuffle=not cfg.dp,
+        collate_fn=lambda b: collate(b, pad_id),
+        pin_memory=device.type == "cuda",
+    )
+    model.to(device).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    engine = None
+    if cfg.dp:
+        engine = PrivacyEngine(accountant=cfg.accountant)
+        engine.accountant.history = list(privacy.history)
+        model, optimizer, loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=privacy.noise_multiplier,
+            max_grad_norm=cfg.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=cfg.grad_sample_mode,
+        )
+    item_emb = data.items.embeddings.to(device)
+    prior_index = data.item_prior_index.to(device)
+    platform_rows = data.items.platform_rows(data.platform).to(device)
+    neg_gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    steps = examples = empty = 0
+    while steps < cfg.local_steps:
+        for batch in loader:
+            if steps >= cfg.local_steps:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            if len(batch) == 0 or batch[0].shape[0] == 0:
+                _noise_only_step(optimizer)
+                empty += 1
+                steps += 1
+                continue
+            batch = tuple(t.to(device, non_blocking=True) for t in batch)
+            pick = torch.randint(len(platform_rows), (cfg.num_negatives,), generator=neg_gen)
+            negatives = platform_rows[pick.to(device)]
+            with autocast:
+                loss = interest_loss(model, batch, item_emb, prior_index, negatives, cfg)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            examples += batch[0].shape[0]
+            steps += 1
+    seconds = time.perf_counter() - t0
+    result = RoundResult(
+        loss=sum(losses) / len(losses) if losses else math.nan,
+        steps=steps,
+        examples=examples,
+        empty_steps=empty,
+        seconds=seconds,
+    )
+    if engine is not None:
+        result.noise_multiplier = privacy.noise_multiplier
+        result.sample_rate = loader.sample_rate if hasattr(loader, "sample_rate") else privacy.sample_rate
+        result.history = [tuple(h) for h in engine.accountant.history]  # type: ignore[misc]
+        result.epsilon_total = float(engine.accountant.get_epsilon(delta=cfg.delta))
+        result.epsilon_round = privacy.epsilon_of([(privacy.noise_multiplier, privacy.sample_rate, steps)])
+    _drop_grad_samples(model)
+    return result
+
+
+def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
+    """An empty Poisson batch: zero per-sample gradients, so the step adds noise only and
+    the accountant still counts it (skipping it would under-report ε)."""
+    for p in optimizer.params:  # type: ignore[attr-defined]
+        p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+    optimizer.step()
+
+
+def _drop_grad_samples(model: torch.nn.Module) -> None:
+    for p in model.parameters():
+        if hasattr(p, "grad_sample"):
+            p.grad_sample = None
+        p.grad = None
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

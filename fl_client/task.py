@@ -1,0 +1,172 @@
+"""Silo-side glue: find this node's silo, load its data once per process, and turn
+examples into tensors.
+
+Data flows one way: silo folder (+ public catalogue) → examples → token tensors.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from shared_model.config import RunConfig
+from shared_model.dataset import list_silos, load_catalogue, load_silo
+from shared_model.encoder import load_tokenizer
+from shared_model.examples import eval_examples, train_user_ids, training_example
+from shared_model.item_index import ItemIndex, build_item_index
+from shared_model.schema import Catalogue, Example, Silo
+from shared_model.serialize import history_text
+
+IGNORE_INDEX = -100
+
+
+def resolve_silo_dir(cfg: RunConfig, node_config: dict[str, Any]) -> Path:
+    """This node's silo folder.
+
+    Deployment: node config ``silo-dir`` names the folder. Simulation: node config
+    ``partition-id`` picks the silo in sorted order from the run's dataset.
+    """
+    if node_config.get("silo-dir"):
+        return Path(str(node_config["silo-dir"])).expanduser().resolve()
+    dataset = cfg.dataset_dir()
+    silos = list_silos(dataset)
+    pid = int(node_config.get("partition-id", -1))
+    if not 0 <= pid < len(silos):
+        raise ValueError(
+            f"node has no silo-dir and partition-id {pid} is not in [0, {len(silos)}): "
+            f"run one SuperNode per silo of {dataset}"
+        )
+    return dataset / "silos" / silos[pid]
+
+
+def catalogue_dir_for(silo_dir: Path, node_config: dict[str, Any]) -> Path:
+    """The public catalogue's dataset folder: node config ``catalogue-dir`` or the silo's dataset."""
+    if node_config.get("catalogue-dir"):
+        return Path(str(node_config["catalogue-dir"])).expanduser().resolve()
+    return silo_dir.parent.parent
+
+
+@lru_cache(maxsize=4)
+def cached_catalogue(dataset_dir: Path) -> Catalogue:
+    return load_catalogue(dataset_dir)
+
+
+@lru_cache(maxsize=4)
+def cached_silo(silo_dir: Path, dataset_dir: Path) -> Silo:
+    return load_silo(silo_dir, cached_catalogue(dataset_dir))
+
+
+@lru_cache(maxsize=4)
+def cached_item_index(dataset_dir: Path, base_model: str, max_tokens: int) -> ItemIndex:
+    return build_item_index(cached_catalogue(dataset_dir), base_model or None, max_tokens)
+
+
+@lru_cache(maxsize=4)
+def cached_tokenizer(base_model: str):  # type: ignore[no-untyped-def]
+    return load_tokenizer(base_model or None)
+
+
+@dataclass
+class SiloData:
+    """Everything a silo trains and evaluates on (its own data plus public data)."""
+
+    name: str
+    silo: Silo
+    catalogue: Catalogue
+    items: ItemIndex
+    categories: list[str]
+    item_prior_index: torch.Tensor  # per item row: its category index, len(categories) if none
+
+    @property
+    def platform(self) -> str:
+        return self.silo.platform
+
+
+def open_silo(cfg: RunConfig, node_config: dict[str, Any]) -> SiloData:
+    silo_dir = resolve_silo_dir(cfg, node_config)
+    dataset_dir = catalogue_dir_for(silo_dir, node_config)
+    catalogue = cached_catalogue(dataset_dir)
+    items = cached_item_index(dataset_dir, cfg.base_model, cfg.max_item_tokens)
+    categories = catalogue.interest_vocab()
+    return SiloData(
+        name=silo_dir.name,
+        silo=cached_silo(silo_dir, dataset_dir),
+        catalogue=catalogue,
+        items=items,
+        categories=categories,
+        item_prior_index=prior_index(catalogue, items, categories),
+    )
+
+
+def prior_index(catalogue: Catalogue, items: ItemIndex, categories: list[str]) -> torch.Tensor:
+    """Each item row's category index (``len(categories)`` for unlabelled items)."""
+    index = {c: i for i, c in enumerate(categories)}
+    return torch.tensor(
+        [index.get(catalogue.items[i].interest or "", len(categories)) for i in items.item_ids], dtype=torch.long
+    )
+
+
+class Encoder:
+    """Example → (input ids, target item row, target category index)."""
+
+    def __init__(self, data: SiloData, cfg: RunConfig):
+        self.data = data
+        self.cfg = cfg
+        self.tokenizer = cached_tokenizer(cfg.base_model)
+        self.category_index = {c: i for i, c in enumerate(data.categories)}
+        self._count = lru_cache(maxsize=65536)(lambda s: len(self.tokenizer.tokenize(s)))
+
+    def __call__(self, ex: Example) -> tuple[torch.Tensor, int, int]:
+        budget = self.cfg.max_seq_len - 2  # [CLS] and [SEP]
+        text = history_text(ex.history, self.data.catalogue, max_tokens=budget, count_tokens=self._count)
+        ids = self.tokenizer(text, truncation=True, max_length=self.cfg.max_seq_len)["input_ids"]
+        cat = self.category_index.get(ex.target_category, IGNORE_INDEX) if ex.target_category else IGNORE_INDEX
+        return torch.tensor(ids, dtype=torch.long), self.data.items.row[ex.target.item_id], cat
+
+
+class TrainUsers(Dataset):
+    """One item per training user; each access draws a fresh random cut of that user's history."""
+
+    def __init__(self, data: SiloData, cfg: RunConfig, seed: int):
+        self.data = data
+        self.users = train_user_ids(data.silo)
+        self.encode = Encoder(data, cfg)
+        self.rng = random.Random(seed)
+        self.k = cfg.migration_k
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        ex = training_example(self.data.silo, self.data.catalogue, self.users[i], rng=self.rng, k=self.k)
+        return self.encode(ex)
+
+
+def collate(batch: list[tuple[torch.Tensor, int, int]], pad_id: int = 0) -> tuple[torch.Tensor, ...]:
+    """Pad to the longest history in the batch → (input_ids, attention_mask, item_rows, categories)."""
+    if not batch:
+        empty = torch.zeros((0, 1), dtype=torch.long)
+        return empty, empty, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    longest = max(len(ids) for ids, _, _ in batch)
+    input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for r, (ids, _, _) in enumerate(batch):
+        input_ids[r, : len(ids)] = ids
+        mask[r, : len(ids)] = 1
+    rows = torch.tensor([b[1] for b in batch], dtype=torch.long)
+    cats = torch.tensor([b[2] for b in batch], dtype=torch.long)
+    return input_ids, mask, rows, cats
+
+
+def evaluation_examples(data: SiloData, cfg: RunConfig, split: str = "valid") -> list[Example]:
+    """The silo's held-out examples; a seeded subset of ``max-eval-users`` when set."""
+    examples = eval_examples(data.silo, data.catalogue, split, k=cfg.migration_k)
+    if cfg.max_eval_users and len(examples) > cfg.max_eval_users:
+        examples = random.Random(cfg.seed).sample(examples, cfg.max_eval_users)
+    return examples

@@ -1,0 +1,110 @@
+"""What the server records of a run: every client metric per round and silo, written as
+``metrics.json`` and ``metrics.csv`` (atomically), and the per-round table it prints."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file + fsync + rename (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class RunRecords:
+    """Append-only list of per-silo records, one per (round, phase, silo)."""
+
+    def __init__(self, out_dir: Path, run_info: dict[str, Any]):
+        self.out_dir = out_dir
+        self.run_info = dict(run_info)
+        self.records: list[dict[str, Any]] = []
+
+    def add(self, server_round: int, phase: str, silo: str, node_id: int, metrics: dict[str, Any]) -> None:
+        self.records.append({"round": server_round, "phase": phase, "silo": silo, "node-id": node_id, **metrics})
+
+    def rows(self, server_round: int, phase: str) -> list[dict[str, Any]]:
+        return sorted(
+            (r for r in self.records if r["round"] == server_round and r["phase"] == phase),
+            key=lambda r: r["silo"],
+        )
+
+    def by_round(self) -> list[dict[str, Any]]:
+        out = []
+        for rnd in sorted({r["round"] for r in self.records}):
+            silos: dict[str, dict[str, Any]] = {}
+            for r in self.records:
+                if r["round"] != rnd:
+                    continue
+                entry = {k: v for k, v in r.items() if k not in {"round", "phase", "silo"}}
+                silos.setdefault(r["silo"], {})[r["phase"]] = entry
+            out.append({"round": rnd, "silos": dict(sorted(silos.items()))})
+        return out
+
+    def write(self) -> None:
+        doc = {"run": self.run_info, "rounds": self.by_round(), "records": self.records}
+        atomic_write_text(self.out_dir / "metrics.json", json.dumps(_json_safe(doc), indent=2, sort_keys=False))
+        columns: list[str] = []
+        for r in self.records:
+            columns.extend(k for k in r if k not in columns)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for r in self.records:
+            writer.writerow({k: r.get(k, "") for k in columns})
+        atomic_write_text(self.out_dir / "metrics.csv", buf.getvalue())
+
+    def table(self, server_round: int) -> str:
+        """Per-silo table of one round: loss and ε from training, accuracy and NDCG@10 from evaluation."""
+        train = {r["silo"]: r for r in self.rows(server_round, "train")}
+        evals = {r["silo"]: r for r in self.rows(server_round, "evaluate")}
+        delta = next((r.get("delta") for r in train.values()), self.run_info.get("delta"))
+        head = f"{'silo':<14}{'loss':>9}{'ε':>9}{'ε budget':>10}{'cat acc':>9}{'NDCG@10':>9}{'HR@10':>8}"
+        lines = [
+            f"round {server_round} — ε is cumulative, δ={delta:g}, accountant {self.run_info.get('accountant-label', '?')}",
+            head,
+            "-" * len(head),
+        ]
+        for silo in sorted(set(train) | set(evals)):
+            t, e = train.get(silo, {}), evals.get(silo, {})
+            lines.append(
+                f"{silo:<14}{_fmt(t.get('train-loss')):>9}{_fmt(t.get('epsilon')):>9}{_fmt(t.get('epsilon-budget')):>10}"
+                f"{_fmt(e.get('category-accuracy')):>9}{_fmt(e.get('ndcg10'), 4):>9}{_fmt(e.get('hr10')):>8}"
+                + ("  budget exhausted" if t.get("budget-exhausted") else "")
+            )
+        return "\n".join(lines)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "∞"
+    return f"{float(value):.{digits}f}"

@@ -1,0 +1,116 @@
+"""Adapter + head state in and out: the only tensors a silo ever sends.
+
+``get_trainable_state`` / ``set_trainable_state`` are the two functions through which
+state crosses the silo boundary; ``to_arrays`` / ``from_arrays`` wrap them in Flower's
+``ArrayRecord``. ``save_checkpoint`` writes a peft-loadable adapter folder plus heads and
+metadata; ``load_checkpoint`` reads it back into an :class:`InterestModel`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+from safetensors.torch import load_file, save_file
+
+from shared_model.config import RunConfig
+from shared_model.model import InterestModel, build_model
+
+HEADS_FILE = "heads.safetensors"
+META_FILE = "fedshift.json"
+
+
+def get_trainable_state(model: torch.nn.Module) -> OrderedDict[str, torch.Tensor]:
+    """Exactly the trainable tensors (LoRA A/B and heads), detached, on CPU, by name."""
+    return OrderedDict(
+        (name, p.detach().cpu().clone()) for name, p in _unwrap(model).named_parameters() if p.requires_grad
+    )
+
+
+def set_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load trainable tensors by name; names and shapes must match exactly."""
+    params = {n: p for n, p in _unwrap(model).named_parameters() if p.requires_grad}
+    if set(params) != set(state):
+        missing = sorted(set(params) - set(state))[:3]
+        unexpected = sorted(set(state) - set(params))[:3]
+        raise KeyError(f"trainable state mismatch: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for name, p in params.items():
+            value = torch.as_tensor(state[name])
+            if value.shape != p.shape:
+                raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(p.shape)}")
+            p.copy_(value.to(p.dtype))
+
+
+def to_arrays(model: torch.nn.Module) -> ArrayRecord:
+    """The model's trainable state as a Flower ArrayRecord."""
+    return ArrayRecord(get_trainable_state(model))
+
+
+def from_arrays(model: torch.nn.Module, arrays: ArrayRecord) -> None:
+    """Load a Flower ArrayRecord (from :func:`to_arrays`) into the model."""
+    set_trainable_state(model, arrays.to_torch_state_dict())
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The InterestModel under an Opacus GradSampleModule, if wrapped."""
+    return getattr(model, "_module", model)
+
+
+def save_checkpoint(
+    model: InterestModel, folder: str | os.PathLike[str], metadata: dict[str, Any]
+) -> Path:
+    """Write ``folder`` atomically: peft adapter files, heads, and metadata JSON.
+
+    ``PeftModel.from_pretrained(base, folder)`` loads the adapter alone.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model = _unwrap(model)  # type: ignore[assignment]
+        model.encoder.save_pretrained(str(tmp))
+        heads = {
+            f"category_head.{k}": v.detach().cpu().contiguous()
+            for k, v in model.category_head.state_dict().items()
+        }
+        save_file(heads, str(tmp / HEADS_FILE))
+        (tmp / META_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: not a fedshift checkpoint (no {META_FILE})")
+    return json.loads(path.read_text())
+
+
+def load_checkpoint(folder: str | os.PathLike[str], base_model: str | None = None) -> tuple[InterestModel, dict[str, Any]]:
+    """Rebuild the model saved by :func:`save_checkpoint` (eval mode)."""
+    from peft import set_peft_model_state_dict
+
+    folder = Path(folder)
+    meta = read_metadata(folder)
+    cfg = RunConfig.from_run_config(meta["config"])
+    if base_model is not None:
+        cfg = RunConfig.from_run_config({**meta["config"], "base-model": base_model})
+    model = build_model(cfg, num_categories=len(meta["categories"]))
+    adapter = load_file(str(folder / "adapter_model.safetensors"))
+    set_peft_model_state_dict(model.encoder, adapter)
+    heads = load_file(str(folder / HEADS_FILE))
+    model.category_head.load_state_dict({k.split(".", 1)[1]: v for k, v in heads.items() if k.startswith("category_head.")})
+    return model.eval(), meta

@@ -1,0 +1,272 @@
+"""Read and validate a fedshift dataset folder (format: ``docs/data-format.md``).
+
+Every reader here only reads; problems are collected as :class:`Problem` lines
+(``file:line: field: reason``) and raised together as one :class:`DataError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import zlib
+from pathlib import Path
+
+from shared_model.schema import (
+    DEFAULT_EVENT_TYPE,
+    EVENT_TYPES,
+    SPLITS,
+    Catalogue,
+    DataError,
+    Event,
+    Item,
+    Problem,
+    Silo,
+)
+
+DEFAULT_DATASET: Path = Path(__file__).resolve().parents[1] / "data" / "amazon-art-office"
+PATH_SEPARATOR = " > "  # between category levels in items.csv's category_path
+
+ITEM_COLUMNS = ("item_id", "platform", "title", "category_path", "brand")
+EVENT_COLUMNS = ("user_id", "item_id", "order")  # event_type is optional
+USER_COLUMNS = ("user_id", "split")
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    """``stem.csv`` or ``stem.csv.gz`` inside ``folder`` (plain file first)."""
+    for name in (f"{stem}.csv", f"{stem}.csv.gz"):
+        p = folder / name
+        if p.is_file():
+            return p
+    return None
+
+
+def _read_rows(path: Path, label: str, required: tuple[str, ...], problems: list[Problem]) -> list[tuple[int, dict[str, str]]] | None:
+    """Rows of a CSV file as ``(line, row)``; None (with problems added) when unreadable."""
+    try:
+        raw = path.read_bytes()
+        if path.name.endswith(".gz"):
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:
+        problems.append(Problem(label, 1, "file", f"cannot read: {e}"))
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        problems.append(Problem(label, line, "encoding", f"undecodable bytes (not UTF-8) at byte {e.start}"))
+        return None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if not text.strip():
+        problems.append(Problem(label, 1, "file", "empty file (expected a header line)"))
+        return None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = [h.strip() for h in next(reader)]
+    if len(header) == 1 and len(required) > 1:
+        for delim in (";", "\t", "|"):
+            if delim in header[0]:
+                problems.append(Problem(label, 1, "header", f"wrong delimiter {delim!r}: fields must be separated by ','"))
+                return None
+    missing = [c for c in required if c not in header]
+    for c in missing:
+        problems.append(Problem(label, 1, c, f"missing column (header has: {', '.join(header)})"))
+    if missing:
+        return None
+    rows: list[tuple[int, dict[str, str]]] = []
+    width = len(header)
+    for rec in reader:
+        line = reader.line_num
+        if not rec:
+            continue
+        if len(rec) != width:
+            problems.append(Problem(label, line, "row", f"expected {width} fields, found {len(rec)}"))
+            continue
+        rows.append((line, dict(zip(header, rec))))
+    return rows
+
+
+def _parse_order(value: str) -> int | None:
+    try:
+        n = int(value)
+    except ValueError:
+        return None
+    return n if n >= 0 else None
+
+
+def load_dataset_info(dataset_dir: Path) -> dict:
+    """The optional ``dataset.json`` (``{}`` when absent); raises DataError when malformed."""
+    p = Path(dataset_dir) / "dataset.json"
+    if not p.is_file():
+        return {}
+    try:
+        info = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError([Problem("dataset.json", getattr(e, "lineno", 1), "json", f"not valid JSON: {e}")]) from None
+    if not isinstance(info, dict):
+        raise DataError([Problem("dataset.json", 1, "json", "expected a JSON object")])
+    plats = info.get("platforms")
+    if plats is not None and not (isinstance(plats, list) and all(isinstance(x, str) and x for x in plats)):
+        raise DataError([Problem("dataset.json", 1, "platforms", "expected a list of platform names")])
+    return info
+
+
+def load_catalogue(dataset_dir: Path) -> Catalogue:
+    """Read ``items.csv[.gz]`` (and ``dataset.json`` for the declared platforms)."""
+    dataset_dir = Path(dataset_dir)
+    info = load_dataset_info(dataset_dir)
+    declared = tuple(info.get("platforms") or ())
+    path = _find(dataset_dir, "items")
+    if path is None:
+        raise DataError([Problem("items.csv", 0, "file", f"no items.csv or items.csv.gz in {dataset_dir}")])
+    problems: list[Problem] = []
+    rows = _read_rows(path, path.name, ITEM_COLUMNS, problems)
+    items: dict[str, Item] = {}
+    first_line: dict[str, int] = {}
+    for line, r in rows or []:
+        iid, plat, title = r["item_id"].strip(), r["platform"].strip(), r["title"].strip()
+        bad = False
+        if not iid:
+            problems.append(Problem(path.name, line, "item_id", "empty item id"))
+            bad = True
+        elif iid in first_line:
+            problems.append(Problem(path.name, line, "item_id", f"duplicate item id {iid!r} (first on line {first_line[iid]})"))
+            bad = True
+        if not plat:
+            problems.append(Problem(path.name, line, "platform", "empty platform"))
+            bad = True
+        elif declared and plat not in declared:
+            problems.append(Problem(path.name, line, "platform", f"unknown platform {plat!r} (dataset.json declares: {', '.join(declared)})"))
+            bad = True
+        if not title:
+            problems.append(Problem(path.name, line, "title", "empty title"))
+            bad = True
+        if bad:
+            continue
+        cats = tuple(c.strip() for c in r["category_path"].split(PATH_SEPARATOR.strip())) if r["category_path"].strip() else ()
+        items[iid] = Item(iid, plat, title, cats, r["brand"].strip())
+        first_line[iid] = line
+    if problems:
+        raise DataError(problems)
+    return Catalogue(items, declared)
+
+
+def list_silos(dataset_dir: Path) -> list[str]:
+    """Names of the silo folders under ``dataset_dir/silos`` (sorted)."""
+    root = Path(dataset_dir) / "silos"
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def load_silo(silo_dir: Path, catalogue: Catalogue) -> Silo:
+    """Read one silo folder (``events.csv[.gz]``, ``users.csv[.gz]``); opens nothing outside it."""
+    silo_dir = Path(silo_dir)
+    name = silo_dir.name
+    prefix = f"silos/{name}/"
+    problems: list[Problem] = []
+
+    users_path = _find(silo_dir, "users")
+    events_path = _find(silo_dir, "events")
+    for stem, p in (("users", users_path), ("events", events_path)):
+        if p is None:
+            problems.append(Problem(f"{prefix}{stem}.csv", 0, "file", "missing file (expected {0}.csv or {0}.csv.gz)".format(stem)))
+    if problems:
+        raise DataError(problems)
+    assert users_path is not None and events_path is not None
+
+    ulabel = prefix + users_path.name
+    splits: dict[str, str] = {}
+    user_line: dict[str, int] = {}
+    for line, r in _read_rows(users_path, ulabel, USER_COLUMNS, problems) or []:
+        uid, split = r["user_id"].strip(), r["split"].strip()
+        if not uid:
+            problems.append(Problem(ulabel, line, "user_id", "empty user id"))
+            continue
+        if split not in SPLITS:
+            problems.append(Problem(ulabel, line, "split", f"unknown split {split!r} (expected one of: {', '.join(SPLITS)})"))
+            continue
+        if uid in splits:
+            if splits[uid] != split:
+                problems.append(Problem(ulabel, line, "split", f"user {uid!r} is in two splits: {splits[uid]} (line {user_line[uid]}) and {split}"))
+            else:
+                problems.append(Problem(ulabel, line, "user_id", f"duplicate user {uid!r} (first on line {user_line[uid]})"))
+            continue
+        splits[uid] = split
+        user_line[uid] = line
+
+    elabel = prefix + events_path.name
+    histories: dict[str, list[Event]] = {}
+    platforms: dict[str, int] = {}
+    seen_order: dict[tuple[str, int], int] = {}
+    items = catalogue.items
+    for line, r in _read_rows(events_path, elabel, EVENT_COLUMNS, problems) or []:
+        uid, iid, raw_order = r["user_id"].strip(), r["item_id"].strip(), r["order"].strip()
+        etype = (r.get("event_type") or "").strip() or DEFAULT_EVENT_TYPE
+        if not uid:
+            problems.append(Problem(elabel, line, "user_id", "empty user id"))
+            continue
+        if splits and uid not in splits:
+            problems.append(Problem(elabel, line, "user_id", f"user {uid!r} is not in {users_path.name}"))
+            continue
+        item = items.get(iid)
+        if item is None:
+            problems.append(Problem(elabel, line, "item_id", f"unknown item id {iid!r} (not in the catalogue)"))
+            continue
+        order = _parse_order(raw_order)
+        if order is None:
+            problems.append(Problem(elabel, line, "order", f"expected a non-negative integer, got {raw_order!r}"))
+            continue
+        if etype not in EVENT_TYPES:
+            problems.append(Problem(elabel, line, "event_type", f"unknown event type {etype!r} (expected one of: {', '.join(EVENT_TYPES)})"))
+            continue
+        key = (uid, order)
+        if key in seen_order:
+            problems.append(Problem(elabel, line, "order", f"user {uid!r} already has an event at order {order} (line {seen_order[key]})"))
+            continue
+        seen_order[key] = line
+        if item.platform not in platforms:
+            platforms[item.platform] = line
+        histories.setdefault(uid, []).append(Event(uid, iid, order, etype))
+
+    if len(platforms) > 1:
+        (p0, l0), (p1, l1) = sorted(platforms.items(), key=lambda kv: kv[1])[:2]
+        problems.append(Problem(elabel, l1, "item_id", f"silo mixes platforms: {p0!r} (line {l0}) and {p1!r}; a silo is one platform"))
+    for uid in splits:
+        if uid not in histories and not problems:
+            problems.append(Problem(ulabel, user_line[uid], "user_id", f"user {uid!r} has no events"))
+    if problems:
+        raise DataError(problems)
+    for h in histories.values():
+        h.sort(key=lambda e: e.order)
+    platform = next(iter(platforms), "")
+    return Silo(name, platform, {u: splits[u] for u in splits}, histories)
+
+
+def load_dataset(dataset_dir: Path) -> tuple[Catalogue, dict[str, Silo]]:
+    """The catalogue and every silo of a dataset (raises DataError on any problem)."""
+    catalogue = load_catalogue(dataset_dir)
+    silos = {s: load_silo(Path(dataset_dir) / "silos" / s, catalogue) for s in list_silos(dataset_dir)}
+    return catalogue, silos
+
+
+def validate_dataset(dataset_dir: Path) -> list[Problem]:
+    """Every problem of a dataset folder (empty when valid). Never writes."""
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        return [Problem(str(dataset_dir), 0, "path", "not a directory")]
+    try:
+        catalogue = load_catalogue(dataset_dir)
+    except DataError as e:
+        return e.problems
+    silos = list_silos(dataset_dir)
+    if not silos:
+        return [Problem("silos", 0, "path", "no silo folders under silos/")]
+    problems: list[Problem] = []
+    for s in silos:
+        try:
+            load_silo(dataset_dir / "silos" / s, catalogue)
+        except DataError as e:
+            problems.extend(e.problems)
+    return problems

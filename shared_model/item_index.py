@@ -1,0 +1,105 @@
+"""The item tower: catalogue items embedded by the frozen base encoder, cached on disk.
+
+Items are public, so their embeddings carry no private data; with the base encoder frozen
+they are computed once per (base model, catalogue, token budget) and reused by every silo,
+the server and ``recommend``. The cache file is written atomically under a file lock, so
+concurrent silo processes compute it once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from shared_model.encoder import load_encoder, load_tokenizer, mean_pool, model_hash
+from shared_model.schema import DEFAULT_EVENT_TYPE, Catalogue
+from shared_model.serialize import event_text
+
+
+def cache_dir() -> Path:
+    """``$FEDSHIFT_CACHE`` or ``~/.cache/fedshift``."""
+    return Path(os.environ.get("FEDSHIFT_CACHE", Path.home() / ".cache" / "fedshift"))
+
+
+def catalogue_hash(catalogue: Catalogue) -> str:
+    """sha256 over every item's id, platform and catalogue text (order-independent)."""
+    digest = hashlib.sha256()
+    for item_id in sorted(catalogue.items):
+        item = catalogue.items[item_id]
+        digest.update(f"{item_id}\t{item.platform}\t{event_text(item, DEFAULT_EVENT_TYPE)}\n".encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class ItemIndex:
+    """Unit-norm item embeddings in catalogue order, with per-platform row sets."""
+
+    item_ids: list[str]
+    embeddings: torch.Tensor
+    platforms: list[str]
+
+    def __post_init__(self) -> None:
+        self.row = {item_id: i for i, item_id in enumerate(self.item_ids)}
+        self._platform_rows: dict[str, torch.Tensor] = {}
+        for p in sorted(set(self.platforms)):
+            self._platform_rows[p] = torch.tensor(
+                [i for i, q in enumerate(self.platforms) if q == p], dtype=torch.long
+            )
+
+    def platform_rows(self, platform: str) -> torch.Tensor:
+        """Rows of one platform's items (the candidate set for that platform)."""
+        if platform not in self._platform_rows:
+            raise KeyError(f"unknown platform {platform!r}; known: {sorted(self._platform_rows)}")
+        return self._platform_rows[platform]
+
+
+@torch.inference_mode()
+def encode_texts(
+    texts: list[str], base_model: str | None, max_tokens: int, batch_size: int = 256, progress: bool = False
+) -> torch.Tensor:
+    """Mean-pooled, unit-norm embeddings of ``texts`` by the frozen base encoder."""
+    tok = load_tokenizer(base_model)
+    tok.truncation_side = "right"
+    enc = load_encoder(base_model)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(len(texts), enc.config.hidden_size)
+    starts = range(0, len(order), batch_size)
+    for s in tqdm(starts, desc="embedding catalogue", unit="batch", disable=not progress):
+        idx = order[s : s + batch_size]
+        batch = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+        hidden = enc(**batch).last_hidden_state
+        out[idx] = F.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
+    return out
+
+
+def build_item_index(
+    catalogue: Catalogue, base_model: str | None, max_tokens: int, progress: bool = False
+) -> ItemIndex:
+    """Load the cached item index, or compute and cache it (once, under a lock)."""
+    ids = list(catalogue.items)
+    platforms = [catalogue.items[i].platform for i in ids]
+    key = f"items-{model_hash(base_model)[:16]}-{catalogue_hash(catalogue)[:16]}-{max_tokens}.pt"
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / key
+    with open(folder / (key + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if list(saved["ids"]) == ids:
+                return ItemIndex(ids, saved["emb"], platforms)
+        texts = [event_text(catalogue.items[i], DEFAULT_EVENT_TYPE) for i in ids]
+        emb = encode_texts(texts, base_model, max_tokens, progress=progress)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".items-", suffix=".tmp")
+        os.close(fd)
+        torch.save({"ids": ids, "emb": emb}, tmp)
+        os.replace(tmp, path)
+    return ItemIndex(ids, emb, platforms)

@@ -1,0 +1,112 @@
+"""Types both sides agree on: catalogue items, silo events, examples, and data errors.
+
+The on-disk format these types are read from is documented in ``docs/data-format.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+EVENT_TYPES: tuple[str, ...] = ("view", "cart", "purchase", "review")
+DEFAULT_EVENT_TYPE = "purchase"
+SPLITS: tuple[str, ...] = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One defect in an input file, printed as ``file:line: field: reason``."""
+
+    file: str
+    line: int
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.field}: {self.reason}"
+
+
+class DataError(ValueError):
+    """Bad input data. ``problems`` lists every defect found (the message shows the first 50)."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = list(problems)
+        shown = "\n".join(str(p) for p in self.problems[:50])
+        more = len(self.problems) - 50
+        super().__init__(shown + (f"\n... and {more} more problems" if more > 0 else ""))
+
+
+@dataclass(frozen=True)
+class Item:
+    """A public catalogue item. ``categories`` is the category path, level 1 first."""
+
+    item_id: str
+    platform: str
+    title: str
+    categories: tuple[str, ...] = ()
+    brand: str = ""
+
+    def level(self, n: int) -> str | None:
+        """Category at level ``n`` (1-based), or None when the path is shorter."""
+        return self.categories[n - 1] if len(self.categories) >= n else None
+
+    @property
+    def interest(self) -> str | None:
+        """The interest label: the level-2 category."""
+        return self.level(2)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One behaviour event of a user on a silo; ``order`` is a position or a timestamp."""
+
+    user_id: str
+    item_id: str
+    order: int
+    event_type: str = DEFAULT_EVENT_TYPE
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training/evaluation example: a user's history before a cut and the next event."""
+
+    user_id: str
+    history: tuple[Event, ...]
+    target: Event
+    target_category: str | None
+    migrating: bool
+
+
+@dataclass
+class Catalogue:
+    """The public item catalogue of a dataset (all platforms)."""
+
+    items: dict[str, Item]
+    platforms: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not self.platforms:
+            self.platforms = tuple(sorted({it.platform for it in self.items.values()}))
+
+    def platform_item_ids(self, platform: str) -> list[str]:
+        """Item ids of one platform, in catalogue order."""
+        return [i for i, it in self.items.items() if it.platform == platform]
+
+    def interest_vocab(self) -> list[str]:
+        """Sorted level-2 categories over the whole catalogue: the next-interest classes."""
+        return sorted({it.interest for it in self.items.values() if it.interest})
+
+
+@dataclass
+class Silo:
+    """What one silo holds: its users' splits and their event histories (sorted by order).
+
+    For valid/test users the last event of a history is the held-out next item.
+    """
+
+    name: str
+    platform: str
+    splits: dict[str, str]
+    histories: dict[str, list[Event]]
+
+    def users(self, split: str) -> list[str]:
+        return [u for u, s in self.splits.items() if s == split]

@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny random BERT, a small generated dataset, a private cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private item-embedding cache, so tests never depend on ~/.cache."""
+    folder = tmp_path_factory.mktemp("fedshift-cache")
+    os.environ["FEDSHIFT_CACHE"] = str(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from shared_model.encoder import write_tiny_bert
+
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 platforms × 1 region, 240 users: 3 silos with planted migration."""
+    from simulations.generator import generate
+
+    out = tmp_path_factory.mktemp("gen") / "ds"
+    generate(out, users=240, platforms=3, regions=1, seed=1)
+    return out

