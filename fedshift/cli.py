@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from fedshift import data_cmd, simulate_cmd
+from fedshift import audit_cmd, data_cmd, evaluate_cmd, recommend_cmd, simulate_cmd
 
 DESCRIPTION = """\
 fedshift learns how shoppers' interests migrate between categories, federated over data
@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     data_cmd.add_parser(sub)
     simulate_cmd.add_parser(sub)
+    evaluate_cmd.add_parser(sub)
+    recommend_cmd.add_parser(sub)
+    audit_cmd.add_parser(sub)
     return parser
 
 
