@@ -14,9 +14,9 @@ from flwr.serverapp.strategy import FedAvg
 from fl_server.records import RunRecords
 
 
-def payload_bytes(arrays: ArrayRecord) -> int:
-    """Bytes of tensor data in an ArrayRecord (what crosses the network, before framing)."""
-    return sum(len(a.data) for a in arrays.values())
+def payload_bytes(arrays: ArrayRecord) -> tuple[int, int]:
+    """(raw tensor bytes, serialised array bytes incl. per-array headers, before gRPC framing)."""
+    return sum(a.numpy().nbytes for a in arrays.values()), sum(len(a.data) for a in arrays.values())
 
 
 class RecordingFedAvg(FedAvg):
@@ -57,7 +57,7 @@ class RecordingFedAvg(FedAvg):
                 continue
             metrics = dict(msg.content["metrics"])
             silo = str(msg.content["info"]["silo"]) if "info" in msg.content else str(msg.metadata.src_node_id)
-            metrics["payload-bytes"] = payload_bytes(msg.content["arrays"])
+            metrics["tensor-bytes"], metrics["payload-bytes"] = payload_bytes(msg.content["arrays"])
             self.records.add(server_round, "train", silo, msg.metadata.src_node_id, metrics)
             if metrics.get("budget-exhausted"):
                 self.exhausted.add(msg.metadata.src_node_id)
