@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from fl_client.privacy import PrivacyState
 from fl_client.task import IGNORE_INDEX, SiloData, TrainUsers, collate
 from shared_model.config import RunConfig
-from shared_model.model import InterestModel, item_scores, own_item_scores
+from shared_model.model import InterestModel, item_scores, mask_to_platform, own_item_scores
 
 
 def interest_loss(
@@ -30,6 +30,7 @@ def interest_loss(
     batch: tuple[torch.Tensor, ...],
     item_emb: torch.Tensor,
     prior_index: torch.Tensor,
+    category_mask: torch.Tensor,
     negatives: torch.Tensor,
     cfg: RunConfig,
 ) -> torch.Tensor:
@@ -40,12 +41,13 @@ def interest_loss(
     """
     input_ids, mask, rows, cats = batch
     user, cat_logits = model(input_ids, mask)
+    cat_logits = mask_to_platform(cat_logits, category_mask)
     pos = own_item_scores(user, cat_logits, item_emb[rows], prior_index[rows], cfg.logit_scale, cfg.category_prior_weight)
     neg = item_scores(user, cat_logits, item_emb[negatives], prior_index[negatives], cfg.logit_scale, cfg.category_prior_weight)
     neg = neg.masked_fill(negatives.unsqueeze(0) == rows.unsqueeze(1), float("-inf"))
     logits = torch.cat([pos.unsqueeze(1), neg], dim=1)
     item_loss = F.cross_entropy(logits, torch.zeros_like(rows), reduction="none")
-    cat_loss = F.cross_entropy(cat_logits.float(), cats, ignore_index=IGNORE_INDEX, reduction="none")
+    cat_loss = F.cross_entropy(cat_logits, cats, ignore_index=IGNORE_INDEX, reduction="none")
     per_example = cfg.item_loss_weight * item_loss + cfg.category_loss_weight * cat_loss
     return per_example.sum() / max(len(rows), 1)
 
@@ -108,6 +110,7 @@ def train_round(
         )
     item_emb = data.items.embeddings.to(device)
     prior_index = data.item_prior_index.to(device)
+    category_mask = data.category_mask.to(device)
     platform_rows = data.items.platform_rows(data.platform).to(device)
     neg_gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
@@ -129,7 +132,7 @@ def train_round(
             pick = torch.randint(len(platform_rows), (cfg.num_negatives,), generator=neg_gen)
             negatives = platform_rows[pick.to(device)]
             with autocast:
-                loss = interest_loss(model, batch, item_emb, prior_index, negatives, cfg)
+                loss = interest_loss(model, batch, item_emb, prior_index, category_mask, negatives, cfg)
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))

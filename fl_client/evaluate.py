@@ -16,7 +16,7 @@ import torch
 from fl_client.task import IGNORE_INDEX, Encoder, SiloData, collate, evaluation_examples
 from shared_model.config import RunConfig
 from shared_model.metrics import accuracy, hit_rate, mrr, ndcg, rank_of_target
-from shared_model.model import InterestModel, item_scores
+from shared_model.model import InterestModel, item_scores, mask_to_platform
 
 
 @dataclass
@@ -56,6 +56,7 @@ def evaluate_silo(
     rows = data.items.platform_rows(data.platform)
     cand = data.items.embeddings[rows].to(device)
     cand_prior = data.item_prior_index[rows].to(device)
+    category_mask = data.category_mask.to(device)
     col = {int(r): c for c, r in enumerate(rows.tolist())}
     ranks: list[int] = []
     pred_cat: list[int] = []
@@ -65,6 +66,7 @@ def evaluate_silo(
         chunk = examples[s : s + cfg.eval_batch_size]
         input_ids, mask, target_rows, cats = collate([encode(ex) for ex in chunk], pad_id)
         user, cat_logits = model(input_ids.to(device), mask.to(device))
+        cat_logits = mask_to_platform(cat_logits, category_mask)
         scores = item_scores(user, cat_logits, cand, cand_prior, cfg.logit_scale, cfg.category_prior_weight).cpu()
         target_cols = torch.tensor([col[int(r)] for r in target_rows])
         for i, ex in enumerate(chunk):

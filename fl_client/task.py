@@ -82,6 +82,7 @@ class SiloData:
     items: ItemIndex
     categories: list[str]
     item_prior_index: torch.Tensor  # per item row: its category index, len(categories) if none
+    category_mask: torch.Tensor  # [C] bool: the categories of this silo's platform
 
     @property
     def platform(self) -> str:
@@ -94,14 +95,22 @@ def open_silo(cfg: RunConfig, node_config: dict[str, Any]) -> SiloData:
     catalogue = cached_catalogue(dataset_dir)
     items = cached_item_index(dataset_dir, cfg.base_model, cfg.max_item_tokens)
     categories = catalogue.interest_vocab()
+    silo = cached_silo(silo_dir, dataset_dir)
     return SiloData(
         name=silo_dir.name,
-        silo=cached_silo(silo_dir, dataset_dir),
+        silo=silo,
         catalogue=catalogue,
         items=items,
         categories=categories,
         item_prior_index=prior_index(catalogue, items, categories),
+        category_mask=platform_category_mask(catalogue, categories, silo.platform),
     )
+
+
+def platform_category_mask(catalogue: Catalogue, categories: list[str], platform: str) -> torch.Tensor:
+    """``[C]`` bool: which next-interest classes occur on ``platform`` (public catalogue)."""
+    present = {it.interest for it in catalogue.items.values() if it.platform == platform}
+    return torch.tensor([c in present for c in categories], dtype=torch.bool)
 
 
 def prior_index(catalogue: Catalogue, items: ItemIndex, categories: list[str]) -> torch.Tensor:

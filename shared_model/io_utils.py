@@ -12,13 +12,15 @@ from pathlib import Path
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, then ``os.replace`` it into place."""
+    """Write ``data`` to a temp file beside ``path``, fsync it, then ``os.replace`` it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:

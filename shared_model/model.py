@@ -54,10 +54,24 @@ class InterestModel(nn.Module):
         return F.normalize(h, dim=-1), self.category_head(h)
 
 
+def mask_to_platform(category_logits: torch.Tensor, platform_mask: torch.Tensor) -> torch.Tensor:
+    """Restrict next-interest logits to the categories of the target platform.
+
+    The softmax is over the whole catalogue's level-2 categories, but a next event on
+    platform P can only be in P's categories (public: read from the catalogue), so the
+    others get -inf. Without this, silos of a platform with one dominant category pull
+    the shared head towards it for every platform after averaging.
+    """
+    return category_logits.float().masked_fill(~platform_mask, float("-inf"))
+
+
 def category_prior(category_logits: torch.Tensor) -> torch.Tensor:
-    """``[B, C+1]`` log p(category | user); column C (unlabelled items) is the mean over categories."""
+    """``[B, C+1]`` log p(category | user); column C (unlabelled items) is the mean of the
+    finite log-probabilities (categories masked out by :func:`mask_to_platform` excluded)."""
     logp = F.log_softmax(category_logits.float(), dim=-1)
-    return torch.cat([logp, logp.mean(-1, keepdim=True)], dim=-1)
+    finite = torch.isfinite(logp)
+    mean = logp.where(finite, torch.zeros_like(logp)).sum(-1, keepdim=True) / finite.sum(-1, keepdim=True)
+    return torch.cat([logp, mean], dim=-1)
 
 
 def item_scores(
