@@ -136,6 +136,10 @@ def simulate(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser().resolve() if args.out else Path.cwd() / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     overrides["out-dir"] = str(out)
+    # Simulated silos keep their privacy ledgers inside the run folder (so `fedshift audit
+    # OUT` finds them and tests never touch ~); pass --set state-dir=DIR for a stable place
+    # that accumulates a silo's lifetime spend across runs.
+    overrides.setdefault("state-dir", str(out / "silo-state"))
     overrides.setdefault("min-nodes", len(silos))
     cfg = RunConfig.from_run_config({**RunConfig().to_run_config(), **overrides})
 

@@ -26,6 +26,20 @@ def sample_rate_for(num_users: int, batch_size: int) -> float:
     return 1.0 / math.ceil(num_users / max(1, min(batch_size, num_users)))
 
 
+def ledger_history(records: list[dict]) -> list[tuple[float, float, int]]:
+    """Accountant history ``[(σ, q, steps), …]`` of ledger records, in ledger order."""
+    return [(float(r["noise-multiplier"]), float(r["sample-rate"]), int(r["steps"])) for r in records]
+
+
+def epsilon_of_history(accountant: str, history: list[tuple[float, float, int]], delta: float) -> float:
+    """ε(δ) of a history under an Opacus accountant (``rdp`` | ``prv`` | ``gdp``)."""
+    if not history:
+        return 0.0
+    acc = create_accountant(accountant)
+    acc.history = [tuple(h) for h in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
 @dataclass
 class PrivacyState:
     silo: str
@@ -53,11 +67,7 @@ class PrivacyState:
 
     def epsilon_of(self, history: list[tuple[float, float, int]]) -> float:
         """ε(δ) of a mechanism history under this state's accountant."""
-        if not history:
-            return 0.0
-        acc = create_accountant(self.accountant)
-        acc.history = [tuple(h) for h in history]
-        return float(acc.get_epsilon(delta=self.delta))
+        return epsilon_of_history(self.accountant, history, self.delta)
 
     @property
     def epsilon_spent(self) -> float:
@@ -70,6 +80,24 @@ class PrivacyState:
     def can_train(self, steps: int, tolerance: float = 1e-6) -> bool:
         """True when ``steps`` more steps keep cumulative ε within the budget."""
         return self.epsilon_after(steps) <= self.epsilon_budget + tolerance
+
+    def restore(self, run_records: list[dict]) -> "PrivacyState":
+        """Continue from this run's ledger records (a restarted silo process).
+
+        The noise was calibrated from the run config; a record made with other mechanism
+        parameters means the configuration changed mid-run, which would silently break
+        the privacy plan, so it is refused.
+        """
+        for rec in run_records:
+            sigma, q = float(rec["noise-multiplier"]), float(rec["sample-rate"])
+            if not (math.isclose(sigma, self.noise_multiplier, rel_tol=1e-9) and math.isclose(q, self.sample_rate, rel_tol=1e-9)):
+                raise RuntimeError(
+                    f"silo {self.silo}: ledger round {rec.get('round')} used σ={sigma:g}, q={q:g} but this run's "
+                    f"configuration calibrates σ={self.noise_multiplier:g}, q={self.sample_rate:g}; refusing to continue"
+                )
+        self.history = ledger_history(run_records)
+        self.rounds = [int(r["round"]) for r in run_records]
+        return self
 
     @property
     def accountant_label(self) -> str:

@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from fl_client.ledger import LEDGER_NAME, Ledger
 from fl_client.privacy import ACCOUNTANT_NAMES
 from fl_server.records import RunRecords
 from fl_server.strategy import RecordingFedAvg
@@ -58,6 +59,7 @@ def main(grid: Grid, context: Context) -> None:
         "delta": cfg.delta,
         "accountant": cfg.accountant,
         "accountant-label": ACCOUNTANT_NAMES.get(cfg.accountant, cfg.accountant),
+        "ledger": LEDGER_NAME,
         "config": cfg.to_run_config(),
     }
     records = RunRecords(out, run_info)
@@ -82,6 +84,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy = RecordingFedAvg(
         records,
         on_round_end=checkpoint,
+        ledger=Ledger(out / LEDGER_NAME),
         fraction_train=cfg.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=num_nodes if cfg.fraction_train >= 1.0 else 1,
@@ -90,6 +93,9 @@ def main(grid: Grid, context: Context) -> None:
     )
     strategy.evaluate_initial(grid, initial, timeout=3600)
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds)
+    if strategy.ended_early is not None:
+        records.run_info["ended-early"] = {"before-round": strategy.ended_early, "reason": "all-budgets-exhausted"}
+        log(INFO, "fedshift: every silo's privacy budget is exhausted; run ended before round %d", strategy.ended_early)
     records.run_info["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     records.run_info["wall-seconds"] = round(time.time() - started, 1)
     records.write()

@@ -1,5 +1,7 @@
-"""FedAvg over adapter+head arrays that also records every silo's metrics, skips silos
-whose privacy budget is exhausted, and checkpoints the global model each round."""
+"""FedAvg over adapter+head arrays that also records every silo's metrics, gathers the
+silos' privacy-ledger records into the run's federation ledger, skips silos whose privacy
+budget is exhausted, ends the run when no silo can train, and checkpoints the global
+model each round."""
 
 from __future__ import annotations
 
@@ -9,9 +11,14 @@ from logging import INFO, WARNING
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 
+from fl_client.ledger import Ledger
 from fl_server.records import RunRecords
+
+
+class AllBudgetsExhausted(Exception):
+    """Raised inside the round loop when every connected silo has refused to train."""
 
 
 def payload_bytes(arrays: ArrayRecord) -> tuple[int, int]:
@@ -29,17 +36,32 @@ class RecordingFedAvg(FedAvg):
         self,
         records: RunRecords,
         on_round_end: Callable[[int, ArrayRecord], None] | None = None,
+        ledger: Ledger | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.records = records
         self.on_round_end = on_round_end
+        self.ledger = ledger
         self.exhausted: set[int] = set()
+        self.ended_early: int | None = None  # round at which no silo could train
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kwargs: object) -> Result:  # type: ignore[override]
+        """Flower's round loop, ended cleanly when every silo's budget is exhausted."""
+        try:
+            return super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds, **kwargs)  # type: ignore[arg-type]
+        except AllBudgetsExhausted as stop:
+            log(WARNING, "%s; ending the run before round %s of %d", stop, self.ended_early, num_rounds)
+            return Result()
 
     # ------------------------------------------------------------------ train
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        nodes = set(grid.get_node_ids())
+        if nodes and nodes <= self.exhausted:
+            self.ended_early = server_round
+            raise AllBudgetsExhausted(f"all {len(nodes)} silo(s) have exhausted their privacy budgets")
         messages = list(super().configure_train(server_round, arrays, config, grid))
         kept = [m for m in messages if m.metadata.dst_node_id not in self.exhausted]
         if len(kept) < len(messages):
@@ -59,9 +81,13 @@ class RecordingFedAvg(FedAvg):
             silo = str(msg.content["info"]["silo"]) if "info" in msg.content else str(msg.metadata.src_node_id)
             metrics["tensor-bytes"], metrics["payload-bytes"] = payload_bytes(msg.content["arrays"])
             self.records.add(server_round, "train", silo, msg.metadata.src_node_id, metrics)
+            if self.ledger is not None and "ledger" in msg.content:
+                self.append_ledger(msg.content["ledger"], msg.metadata.src_node_id)
             if metrics.get("budget-exhausted"):
                 self.exhausted.add(msg.metadata.src_node_id)
-                log(WARNING, "round %d: silo %s has exhausted its privacy budget; it will not be sampled again", server_round, silo)
+                reason = str(msg.content["status"].get("reason", "")) if "status" in msg.content else ""
+                log(WARNING, "round %d: silo %s has exhausted its privacy budget (%s); it will not be sampled again",
+                    server_round, silo, reason or "no reason given")
             else:
                 training.append(msg)
         arrays, metrics = (None, None)
@@ -70,6 +96,15 @@ class RecordingFedAvg(FedAvg):
         if arrays is not None and self.on_round_end is not None:
             self.on_round_end(server_round, arrays)
         return arrays, metrics
+
+    def append_ledger(self, record: ConfigRecord, node_id: int) -> None:
+        """Append a silo's round record to the federation ledger; the silo's own chain hash
+        is kept as ``silo-sha256`` (it names the line in the silo's ledger)."""
+        rec = {k: v for k, v in dict(record).items() if k not in {"sha256", "prev-sha256"}}
+        rec["silo-sha256"] = str(record.get("sha256", ""))
+        rec["node-id"] = int(node_id)
+        assert self.ledger is not None
+        self.ledger.append(rec)
 
     # --------------------------------------------------------------- evaluate
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -62,6 +62,10 @@ class RunConfig:
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
     grad_sample_mode: str = "hooks"
+    # privacy ledger and budget enforcement (fl_client/ledger.py)
+    state_dir: str = ""
+    silo_lifetime_epsilon: float = 0.0
+    audit_broken_noise: bool = False
     # evaluation
     max_eval_users: int = 256
     eval_batch_size: int = 64

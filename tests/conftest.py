@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Silo ledgers default to ~/.local/share/fedshift; tests must never write there.
+os.environ.setdefault("FEDSHIFT_STATE", tempfile.mkdtemp(prefix="fedshift-test-state-"))
 
 
 @pytest.fixture(scope="session")

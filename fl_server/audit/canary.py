@@ -1,0 +1,184 @@
+"""The canary experiment behind ``fedshift audit --canaries M``.
+
+M canary users are made for ONE silo: each has a two-event history (one catalogue item of
+the silo's platform, then a unique target item), both items distinct from other canaries' and the
+least used by real users. Each canary is included in the silo's training users independently with
+probability ½ (seeded). The silo then trains ``num-server-rounds × local-steps`` DP-SGD
+steps through the ClientApp's own round function (:func:`fl_client.client_app.dp_round`:
+same calibration, same ``audit-broken-noise`` handling, same ledger records), carrying
+its model from round to round. This bypasses Flower's transport and FedAvg: with one
+silo FedAvg is the identity, and other silos could only dilute the canaries' signal, so
+the bound measured here is for the silo's own mechanism, the strongest case.
+
+Membership score (:func:`canary_scores`): how strongly the final model ties each canary's
+target to that canary's own history (log-probability under the full catalogue softmax,
+contrasted with the other canaries' histories), minus the same under the initial model.
+The auditor guesses "in" for the K highest scores, "out" for the K lowest, abstains on the
+rest, and :func:`fl_server.audit.one_run.epsilon_lower_bound` turns (guesses, correct) into
+an ε lower bound at 95 % confidence. The audit passes when that bound ≤ the ledger's ε.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fl_client.client_app import dp_round, run_records, seed_for
+from fl_client.dp_train import pick_device
+from fl_client.ledger import Ledger, silo_ledger_path
+from fl_client.privacy import PrivacyState
+from fl_client.task import Encoder, SiloData, collate, open_silo
+from fl_server.audit.one_run import epsilon_lower_bound
+from shared_model.adapters import get_trainable_state, set_trainable_state
+from shared_model.config import RunConfig
+from shared_model.examples import train_user_ids, training_example
+from shared_model.model import InterestModel, build_model, item_scores
+from shared_model.schema import Event, Silo
+
+
+@dataclass
+class CanaryResult:
+    silo: str
+    m: int
+    included: int
+    guesses: int
+    correct: int
+    k_in: int
+    k_out: int
+    epsilon_lower_bound: float
+    confidence: float
+    ledger_epsilon: float
+    delta: float
+    accountant: str
+    noise_multiplier_recorded: float
+    broken_noise: bool
+    seconds: float
+    ledger: str
+    scores: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.epsilon_lower_bound <= self.ledger_epsilon + 1e-9
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["passed"] = self.passed
+        return d
+
+
+def make_canaries(data: SiloData, m: int, seed: int) -> tuple[SiloData, list[tuple[str, bool]]]:
+    """A copy of ``data`` with the included canaries added; [(canary id, included)]."""
+    silo, catalogue = data.silo, data.catalogue
+    used: dict[str, int] = {}
+    for events in silo.histories.values():
+        for e in events:
+            used[e.item_id] = used.get(e.item_id, 0) + 1
+    rng = random.Random(seed)
+    free = [i for i in catalogue.platform_item_ids(silo.platform) if catalogue.items[i].interest]
+    if len(free) < 2 * m:
+        raise ValueError(f"silo {silo.name}: only {len(free)} catalogue items for {m} canaries (need {2 * m})")
+    rng.shuffle(free)
+    free.sort(key=lambda i: used.get(i, 0))  # least-used items first (stable: random among ties)
+    free = free[: 2 * m]
+    rng.shuffle(free)
+    splits, histories = dict(silo.splits), {u: list(ev) for u, ev in silo.histories.items()}
+    canaries: list[tuple[str, bool]] = []
+    for i in range(m):
+        uid = f"canary-{i:04d}"
+        inside = rng.random() < 0.5
+        canaries.append((uid, inside))
+        events = [Event(uid, free[2 * i], 1, "purchase"), Event(uid, free[2 * i + 1], 2, "purchase")]
+        if inside:
+            splits[uid] = "train"
+            histories[uid] = events
+        else:
+            splits[uid] = "canary-out"  # never a train user
+            histories[uid] = events
+    new_silo = Silo(silo.name, silo.platform, splits, histories)
+    return dataclasses.replace(data, silo=new_silo), canaries
+
+
+@torch.no_grad()
+def canary_scores(model: InterestModel, data: SiloData, cfg: RunConfig, users: list[str]) -> torch.Tensor:
+    """Per canary i: log p(tᵢ | hᵢ) − mean over other canaries j of log p(tᵢ | hⱼ).
+
+    log p is the full softmax over the platform catalogue. The contrast removes what the
+    model learnt about the target item in general (popularity, category prior), leaving
+    how much it ties the target to this canary's own history.
+    """
+    model.eval()
+    encode = Encoder(data, cfg)
+    batch = collate([encode(training_example(data.silo, data.catalogue, u)) for u in users],
+                    encode.tokenizer.pad_token_id or 0)
+    input_ids, mask, rows, _ = batch
+    user, cat_logits = model(input_ids, mask)
+    platform_rows = data.items.platform_rows(data.platform)
+    scores = item_scores(user, cat_logits, data.items.embeddings[platform_rows], data.item_prior_index[platform_rows],
+                         cfg.logit_scale, cfg.category_prior_weight)
+    logp = torch.log_softmax(scores.float(), dim=1)
+    position = {int(r): i for i, r in enumerate(platform_rows.tolist())}
+    target = torch.tensor([position[int(r)] for r in rows])
+    matrix = logp[:, target]  # [history a, target b] = log p(t_b | h_a)
+    n = len(users)
+    own = matrix.diagonal()
+    others = (matrix.sum(0) - own) / max(1, n - 1)
+    return own - others
+
+
+def run_canary_audit(
+    cfg: RunConfig, m: int, out_dir: Path, *, silo_index: int = 0, seed: int = 0, k: int | None = None,
+    confidence: float = 0.95,
+) -> CanaryResult:
+    """Train one silo with ``m`` canaries (each in w.p. ½) and bound ε from membership guesses."""
+    if not cfg.dp:
+        raise ValueError("the canary audit needs dp = true (there is no privacy claim to audit)")
+    t0 = time.time()
+    base = open_silo(cfg, {"partition-id": silo_index})
+    data, canaries = make_canaries(base, m, seed)
+    device = pick_device(cfg)
+    if device.type != "cpu":
+        device = torch.device("cpu")  # small and deterministic; scoring runs on CPU too
+    run_id = f"canary-audit-{seed}-{int(t0)}"
+    ledger = Ledger(silo_ledger_path(data.name, {}, str(out_dir / "silo-state")))
+    privacy = PrivacyState.calibrate(data.name, cfg, num_users=len(train_user_ids(data.silo)))
+    ncat = len(data.categories)
+    initial = get_trainable_state(build_model(cfg, num_categories=ncat))
+    state = initial
+    for rnd in range(1, cfg.num_server_rounds + 1):
+        if not privacy.can_train(cfg.local_steps):
+            break
+        model = build_model(cfg, num_categories=ncat)  # fresh per round: Opacus hooks never stack
+        set_trainable_state(model, state)
+        dp_round(model, data, cfg, privacy, seed=seed_for(cfg.seed + seed, data.name, rnd), device=device,
+                 run_id=run_id, server_round=rnd, ledger=ledger)
+        state = {k2: v.detach().cpu().clone() for k2, v in get_trainable_state(model).items()}
+    users = [u for u, _ in canaries]
+    before = build_model(cfg, num_categories=ncat)
+    set_trainable_state(before, initial)
+    after = build_model(cfg, num_categories=ncat)
+    set_trainable_state(after, state)
+    gain = canary_scores(after, data, cfg, users) - canary_scores(before, data, cfg, users)
+
+    k = max(1, m // 4) if k is None else k
+    k = min(k, m // 2)
+    order = sorted(range(m), key=lambda i: float(gain[i]), reverse=True)
+    guess: dict[int, bool] = {i: True for i in order[:k]}
+    guess.update({i: False for i in order[len(order) - k:]})
+    correct = sum(1 for i, g in guess.items() if canaries[i][1] == g)
+    records = run_records(ledger.read(), run_id, data.name)
+    ledger_eps = float(records[-1]["epsilon-cumulative"]) if records else 0.0
+    return CanaryResult(
+        silo=data.name, m=m, included=sum(1 for _, inside in canaries if inside), guesses=len(guess), correct=correct,
+        k_in=k, k_out=k, epsilon_lower_bound=epsilon_lower_bound(len(guess), correct, confidence), confidence=confidence,
+        ledger_epsilon=ledger_eps, delta=privacy.delta, accountant=privacy.accountant_label,
+        noise_multiplier_recorded=privacy.noise_multiplier, broken_noise=cfg.audit_broken_noise,
+        seconds=round(time.time() - t0, 1), ledger=str(ledger.path),
+        scores=[{"canary": u, "included": inside, "gain": float(gain[i]), "guess": guess.get(i)}
+                for i, (u, inside) in enumerate(canaries)],
+    )

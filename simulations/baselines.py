@@ -1,0 +1,195 @@
+"""Non-learned reference predictors, fitted on the train split's events only.
+
+Each predictor answers ``predict(cases, platform) -> (scores [B, N], probabilities [B, C])``
+with candidates in the platform's catalogue order and probabilities over the catalogue's
+level-2 categories (zero outside the platform), the interface
+:mod:`simulations.evaluation` scores a checkpoint through, so all share candidates,
+exclusions and metric code.
+
+* ``most-popular``: items by train-event count on the platform; the next-interest
+  distribution is the platform's train category frequency (the majority-class predictor).
+* ``category-markov``: next category from the user's last labelled category's transition
+  counts (within a platform: consecutive train events; across platforms A→B: the last A
+  event before each B event of a train user), smoothed with the platform frequency; next
+  item = the most popular item of the most probable category, then of the next, …
+* ``item-cooccurrence``: centralised and non-private, an upper reference: score(j) = Σ over
+  history items i of the number of train users (histories merged over all silos by user
+  id) who have both i and j; ties broken by popularity. Next-interest distribution: the
+  co-occurrence mass per category, smoothed with the platform frequency.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from shared_model.schema import Catalogue, Silo
+
+SMOOTHING = 1.0  # pseudo-count mass of the platform's category frequency in the Markov rows
+
+
+class TrainStats:
+    """Counts from the train split of every silo (one pass, shared by the baselines)."""
+
+    def __init__(self, catalogue: Catalogue, silos: Mapping[str, Silo]):
+        self.catalogue = catalogue
+        self.categories = catalogue.interest_vocab()
+        self.cat_index = {c: i for i, c in enumerate(self.categories)}
+        self.item_ids = list(catalogue.items)
+        self.item_col = {i: n for n, i in enumerate(self.item_ids)}
+        C = len(self.categories)
+        self.item_cat = np.array([self.cat_index.get(catalogue.items[i].interest or "", C) for i in self.item_ids])
+        self.platform_cols: dict[str, np.ndarray] = {
+            p: np.array([self.item_col[i] for i in catalogue.platform_item_ids(p)], dtype=np.int64)
+            for p in catalogue.platforms}
+        counts = np.zeros(len(self.item_ids))
+        # per train user, their events on every silo, merged by user id
+        merged: dict[str, list] = {}
+        for silo in silos.values():
+            for u in silo.users("train"):
+                for e in silo.histories.get(u, ()):
+                    counts[self.item_col[e.item_id]] += 1
+                merged.setdefault(u, []).extend(silo.histories.get(u, ()))
+        self.item_counts = counts
+        self.cat_freq: dict[str, np.ndarray] = {}
+        self.mask: dict[str, np.ndarray] = {}
+        for p, cols in self.platform_cols.items():
+            f = np.bincount(self.item_cat[cols], weights=counts[cols], minlength=C + 1)[:C]
+            present = np.bincount(self.item_cat[cols], minlength=C + 1)[:C] > 0
+            self.mask[p] = present
+            f = f + 1e-6 * present  # a category present but never bought keeps a sliver
+            self.cat_freq[p] = f / f.sum() if f.sum() > 0 else present / max(present.sum(), 1)
+        # transitions: [src platform, dst platform] -> [C+1 (last category, C = none), C]
+        self.transitions: dict[tuple[str, str], np.ndarray] = {}
+        plats = catalogue.platforms
+        for a in plats:
+            for b in plats:
+                self.transitions[(a, b)] = np.zeros((C + 1, C))
+        item_plat = {i: catalogue.items[i].platform for i in self.item_ids}
+        for events in merged.values():
+            events = sorted(events, key=lambda e: e.order)
+            by_plat: dict[str, list] = {}
+            for e in events:
+                by_plat.setdefault(item_plat[e.item_id], []).append(e)
+            for a, ea in by_plat.items():
+                labelled = [(e.order, self.item_cat[self.item_col[e.item_id]]) for e in ea
+                            if self.item_cat[self.item_col[e.item_id]] < C]
+                orders = [o for o, _ in labelled]
+                for b, eb in by_plat.items():
+                    t = self.transitions[(a, b)]
+                    last = C  # within a platform: the previous labelled event's category
+                    for e in eb:
+                        nxt = self.item_cat[self.item_col[e.item_id]]
+                        if a == b:
+                            src = last
+                        else:
+                            pos = bisect.bisect_left(orders, e.order)
+                            src = labelled[pos - 1][1] if pos else C
+                        if nxt < C:
+                            t[src, nxt] += 1
+                            last = nxt
+        # co-occurrence: users × items binary matrix of merged train histories
+        rows, cols = [], []
+        for r, events in enumerate(merged.values()):
+            for c in {self.item_col[e.item_id] for e in events}:
+                rows.append(r)
+                cols.append(c)
+        x = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(merged), len(self.item_ids)))
+        co = (x.T @ x).tocsr()
+        co.setdiag(0)
+        co.eliminate_zeros()
+        self.cooc = co
+        self.train_users = len(merged)
+
+    def last_category(self, history: Sequence) -> int:
+        """Index of the last labelled event's category; C when none is labelled."""
+        C = len(self.categories)
+        for e in reversed(history):
+            c = self.item_cat[self.item_col[e.item_id]]
+            if c < C:
+                return int(c)
+        return C
+
+
+class MostPopular:
+    name = "most-popular"
+
+    def __init__(self, stats: TrainStats):
+        self.stats = stats
+
+    def predict(self, cases: Sequence, platform: str) -> tuple[np.ndarray, np.ndarray]:
+        s = self.stats
+        pop = s.item_counts[s.platform_cols[platform]]
+        return np.tile(pop, (len(cases), 1)), np.tile(s.cat_freq[platform], (len(cases), 1))
+
+
+class CategoryMarkov:
+    name = "category-markov"
+
+    def __init__(self, stats: TrainStats):
+        self.stats = stats
+
+    def distributions(self, cases: Sequence, platform: str) -> np.ndarray:
+        s = self.stats
+        freq, mask = s.cat_freq[platform], s.mask[platform]
+        out = np.zeros((len(cases), len(s.categories)))
+        for r, case in enumerate(cases):
+            row = s.transitions[(case.source, platform)][s.last_category(case.history)]
+            d = (row + SMOOTHING * freq) * mask
+            out[r] = d / d.sum()
+        return out
+
+    def predict(self, cases: Sequence, platform: str) -> tuple[np.ndarray, np.ndarray]:
+        s = self.stats
+        cols = s.platform_cols[platform]
+        pop = s.item_counts[cols]
+        item_cat = s.item_cat[cols]
+        probs = self.distributions(cases, platform)
+        C = len(s.categories)
+        scores = np.zeros((len(cases), len(cols)))
+        for r in range(len(cases)):
+            rank = np.empty(C + 1)
+            rank[np.argsort(-probs[r], kind="stable")] = np.arange(C)
+            rank[C] = C  # unlabelled items last
+            rank[:C][~s.mask[platform]] = C
+            scores[r] = -rank[item_cat] * (pop.max() + 1) + pop  # lexicographic: category rank, then popularity
+        return scores, probs
+
+
+class ItemCooccurrence:
+    name = "item-cooccurrence"
+
+    def __init__(self, stats: TrainStats):
+        self.stats = stats
+
+    def predict(self, cases: Sequence, platform: str) -> tuple[np.ndarray, np.ndarray]:
+        s = self.stats
+        cols = s.platform_cols[platform]
+        rows, hcols = [], []
+        for r, case in enumerate(cases):
+            for c in {s.item_col[e.item_id] for e in case.history}:
+                rows.append(r)
+                hcols.append(c)
+        h = sp.csr_matrix((np.ones(len(rows)), (rows, hcols)), shape=(len(cases), len(s.item_ids)))
+        co = np.asarray((h @ s.cooc[:, cols]).todense())
+        pop = s.item_counts[cols]
+        scores = co + 0.5 * pop / (pop.max() + 1)  # popularity only breaks ties (co-occurrence counts are integers)
+        C = len(s.categories)
+        item_cat = s.item_cat[cols]
+        onehot = sp.csr_matrix((np.ones(int((item_cat < C).sum())), (np.flatnonzero(item_cat < C), item_cat[item_cat < C])),
+                               shape=(len(cols), C))
+        mass = np.asarray(onehot.T.dot(co.T).T)
+        total = mass.sum(1, keepdims=True)
+        freq = s.cat_freq[platform]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            probs = np.where(total > 0, mass / np.where(total > 0, total, 1) + 0.1 * freq, freq)
+        probs = probs * s.mask[platform]
+        return scores, probs / probs.sum(1, keepdims=True)
+
+
+def all_baselines(catalogue: Catalogue, silos: Mapping[str, Silo]) -> list:
+    stats = TrainStats(catalogue, silos)
+    return [MostPopular(stats), CategoryMarkov(stats), ItemCooccurrence(stats)]

@@ -1,0 +1,245 @@
+"""Centralised offline evaluation of a checkpoint and the baselines on held-out users.
+
+A researcher with all silos locally: per platform, the held-out users of a split (union
+of that platform's silos) with their last event as target (:func:`shared_model.examples.eval_examples`).
+
+* next item: full ranking over the platform's catalogue; the user's history items on
+  that platform are excluded from the candidates (the target never is); ties count
+  against the target; HR@10, NDCG@10, MRR.
+* next interest: level-2 category accuracy@1 and @3, for all users and the migrating
+  subset (flag as in :mod:`shared_model.examples`, k = ``migration-k``).
+* migration detection: ROC-AUC of the migration score (:mod:`shared_model.migration`,
+  JS divergence) against the flag, over users where the flag is defined; also of the
+  predicted probability mass outside the recent categories (``migration-auc-mass``).
+* cross-platform A→B: users with a held-out next item on B; input = only their events
+  on A's silos (same user id) with ``order`` below the target's (the orders of a user's
+  silos are taken as one timeline, as in the bundled data); users with no such event are
+  left out. Ranking over B's catalogue, nothing excluded (the input has no B items).
+
+Every metric carries a 95 % paired-bootstrap interval over users
+(:func:`simulations.stats.paired_bootstrap`; same draws for every method of a group).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from shared_model.examples import DEFAULT_K, eval_examples, migration_defined
+from shared_model.metrics import rank_of_target
+from shared_model.migration import js_divergence, recent_distribution
+from shared_model.schema import Catalogue, Event, Silo
+from simulations.stats import Estimate, hits, ndcgs, paired_bootstrap, reciprocal_ranks, topk_correct
+
+METRICS = ("hr10", "ndcg10", "mrr", "category-acc1", "category-acc3", "category-acc1-migrating",
+           "category-acc3-migrating", "migration-auc", "migration-auc-mass")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One held-out user: input history (from ``source``), target on ``platform``."""
+
+    user_id: str
+    platform: str
+    source: str
+    history: tuple[Event, ...]
+    target: Event
+    target_category: str | None
+    migrating: bool
+    migration_defined: bool
+
+
+class Predictor(Protocol):
+    name: str
+
+    def predict(self, cases: Sequence[Case], platform: str) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def platform_cases(catalogue: Catalogue, silos: Mapping[str, Silo], platform: str, split: str,
+                   k: int = DEFAULT_K) -> list[Case]:
+    """Held-out users of ``split`` on every silo of ``platform`` (silos in name order)."""
+    out = []
+    for name in sorted(silos):
+        silo = silos[name]
+        if silo.platform != platform:
+            continue
+        for ex in eval_examples(silo, catalogue, split, k):
+            out.append(Case(ex.user_id, platform, platform, ex.history, ex.target, ex.target_category, ex.migrating,
+                            migration_defined(ex.history, ex.target, catalogue)))
+    return out
+
+
+def cross_cases(catalogue: Catalogue, silos: Mapping[str, Silo], source: str, target: str, split: str) -> list[Case]:
+    """Held-out users of ``split`` on ``target`` whose input is only their earlier ``source`` events."""
+    src_events: dict[str, list[Event]] = {}
+    for silo in silos.values():
+        if silo.platform == source:
+            for u, h in silo.histories.items():
+                src_events.setdefault(u, []).extend(h)
+    out = []
+    for case in platform_cases(catalogue, silos, target, split):
+        hist = sorted((e for e in src_events.get(case.user_id, ()) if e.order < case.target.order), key=lambda e: e.order)
+        if hist:
+            out.append(Case(case.user_id, target, source, tuple(hist), case.target, case.target_category, False, False))
+    return out
+
+
+def per_user(predictor: Predictor, cases: Sequence[Case], platform: str, catalogue: Catalogue,
+             categories: Sequence[str], k: int = DEFAULT_K, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Per-user ranks, category hits and migration scores of one predictor on one platform's cases."""
+    cand = catalogue.platform_item_ids(platform)
+    col = {i: c for c, i in enumerate(cand)}
+    cat_index = {c: i for i, c in enumerate(categories)}
+    ranks: list[int] = []
+    acc1: list[np.ndarray] = []
+    acc3: list[np.ndarray] = []
+    js: list[float] = []
+    mass: list[float] = []
+    for s in range(0, len(cases), batch_size):
+        chunk = cases[s : s + batch_size]
+        scores, probs = predictor.predict(chunk, platform)
+        scores = torch.as_tensor(np.asarray(scores, dtype=np.float64)).clone()
+        targets = torch.tensor([col[c.target.item_id] for c in chunk])
+        for r, c in enumerate(chunk):
+            seen = {col[e.item_id] for e in c.history if e.item_id in col} - {int(targets[r])}
+            if seen:
+                scores[r, sorted(seen)] = float("-inf")
+        ranks.extend(rank_of_target(scores, targets).tolist())
+        truth = [cat_index.get(c.target_category, -1) if c.target_category else -1 for c in chunk]
+        acc1.append(topk_correct(probs, truth, 1))
+        acc3.append(topk_correct(probs, truth, 3))
+        for r, c in enumerate(chunk):
+            q = recent_distribution(c.history, catalogue, categories, k) if c.migration_defined else None
+            if q is None:
+                js.append(math.nan)
+                mass.append(math.nan)
+            else:
+                p = np.asarray(probs[r], dtype=np.float64)
+                js.append(float(js_divergence(p, q)))
+                mass.append(float(1.0 - p[q > 0].sum() / p.sum()))
+    n = len(cases)
+    return {
+        "rank": np.asarray(ranks, dtype=np.int64),
+        "acc1": np.concatenate(acc1) if acc1 else np.zeros(0),
+        "acc3": np.concatenate(acc3) if acc3 else np.zeros(0),
+        "migrating": np.array([c.migrating for c in cases], dtype=bool),
+        "defined": np.array([c.migration_defined for c in cases], dtype=bool),
+        "js": np.asarray(js, dtype=np.float64).reshape(n),
+        "mass": np.asarray(mass, dtype=np.float64).reshape(n),
+    }
+
+
+def concat(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def summarise(u: dict[str, np.ndarray], reps: int, seed: int, migration: bool = True) -> dict[str, Estimate]:
+    """The metrics of :data:`METRICS` with paired-bootstrap 95 % intervals."""
+    mig = np.where(u["migrating"], 1.0, np.nan)
+    specs: dict[str, Any] = {
+        "hr10": ("mean", hits(u["rank"], 10)),
+        "ndcg10": ("mean", ndcgs(u["rank"], 10)),
+        "mrr": ("mean", reciprocal_ranks(u["rank"])),
+        "category-acc1": ("mean", u["acc1"]),
+        "category-acc3": ("mean", u["acc3"]),
+    }
+    if migration:
+        specs |= {
+            "category-acc1-migrating": ("mean", u["acc1"] * mig),
+            "category-acc3-migrating": ("mean", u["acc3"] * mig),
+            "migration-auc": ("auc", (u["js"], u["migrating"], u["defined"])),
+            "migration-auc-mass": ("auc", (u["mass"], u["migrating"], u["defined"])),
+        }
+    return paired_bootstrap(specs, len(u["rank"]), reps, seed)
+
+
+def group_seed(seed: int, group: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(group.encode())) % (2**32)
+
+
+def evaluate(predictors: Sequence[Predictor], catalogue: Catalogue, silos: Mapping[str, Silo], split: str,
+             k: int = DEFAULT_K, reps: int = 1000, seed: int = 0, max_users: int = 0,
+             cross: bool = True, batch_size: int = 64, progress: Any = None) -> dict[str, Any]:
+    """Every predictor on every group (each platform, ``overall``, each ``A->B``) → JSON-ready dict."""
+    categories = catalogue.interest_vocab()
+    platforms = [p for p in catalogue.platforms if any(s.platform == p for s in silos.values())]
+    groups: dict[str, tuple[str, list[Case]]] = {}
+    rng = np.random.default_rng(seed)
+    for p in platforms:
+        groups[p] = (p, _cap(platform_cases(catalogue, silos, p, split, k), max_users, rng))
+    if cross:
+        for a in platforms:
+            for b in platforms:
+                if a != b:
+                    groups[f"{a}->{b}"] = (b, _cap(cross_cases(catalogue, silos, a, b, split), max_users, rng))
+    result: dict[str, Any] = {"split": split, "migration-k": k, "bootstrap-reps": reps, "seed": seed,
+                              "users": {g: len(cs) for g, (_, cs) in groups.items()}, "methods": {}}
+    result["users"]["overall"] = sum(len(groups[p][1]) for p in platforms)
+    for pred in predictors:
+        per: dict[str, dict[str, np.ndarray]] = {}
+        out: dict[str, Any] = {}
+        for g, (plat, cases) in groups.items():
+            if progress:
+                progress(f"{pred.name}: {g} ({len(cases)} users)")
+            if not cases:
+                continue
+            per[g] = per_user(pred, cases, plat, catalogue, categories, k, batch_size)
+            out[g] = {m: e.as_dict() for m, e in summarise(per[g], reps, group_seed(seed, g), "->" not in g).items()}
+        within = [per[p] for p in platforms if p in per]
+        if within:
+            out["overall"] = {m: e.as_dict() for m, e in summarise(concat(within), reps, group_seed(seed, "overall")).items()}
+        result["methods"][pred.name] = out
+    return result
+
+
+def _cap(cases: list[Case], max_users: int, rng: np.random.Generator) -> list[Case]:
+    if max_users and len(cases) > max_users:
+        keep = sorted(rng.choice(len(cases), size=max_users, replace=False).tolist())
+        return [cases[i] for i in keep]
+    return cases
+
+
+class ModelPredictor:
+    """A checkpoint through :class:`shared_model.scoring.Scorer`."""
+
+    def __init__(self, scorer: Any, name: str = "checkpoint"):
+        self.scorer = scorer
+        self.name = name
+
+    def predict(self, cases: Sequence[Case], platform: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.scorer.predict([c.history for c in cases], platform)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Human-readable: one block per group, one row per method, ``value [low, high]``."""
+    cols = [("hr10", "HR@10"), ("ndcg10", "NDCG@10"), ("mrr", "MRR"), ("category-acc1", "cat@1"),
+            ("category-acc3", "cat@3"), ("category-acc1-migrating", "cat@1 mig"), ("migration-auc", "mig AUC")]
+    groups = list(result["users"])
+    order = [g for g in groups if "->" not in g and g != "overall"] + ["overall"] + [g for g in groups if "->" in g]
+    width = max([len(m) for m in result["methods"]] + [18])
+    lines = [f"split {result['split']}; 95% paired-bootstrap intervals over users ({result['bootstrap-reps']} resamples)"]
+    for g in order:
+        lines.append("")
+        lines.append(f"{g}  ({result['users'].get(g, 0)} users)")
+        lines.append(" " * (width + 2) + "".join(f"{h:>22}" for _, h in cols))
+        for m, groups_ in result["methods"].items():
+            row = groups_.get(g)
+            if not row:
+                continue
+            cells = []
+            for key, _ in cols:
+                e = row.get(key)
+                if not e or e["value"] is None:
+                    cells.append(f"{'-':>22}")
+                else:
+                    lo, hi = e["ci95"]
+                    ci = f"[{lo:.3f},{hi:.3f}]" if lo is not None else "[-]"
+                    cells.append(f"{e['value']:>7.3f} {ci:>14}")
+            lines.append(f"{m:<{width}}  " + "".join(cells))
+    return "\n".join(lines)

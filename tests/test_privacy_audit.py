@@ -1,0 +1,175 @@
+"""Privacy ledger, restart, budget refusal and the audit (issue #5)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from fl_client import client_app
+from fl_client.ledger import Ledger, LedgerError, record_hash
+from fl_client.privacy import epsilon_of_history
+from fl_server.audit.one_run import epsilon_lower_bound
+from fl_server.audit.report import audit_run, write_report
+from shared_model.adapters import to_arrays
+from shared_model.config import RunConfig
+from shared_model.model import build_model
+
+
+def test_lower_bound_matches_hand_computed_case() -> None:
+    # all r guesses correct: P[Bin(r,p) ≥ r] = p^r = 0.05 → p = 0.05^(1/r), ε = log(p/(1-p))
+    for r in (5, 10, 20):
+        p = 0.05 ** (1 / r)
+        assert epsilon_lower_bound(r, r) == pytest.approx(math.log(p / (1 - p)), abs=1e-9)
+    assert epsilon_lower_bound(10, 10) == pytest.approx(1.0519, abs=1e-4)
+    assert epsilon_lower_bound(20, 10) == 0.0  # chance level proves nothing
+
+
+def test_ledger_detects_corrupt_tail_and_edits(tmp_path: Path) -> None:
+    led = Ledger(tmp_path / "ledger.jsonl")
+    led.append({"round": 1, "x": 1.0})
+    led.append({"round": 2, "x": 2.0})
+    assert [r["round"] for r in led.read()] == [1, 2]
+    raw = led.path.read_bytes()
+    led.path.write_bytes(raw[:-7])
+    with pytest.raises(LedgerError, match=r"ledger.jsonl:2: truncated"):
+        led.read()
+    led.path.write_bytes(raw.replace(b'"x":2.0', b'"x":3.0'))
+    with pytest.raises(LedgerError, match=r"ledger.jsonl:2: checksum mismatch"):
+        led.read()
+
+
+def _train(cfg: RunConfig, node_config: dict, rnd: int, context: Context, num_categories: int) -> Message:
+    model = build_model(cfg, num_categories=num_categories)
+    msg = Message(content=RecordDict({"arrays": to_arrays(model), "config": ConfigRecord({"server-round": rnd})}),
+                  dst_node_id=7, message_type="train")
+    return client_app.train(msg, context)
+
+
+@pytest.fixture()
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 7), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+def test_restart_continues_epsilon_and_budget_refuses(
+    small_dataset: Path, tiny_bert: Path, cache_dir: Path, tmp_path: Path, task_identity: None
+) -> None:
+    from fl_client.task import open_silo
+
+    cfg = RunConfig.from_run_config({"dataset": str(small_dataset), "base-model": str(tiny_bert), "local-steps": 2,
+                                     "batch-size": 16, "num-server-rounds": 2, "epsilon": 2.0,
+                                     "state-dir": str(tmp_path / "state")})
+    node = {"partition-id": 0}
+    ncat = len(open_silo(cfg, node).categories)
+    ctx = Context(run_id=11, node_id=7, node_config=node, state=RecordDict(), run_config=cfg.to_run_config())
+    r1 = _train(cfg, node, 1, ctx, ncat)
+    eps1 = float(r1.content["metrics"]["epsilon"])
+    # the silo process restarts: a fresh Context, no in-memory state
+    ctx2 = Context(run_id=11, node_id=7, node_config=node, state=RecordDict(), run_config=cfg.to_run_config())
+    r2 = _train(cfg, node, 2, ctx2, ncat)
+    rec = dict(r2.content["ledger"])
+    sigma, q = rec["noise-multiplier"], rec["sample-rate"]
+    assert float(r2.content["metrics"]["epsilon"]) == pytest.approx(epsilon_of_history("rdp", [(sigma, q, 2)] * 2, 1e-5))
+    assert float(r2.content["metrics"]["epsilon"]) > eps1 > 0
+    # the planned rounds spent the budget: a third round is refused, explicitly
+    r3 = _train(cfg, node, 3, ctx2, ncat)
+    assert r3.content["metrics"]["budget-exhausted"] == 1
+    assert r3.content["status"]["status"] == "budget-exhausted" and "ledger" not in r3.content
+    records = Ledger(tmp_path / "state" / "p0-r0" / "ledger.jsonl").read()
+    assert [r["round"] for r in records] == [1, 2] and records[-1]["epsilon-cumulative"] <= 2.0
+    # a new run on the same silo starts a new entry; lifetime spend covers both runs
+    ctx3 = Context(run_id=12, node_id=7, node_config=node, state=RecordDict(), run_config=cfg.to_run_config())
+    r4 = _train(cfg, node, 1, ctx3, ncat)
+    assert float(r4.content["metrics"]["epsilon"]) == pytest.approx(eps1)
+    assert r4.content["ledger"]["runs-on-ledger"] == 2
+    assert r4.content["ledger"]["epsilon-lifetime"] > records[-1]["epsilon-cumulative"]
+
+
+def test_strategy_ends_run_when_every_silo_is_exhausted(tmp_path: Path) -> None:
+    from flwr.app import ArrayRecord
+
+    from fl_server.records import RunRecords
+    from fl_server.strategy import RecordingFedAvg
+
+    class Grid:
+        def get_node_ids(self) -> list[int]:
+            return [1, 2]
+
+        def send_and_receive(self, messages: object, timeout: float) -> list:
+            raise AssertionError("no message may be sent once every budget is exhausted")
+
+    strategy = RecordingFedAvg(RunRecords(tmp_path, {}))
+    strategy.exhausted = {1, 2}
+    result = strategy.start(grid=Grid(), initial_arrays=ArrayRecord(), num_rounds=3)  # type: ignore[arg-type]
+    assert strategy.ended_early == 1 and result is not None
+
+
+def _fake_run(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"run": {"run-id": 5, "config": {}}}))
+    led = Ledger(run / "ledger.jsonl")
+    for silo, sigma in (("a", 1.2), ("b", 1.5)):
+        hist = []
+        for rnd in (1, 2):
+            hist.append((sigma, 0.25, 8))
+            eps = epsilon_of_history("rdp", hist, 1e-5)
+            led.append({"run-id": "5", "silo": silo, "round": rnd, "steps": 8, "sample-rate": 0.25,
+                        "noise-multiplier": sigma, "max-grad-norm": 1.0, "delta": 1e-5, "accountant": "rdp",
+                        "epsilon-round": 0.0, "epsilon-cumulative": eps, "epsilon-budget": 20.0})
+    return run
+
+
+def test_audit_passes_then_corrupt_ledger_fails(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path)
+    result = audit_run(run)
+    assert result["passed"], result["checks"]
+    cs = result["cross-silo"]["epsilon-user-on-every-silo-opacus-rdp"]
+    assert cs > max(s["epsilon-reported"] for s in result["silos"].values())
+    write_report(run, result)
+    assert (run / "audit.md").is_file() and (run / "audit-epsilon.png").stat().st_size > 1000
+    # a forger edits σ in one record and even re-hashes the chain: recomputation fails
+    lines = (run / "ledger.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    recs[1]["noise-multiplier"] = 2.5
+    prev = "0" * 64
+    for r in recs:
+        r["prev-sha256"] = prev
+        r["sha256"] = record_hash(r)
+        prev = r["sha256"]
+    (run / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    bad = audit_run(run)
+    assert not bad["passed"]
+    assert [c["check"] for c in bad["checks"] if not c["passed"]] == ["recompute-opacus:a"]
+    # without re-hashing, the integrity check names the line
+    recs[2]["epsilon-cumulative"] = 0.1
+    (run / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    worse = audit_run(run)
+    assert any(c["check"] == "ledger-integrity" and "ledger.jsonl:3" in c["detail"] for c in worse["checks"])
+
+
+CANARY = {"num-server-rounds": 5, "local-steps": 20, "batch-size": 128, "learning-rate": 0.03, "epsilon": 0.5,
+          "num-negatives": 63, "max-eval-users": 0}
+
+
+@pytest.mark.parametrize("broken", [True, False])
+def test_canary_audit_fails_on_broken_noise_and_passes_when_honest(
+    small_dataset: Path, tiny_bert: Path, cache_dir: Path, tmp_path: Path, broken: bool
+) -> None:
+    from fl_server.audit.canary import run_canary_audit
+
+    cfg = RunConfig.from_run_config({"dataset": str(small_dataset), "base-model": str(tiny_bert), **CANARY,
+                                     "audit-broken-noise": broken})
+    res = run_canary_audit(cfg, 60, tmp_path, seed=0)
+    print(f"canary audit broken={broken}: M={res.m} guesses={res.guesses} correct={res.correct} "
+          f"lb={res.epsilon_lower_bound:.4f} ledger ε={res.ledger_epsilon:.4f}")
+    assert 0 < res.ledger_epsilon <= 0.5
+    assert res.passed is (not broken)
+    if broken:
+        assert res.epsilon_lower_bound > res.ledger_epsilon
