@@ -20,6 +20,10 @@ commands:
   data validate DIR     check a dataset folder; exit 2 and one line per problem if bad
   data describe [DIR]   silos, users, events, classes, history lengths, migration rates
   simulate              run the federated DP simulation on a dataset (default: bundled)
+  evaluate              a checkpoint and the baselines on held-out users (ranking,
+                        next interest, migration detection, cross-platform)
+  recommend             top-k items, next interests and migration score for a history
+  audit RUN_DIR         check a run's privacy ledger; --canaries M for an empirical bound
 """
 
 

@@ -1,7 +1,153 @@
-"""Placeholder: registered by fedshift/cli.py; its owner replaces this module."""
+"""``fedshift evaluate``: offline, centralised evaluation of a checkpoint and the baselines."""
+
+from __future__ import annotations
 
 import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from shared_model.config import RunConfig
+from shared_model.dataset import load_dataset, load_dataset_info
+from shared_model.examples import DEFAULT_K
+from shared_model.schema import DataError
+
+DESCRIPTION = """\
+Evaluate a checkpoint (and the non-learned baselines, in the same harness) on the
+held-out users of one split, centrally: the whole dataset is read locally.
+
+Groups: each platform (held-out users of that platform's silos), "overall" (all of
+them pooled) and each cross-platform pair A->B (users with a held-out next item on B,
+given only their earlier events on A).
+
+Metrics, each with a 95% paired-bootstrap interval over users:
+  hr10, ndcg10, mrr     next item: rank of the held-out item in a full ranking over
+                        the platform's catalogue; the user's history items are
+                        excluded from the candidates (the target never is)
+  category-acc1/-acc3   next interest: level-2 category in the top 1 / top 3
+  ...-migrating         the same on users whose next category is not among their
+                        last k categories (k = migration-k)
+  migration-auc         ROC-AUC of the migration score (Jensen-Shannon divergence,
+                        bits, between the predicted next-interest distribution and
+                        the last k events' category distribution) against that flag
+  migration-auc-mass    ROC-AUC of the predicted mass outside the last k categories
+
+Baselines (fitted on the train split only): most-popular (also the majority-class
+category predictor), category-markov, item-cooccurrence (centralised, non-private
+upper reference).
+"""
+
+EPILOG = """\
+examples:
+  fedshift evaluate --checkpoint runs/quick/checkpoints/round-003 --split test
+  fedshift evaluate --split test --json > baselines.json   # baselines only
+exit status: 0 ok; 2 bad input (missing checkpoint, bad data: the message names the
+file and field).
+"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    return None
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint and baselines on held-out users",
+                       description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (checkpoints/round-NNN); "
+                   "omit it to evaluate the baselines alone")
+    p.add_argument("--split", choices=("valid", "test"), default="valid",
+                   help="held-out users to evaluate on (default: valid)")
+    p.add_argument("--dataset", metavar="DIR", help="dataset folder (default: the checkpoint's run dataset, "
+                   "else the bundled one)")
+    p.add_argument("--base-model", metavar="DIR", help="base encoder folder, if it moved since training")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON on stdout")
+    p.add_argument("--out", metavar="FILE", help="also write the JSON result to FILE")
+    p.add_argument("--no-baselines", action="store_true", help="evaluate the checkpoint only")
+    p.add_argument("--no-cross", action="store_true", help="skip the cross-platform groups")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default: 1000)")
+    p.add_argument("--max-users", type=int, default=0, metavar="N",
+                   help="evaluate a seeded random subset of at most N users per group (default: all)")
+    p.add_argument("--reference", default="most-popular", metavar="METHOD",
+                   help="method that every other one is compared with, per user and paired "
+                        "(default: most-popular; 'none' to skip)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the user subset (default: 0)")
+    p.add_argument("--threads", type=int, default=0, metavar="N", help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="torch device for the checkpoint (default: cpu)")
+    p.set_defaults(func=run)
+
+
+def _fail(msg: str) -> int:
+    print(f"fedshift evaluate: {msg}", file=sys.stderr)
+    return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from simulations.baselines import all_baselines
+    from simulations.evaluation import ModelPredictor, evaluate, format_table
+
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.checkpoint is None and args.no_baselines:
+        return _fail("nothing to evaluate: give --checkpoint or drop --no-baselines")
+    if args.bootstrap < 0 or args.max_users < 0:
+        return _fail("--bootstrap and --max-users must be >= 0")
+    log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    predictors = []
+    k = None
+    dataset = Path(args.dataset).expanduser() if args.dataset else None
+    t0 = time.perf_counter()
+    try:
+        if args.checkpoint:
+            from shared_model.scoring import Scorer
+
+            scorer = Scorer.from_checkpoint(args.checkpoint, dataset, args.base_model, device=args.device)
+            dataset = scorer.dataset_dir
+            k = scorer.cfg.migration_k
+            predictors.append(ModelPredictor(scorer, "checkpoint"))
+            log(f"checkpoint {args.checkpoint}: loaded in {sum(scorer.timings.values()):.1f} s "
+                f"(item index: {scorer.index_info.source})")
+        dataset = dataset or RunConfig().dataset_dir()
+        if not dataset.is_dir():
+            return _fail(f"{dataset}: dataset folder not found")
+        catalogue, silos = load_dataset(dataset)
+        if not silos:
+            return _fail(f"{dataset}/silos: no silo folders")
+        if k is None:
+            k = int(load_dataset_info(dataset).get("migration_k", DEFAULT_K))
+        if not args.no_baselines:
+            predictors = [*predictors, *all_baselines(catalogue, silos)]
+    except FileNotFoundError as e:
+        return _fail(str(e))
+    except DataError as e:
+        return _fail(f"bad data in {dataset or 'the checkpoint dataset'}:\n{e}")
+    except (ValueError, KeyError) as e:
+        return _fail(str(e))
+    result = evaluate(predictors, catalogue, silos, args.split, k=k, reps=args.bootstrap, seed=args.seed,
+                      max_users=args.max_users, cross=not args.no_cross,
+                      reference=None if args.reference == "none" else args.reference,
+                      progress=lambda s: print(f"  {s}", file=sys.stderr))
+    result["dataset"] = str(dataset)
+    result["checkpoint"] = str(args.checkpoint) if args.checkpoint else None
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    if args.json:
+        print(text)
+    else:
+        print(format_table(result))
+        print(f"\n{result['seconds']} s" + (f"; JSON: {args.out}" if args.out else ""))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point; torch's thread count is restored afterwards (``--threads`` is per call)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)

@@ -8,7 +8,7 @@ recommend`` both use :class:`Scorer`.
 
 Item index beside the checkpoint: :func:`checkpoint_item_index` keeps the catalogue's item
 embeddings in ``<checkpoint>/item-index.pt`` with a key made of the checkpoint files'
-sha256, the catalogue hash, the base model and ``max-item-tokens``; a changed key rebuilds
+sha256, the catalogue hash, the base model's files and ``max-item-tokens``; a changed key rebuilds
 it (written atomically: temp file + rename). The current item tower is the frozen base
 encoder, so a rebuild reads :func:`shared_model.item_index.build_item_index`'s shared cache
 when present.
@@ -32,7 +32,7 @@ import torch
 from shared_model.adapters import HEADS_FILE, META_FILE, load_checkpoint, read_metadata
 from shared_model.config import RunConfig
 from shared_model.dataset import load_catalogue
-from shared_model.encoder import load_tokenizer
+from shared_model.encoder import load_tokenizer, resolve_base_model
 from shared_model.item_index import ItemIndex, build_item_index, catalogue_hash
 from shared_model.model import InterestModel, item_scores, mask_to_platform
 from shared_model.schema import Catalogue, Event
@@ -53,6 +53,18 @@ def checkpoint_hash(folder: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def base_model_stamp(base_model: str | None) -> str:
+    """Cheap identity of the base encoder: its folder and its weight/config files' sizes and
+    mtimes (a full :func:`shared_model.encoder.model_hash` reads ~90 MB on every load)."""
+    path = resolve_base_model(base_model or None)
+    digest = hashlib.sha256(str(path).encode())
+    for p in sorted(path.iterdir()):
+        if p.is_file() and (p.suffix in {".safetensors", ".bin"} or p.name == "config.json"):
+            st = p.stat()
+            digest.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:24]
+
+
 @dataclass
 class IndexInfo:
     """Where the item index came from, for the printed timing."""
@@ -69,7 +81,7 @@ def checkpoint_item_index(folder: Path, catalogue: Catalogue, cfg: RunConfig, ca
     ids = list(catalogue.items)
     platforms = [catalogue.items[i].platform for i in ids]
     key = "|".join((checkpoint_hash(folder)[:24], (cat_hash or catalogue_hash(catalogue))[:24],
-                    cfg.base_model or "<bundled>", str(cfg.max_item_tokens), cfg.item_tower))
+                    base_model_stamp(cfg.base_model), str(cfg.max_item_tokens), cfg.item_tower))
     path = folder / INDEX_FILE
     if path.is_file():
         try:
@@ -113,6 +125,7 @@ class Scorer:
     meta: dict[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     index_info: IndexInfo | None = None
+    dataset_dir: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -136,7 +149,13 @@ class Scorer:
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: checkpoint folder not found")
-        meta = read_metadata(folder)
+        try:
+            meta = read_metadata(folder)
+        except ValueError as e:  # json.JSONDecodeError
+            raise ValueError(f"{folder / META_FILE}: not valid JSON: {e}") from None
+        for key in ("config", "categories"):
+            if key not in meta:
+                raise ValueError(f"{folder / META_FILE}: missing field {key!r}")
         for name in ("adapter_model.safetensors", HEADS_FILE):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder / name}: missing checkpoint file")
@@ -144,6 +163,9 @@ class Scorer:
         cfg = RunConfig.from_run_config(meta["config"] | ({"base-model": base_model} if base_model else {}))
         t1 = time.perf_counter()
         dataset_dir = Path(dataset) if dataset else cfg.dataset_dir()
+        if not dataset_dir.is_dir():
+            source = "--dataset" if dataset else f"{folder / META_FILE} config.dataset"
+            raise FileNotFoundError(f"{dataset_dir}: dataset folder not found (from {source}; pass --dataset)")
         catalogue = load_catalogue(dataset_dir)
         categories = catalogue.interest_vocab()
         if list(meta["categories"]) != categories:
@@ -153,7 +175,7 @@ class Scorer:
         index, info = checkpoint_item_index(folder, catalogue, cfg)
         scorer = cls(model, cfg, catalogue, index, categories, meta, torch.device(device), info)
         scorer.timings = {"load-model": t1 - t0, "load-catalogue": t2 - t1, "item-index": info.seconds}
-        scorer.dataset_dir = dataset_dir  # type: ignore[attr-defined]
+        scorer.dataset_dir = dataset_dir
         return scorer
 
     def platform_tensors(self, platform: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -17,7 +17,9 @@ of that platform's silos) with their last event as target (:func:`shared_model.e
   left out. Ranking over B's catalogue, nothing excluded (the input has no B items).
 
 Every metric carries a 95 % paired-bootstrap interval over users
-(:func:`simulations.stats.paired_bootstrap`; same draws for every method of a group).
+(:func:`simulations.stats.paired_bootstrap`; same draws for every method of a group), and
+``differences`` gives each method minus a reference method (default ``most-popular``)
+per user, with its paired interval.
 """
 
 from __future__ import annotations
@@ -35,7 +37,15 @@ from shared_model.examples import DEFAULT_K, eval_examples, migration_defined
 from shared_model.metrics import rank_of_target
 from shared_model.migration import js_divergence, recent_distribution
 from shared_model.schema import Catalogue, Event, Silo
-from simulations.stats import Estimate, hits, ndcgs, paired_bootstrap, reciprocal_ranks, topk_correct
+from simulations.stats import (
+    Estimate,
+    hits,
+    ndcgs,
+    paired_bootstrap,
+    paired_difference,
+    reciprocal_ranks,
+    topk_correct,
+)
 
 METRICS = ("hr10", "ndcg10", "mrr", "category-acc1", "category-acc3", "category-acc1-migrating",
            "category-acc3-migrating", "migration-auc", "migration-auc-mass")
@@ -163,10 +173,36 @@ def group_seed(seed: int, group: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(group.encode())) % (2**32)
 
 
+DIFFERENCE_METRICS = {"hr10": lambda u: hits(u["rank"], 10), "ndcg10": lambda u: ndcgs(u["rank"], 10),
+                      "mrr": lambda u: reciprocal_ranks(u["rank"]), "category-acc1": lambda u: u["acc1"],
+                      "category-acc3": lambda u: u["acc3"]}
+
+
+def differences(per: Mapping[str, Mapping[str, dict[str, np.ndarray]]], reference: str, reps: int,
+                seed: int) -> dict[str, Any]:
+    """``method − reference`` per group and metric, mean over users with a paired 95 % interval."""
+    out: dict[str, Any] = {}
+    ref = per.get(reference, {})
+    for method, groups in per.items():
+        if method == reference:
+            continue
+        for g, u in groups.items():
+            if g not in ref:
+                continue
+            out.setdefault(method, {})[g] = {
+                m: paired_difference(f(u), f(ref[g]), reps, group_seed(seed, g)).as_dict()
+                for m, f in DIFFERENCE_METRICS.items()}
+    return out
+
+
 def evaluate(predictors: Sequence[Predictor], catalogue: Catalogue, silos: Mapping[str, Silo], split: str,
              k: int = DEFAULT_K, reps: int = 1000, seed: int = 0, max_users: int = 0,
-             cross: bool = True, batch_size: int = 64, progress: Any = None) -> dict[str, Any]:
-    """Every predictor on every group (each platform, ``overall``, each ``A->B``) → JSON-ready dict."""
+             cross: bool = True, batch_size: int = 64, progress: Any = None,
+             reference: str | None = "most-popular") -> dict[str, Any]:
+    """Every predictor on every group (each platform, ``overall``, each ``A->B``) → JSON-ready dict.
+
+    With ``reference`` (a predictor's name), ``differences`` holds each other method's
+    paired difference to it (same users, same bootstrap draws)."""
     categories = catalogue.interest_vocab()
     platforms = [p for p in catalogue.platforms if any(s.platform == p for s in silos.values())]
     groups: dict[str, tuple[str, list[Case]]] = {}
@@ -181,8 +217,10 @@ def evaluate(predictors: Sequence[Predictor], catalogue: Catalogue, silos: Mappi
     result: dict[str, Any] = {"split": split, "migration-k": k, "bootstrap-reps": reps, "seed": seed,
                               "users": {g: len(cs) for g, (_, cs) in groups.items()}, "methods": {}}
     result["users"]["overall"] = sum(len(groups[p][1]) for p in platforms)
+    all_per: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for pred in predictors:
         per: dict[str, dict[str, np.ndarray]] = {}
+        all_per[pred.name] = per
         out: dict[str, Any] = {}
         for g, (plat, cases) in groups.items():
             if progress:
@@ -193,8 +231,12 @@ def evaluate(predictors: Sequence[Predictor], catalogue: Catalogue, silos: Mappi
             out[g] = {m: e.as_dict() for m, e in summarise(per[g], reps, group_seed(seed, g), "->" not in g).items()}
         within = [per[p] for p in platforms if p in per]
         if within:
-            out["overall"] = {m: e.as_dict() for m, e in summarise(concat(within), reps, group_seed(seed, "overall")).items()}
+            per["overall"] = concat(within)
+            out["overall"] = {m: e.as_dict() for m, e in summarise(per["overall"], reps, group_seed(seed, "overall")).items()}
         result["methods"][pred.name] = out
+    if reference and reference in all_per:
+        result["reference"] = reference
+        result["differences"] = differences(all_per, reference, reps, seed)
     return result
 
 
@@ -242,4 +284,22 @@ def format_table(result: dict[str, Any]) -> str:
                     ci = f"[{lo:.3f},{hi:.3f}]" if lo is not None else "[-]"
                     cells.append(f"{e['value']:>7.3f} {ci:>14}")
             lines.append(f"{m:<{width}}  " + "".join(cells))
+    diffs = result.get("differences") or {}
+    if diffs:
+        lines.append("")
+        lines.append(f"paired differences to {result['reference']} (method - reference), NDCG@10 and cat@1:")
+        for m, groups_ in diffs.items():
+            cells = []
+            for g in order:
+                if g in groups_:
+                    d, a = groups_[g]["ndcg10"], groups_[g]["category-acc1"]
+                    cells.append(f"{g} {_signed(d)} / {_signed(a)}")
+            lines.append(f"  {m:<{width}} " + "; ".join(cells))
     return "\n".join(lines)
+
+
+def _signed(e: dict[str, Any]) -> str:
+    if e["value"] is None:
+        return "-"
+    lo, hi = e["ci95"]
+    return f"{e['value']:+.3f} [{lo:+.3f},{hi:+.3f}]"

@@ -1,0 +1,146 @@
+"""`fedshift evaluate` and `fedshift recommend` on a tiny-BERT checkpoint of a generated
+dataset: one scoring path with the federated evaluation, the per-checkpoint item index,
+JSON outputs and exit-2 errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedshift.cli import main
+from shared_model.adapters import save_checkpoint
+from shared_model.config import RunConfig
+from shared_model.dataset import load_catalogue
+from shared_model.model import build_model
+from shared_model.scoring import INDEX_FILE, Scorer
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, small_dataset: Path, tiny_bert: Path, cache_dir: Path) -> Path:
+    """A checkpoint as the server writes it: random LoRA/heads (B ≠ 0) on the tiny BERT."""
+    cfg = RunConfig(dataset=str(small_dataset), base_model=str(tiny_bert), max_eval_users=0, eval_batch_size=32)
+    categories = load_catalogue(small_dataset).interest_vocab()
+    model = build_model(cfg, len(categories), seed=3)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    meta = {"round": 1, "base-model": str(tiny_bert), "categories": categories, "config": cfg.to_run_config()}
+    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "round-001", meta)
+
+
+def test_scorer_agrees_with_federated_evaluation(checkpoint: Path, small_dataset: Path) -> None:
+    """Centralised harness on one silo's users == fl_client.evaluate on that silo (one scoring path)."""
+    from fl_client.evaluate import evaluate_silo
+    from fl_client.task import open_silo
+    from shared_model.dataset import load_silo
+    from simulations.evaluation import ModelPredictor, per_user, platform_cases
+    from simulations.stats import hits, ndcgs, reciprocal_ranks
+
+    scorer = Scorer.from_checkpoint(checkpoint)
+    silo_dir = small_dataset / "silos" / "p0-r0"
+    fed = evaluate_silo(scorer.model, open_silo(scorer.cfg, {"silo-dir": str(silo_dir)}), scorer.cfg,
+                        torch.device("cpu"), "valid")
+    silo = load_silo(silo_dir, scorer.catalogue)
+    cases = platform_cases(scorer.catalogue, {"p0-r0": silo}, silo.platform, "valid", scorer.cfg.migration_k)
+    u = per_user(ModelPredictor(scorer), cases, silo.platform, scorer.catalogue, scorer.categories)
+    assert len(cases) == fed.users
+    assert hits(u["rank"]).mean() == pytest.approx(fed.hr10)
+    assert ndcgs(u["rank"]).mean() == pytest.approx(fed.ndcg10)
+    assert reciprocal_ranks(u["rank"]).mean() == pytest.approx(fed.mrr)
+    assert float(u["acc1"][~torch.isnan(torch.as_tensor(u["acc1"])).numpy()].mean()) == pytest.approx(fed.category_accuracy)
+
+
+def test_evaluate_json(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--json", "--bootstrap", "20", "--max-users", "20"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["methods"]) == {"checkpoint", "most-popular", "category-markov", "item-cooccurrence"}
+    groups = res["methods"]["checkpoint"]
+    assert {"p0", "p1", "p2", "overall", "p0->p1", "p2->p0"} <= set(groups)
+    e = groups["p0"]["ndcg10"]
+    assert 0 <= e["ci95"][0] <= e["value"] <= e["ci95"][1] <= 1 and e["n"] == 20
+    assert 0 <= groups["overall"]["migration-auc"]["value"] <= 1
+    assert res["users"]["p0"] == 20 and res["split"] == "valid"
+
+
+def test_evaluate_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "bad")]) == 2
+    assert "fedshift.json" in capsys.readouterr().err
+    (tmp_path / "bad" / "fedshift.json").write_text("{not json")
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "bad")]) == 2
+    assert "fedshift.json: not valid JSON" in capsys.readouterr().err
+
+
+def test_moved_dataset_exit_2(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = tmp_path / "moved"
+    shutil.copytree(checkpoint, ckpt)
+    meta = json.loads((ckpt / "fedshift.json").read_text())
+    meta["config"]["dataset"] = str(tmp_path / "gone")
+    (ckpt / "fedshift.json").write_text(json.dumps(meta))
+    assert main(["recommend", "--checkpoint", str(ckpt), "--platform", "p0", "--history", "a"]) == 2
+    assert "gone: dataset folder not found" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(ckpt)]) == 2
+    assert "config.dataset" in capsys.readouterr().err
+
+
+def _titles(small_dataset: Path, platform: str, n: int = 3) -> str:
+    cat = load_catalogue(small_dataset)
+    return "; ".join(cat.items[i].title.upper() for i in cat.platform_item_ids(platform)[:n])
+
+
+def test_recommend_every_platform_with_cached_index(checkpoint: Path, small_dataset: Path,
+                                                     capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    ckpt = tmp_path / "round-001"
+    shutil.copytree(checkpoint, ckpt, ignore=shutil.ignore_patterns(INDEX_FILE))  # start without a cache
+    for n, platform in enumerate(("p0", "p1", "p2")):
+        hist = _titles(small_dataset, platform) + "; a hand-typed wish"
+        assert main(["recommend", "--checkpoint", str(ckpt), "--platform", platform, "--history", hist, "--json"]) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert len(res["items"]) == 10 and len({i["item_id"] for i in res["items"]}) == 10
+        assert [h["item_id"] is not None for h in res["history"]] == [True, True, True, False]
+        matched = {h["item_id"] for h in res["history"]}
+        assert not matched & {i["item_id"] for i in res["items"]}  # history items are not recommended
+        assert sum(i["probability"] for i in res["interests"]) == pytest.approx(1.0, abs=1e-3)
+        assert 0.0 <= res["migration_score"] <= 1.0
+        assert res["index"]["source"] == ("rebuilt" if n == 0 else "checkpoint-cache")
+    assert (ckpt / INDEX_FILE).is_file()
+    # a changed checkpoint invalidates the cached index
+    meta = json.loads((ckpt / "fedshift.json").read_text())
+    (ckpt / "fedshift.json").write_text(json.dumps({**meta, "round": 2}))
+    assert main(["recommend", "--checkpoint", str(ckpt), "--platform", "p0", "--history", "x", "-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "item index" in out and "rebuilt" in out and "score" in out
+    assert main(["recommend", "--checkpoint", str(ckpt), "--platform", "p0", "--history", "x", "--bench", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint-cache" in out and "p50" in out and "p99" in out
+
+
+def test_recommend_errors_exit_2(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["recommend", "--checkpoint", str(checkpoint)]
+    assert main([*base, "--platform", "mars", "--history", "a"]) == 2
+    assert "unknown platform 'mars'" in capsys.readouterr().err
+    assert main([*base, "--platform", "p0", "--history", " ; ;"]) == 2
+    assert "empty history" in capsys.readouterr().err
+    assert main([*base, "--platform", "p0", "--history-file", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    empty = tmp_path / "h.txt"
+    empty.write_text("# only a comment\n\n")
+    assert main([*base, "--platform", "p0", "--history-file", str(empty)]) == 2
+    assert "empty history" in capsys.readouterr().err
+    assert main(["recommend", "--checkpoint", str(tmp_path / "none"), "--platform", "p0", "--history", "a"]) == 2
+    assert "checkpoint folder not found" in capsys.readouterr().err
+
+
+def test_evaluate_baselines_only(small_dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "--dataset", str(small_dataset), "--split", "test", "--bootstrap", "10", "--no-cross"]) == 0
+    out = capsys.readouterr().out
+    assert "item-cooccurrence" in out and "overall" in out and "->" not in out
+    assert main(["evaluate", "--no-baselines"]) == 2

@@ -1,0 +1,127 @@
+"""Metric functions against hand-computed values: HR, NDCG, MRR, accuracy@k, ROC-AUC
+(Mann–Whitney, with ties), Jensen–Shannon migration score, and the paired bootstrap."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from shared_model.metrics import hit_rate, mrr, ndcg, rank_of_target
+from shared_model.migration import js_divergence, migration_score, recent_distribution
+from shared_model.schema import Catalogue, Event, Item
+from simulations.stats import (
+    bootstrap_indices,
+    bootstrap_mean_ci,
+    hits,
+    ndcgs,
+    paired_bootstrap,
+    paired_difference,
+    reciprocal_ranks,
+    roc_auc,
+    topk_correct,
+)
+
+
+def test_ranking_metrics_hand_computed() -> None:
+    ranks = [0, 2, 9, 10, 49]
+    # HR@10: ranks 0, 2, 9 hit → 3/5
+    assert hits(ranks).mean() == pytest.approx(0.6)
+    assert hit_rate(ranks, 10) == pytest.approx(0.6)
+    # NDCG@10: 1/log2(2) + 1/log2(4) + 1/log2(11) = 1 + 0.5 + 0.289064...
+    expected = (1.0 + 0.5 + 1 / math.log2(11)) / 5
+    assert ndcgs(ranks).mean() == pytest.approx(expected)
+    assert ndcg(ranks, 10) == pytest.approx(expected)
+    # MRR: (1 + 1/3 + 1/10 + 1/11 + 1/50) / 5
+    expected_mrr = (1 + 1 / 3 + 1 / 10 + 1 / 11 + 1 / 50) / 5
+    assert reciprocal_ranks(ranks).mean() == pytest.approx(expected_mrr)
+    assert mrr(ranks) == pytest.approx(expected_mrr)
+
+
+def test_rank_of_target_ties_and_exclusion() -> None:
+    scores = torch.tensor([[0.9, 0.5, 0.5, 0.1], [0.2, 0.8, 0.3, 0.8]])
+    scores[0, 0] = float("-inf")  # an excluded history item
+    assert rank_of_target(scores, torch.tensor([1, 3])).tolist() == [1, 1]  # ties count against the target
+
+
+def test_topk_accuracy_hand_computed() -> None:
+    probs = np.array([[0.5, 0.3, 0.2, 0.0], [0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]])
+    truth = [1, 0, -1]
+    assert np.array_equal(topk_correct(probs, truth, 1)[:2], [0.0, 0.0])
+    assert np.array_equal(topk_correct(probs, truth, 2)[:2], [1.0, 0.0])
+    assert np.array_equal(topk_correct(probs, truth, 4)[:2], [1.0, 1.0])
+    assert math.isnan(topk_correct(probs, truth, 1)[2])  # unknown truth
+
+
+def test_auc_mann_whitney_with_ties() -> None:
+    # positives 0.8, 0.5; negatives 0.5, 0.2: pairs 1 + 1 + ½ (tie) + 1 = 3.5 of 4
+    assert roc_auc([0.8, 0.5, 0.5, 0.2], [True, True, False, False]) == pytest.approx(0.875)
+    assert roc_auc([3, 1, 2, 0], [1, 0, 1, 0]) == pytest.approx(1.0)
+    assert roc_auc([0, 1], [1, 0]) == pytest.approx(0.0)
+    assert roc_auc([0.4] * 6, [1, 0, 1, 0, 0, 1]) == pytest.approx(0.5)
+    # positives {2, 2, 1}, negatives {2, 1, 0}: wins 1+1+1 (vs 0) + 1+1 (2 vs 1) + ½·2 (2 vs 2) + ½ (1 vs 1) = 6.5 of 9
+    assert roc_auc([2, 2, 1, 2, 1, 0], [1, 1, 1, 0, 0, 0]) == pytest.approx(6.5 / 9)
+    assert math.isnan(roc_auc([0.1, 0.2], [True, True]))
+
+
+def test_auc_matches_pairwise_definition_on_random_data() -> None:
+    rng = np.random.default_rng(3)
+    s = rng.integers(0, 5, 60).astype(float)  # many ties
+    y = rng.random(60) < 0.4
+    pos, neg = s[y], s[~y]
+    pairwise = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
+    assert roc_auc(s, y) == pytest.approx(pairwise)
+
+
+def test_jensen_shannon_hand_computed() -> None:
+    assert float(js_divergence(np.array([0.2, 0.8]), np.array([0.2, 0.8]))) == pytest.approx(0.0, abs=1e-12)
+    assert float(js_divergence(np.array([1.0, 0.0]), np.array([0.0, 1.0]))) == pytest.approx(1.0)
+    # p = (1, 0), q = (½, ½): m = (¾, ¼); KL(p‖m) = log2(4/3); KL(q‖m) = ½ log2(⅔) + ½ log2(2)
+    expected = 0.5 * math.log2(4 / 3) + 0.5 * (0.5 * math.log2(2 / 3) + 0.5 * 1.0)
+    assert float(js_divergence(np.array([1.0, 0.0]), np.array([0.5, 0.5]))) == pytest.approx(expected)
+
+
+def test_migration_score_uses_last_k_labelled_events() -> None:
+    items = {"a": Item("a", "p", "A", ("top", "x")), "b": Item("b", "p", "B", ("top", "y")),
+             "n": Item("n", "p", "N", ("top",))}
+    cat = Catalogue(items)
+    cats = ["x", "y", "z"]
+    hist = [Event("u", i, n) for n, i in enumerate(["a", "a", "b", "n"])]
+    assert recent_distribution(hist, cat, cats, k=2).tolist() == [0.0, 1.0, 0.0]  # last 2: b, n (unlabelled)
+    assert recent_distribution(hist, cat, cats, k=3).tolist() == [0.5, 0.5, 0.0]
+    assert recent_distribution(hist[3:], cat, cats, k=5) is None
+    assert migration_score(np.array([0.0, 0.0, 1.0]), hist, cat, cats, k=2) == pytest.approx(1.0)
+    assert migration_score(np.array([0.0, 1.0, 0.0]), hist, cat, cats, k=2) == pytest.approx(0.0, abs=1e-12)
+    assert math.isnan(migration_score(np.array([0.0, 1.0, 0.0]), hist[3:], cat, cats))
+
+
+def test_bootstrap_interval_hand_cases() -> None:
+    # a constant per-user value: the interval collapses onto it
+    e = bootstrap_mean_ci([0.25] * 40, reps=200, seed=1)
+    assert (e.value, e.low, e.high, e.n) == (0.25, 0.25, 0.25, 40)
+    # Bernoulli(½) over 400 users: value 0.5, half-width ≈ 1.96·√(¼/400) ≈ 0.049
+    v = np.array([1.0, 0.0] * 200)
+    e = bootstrap_mean_ci(v, reps=2000, seed=2)
+    assert e.value == 0.5 and e.low < 0.5 < e.high
+    assert (e.high - e.low) / 2 == pytest.approx(1.96 * math.sqrt(0.25 / 400), rel=0.15)
+    # NaN users are left out of the mean and of n
+    e = bootstrap_mean_ci([1.0, np.nan, 0.0, 1.0], reps=100, seed=0)
+    assert e.value == pytest.approx(2 / 3) and e.n == 3
+
+
+def test_bootstrap_is_paired_and_reproducible() -> None:
+    assert np.array_equal(bootstrap_indices(30, 5, 7), bootstrap_indices(30, 5, 7))
+    rng = np.random.default_rng(0)
+    a = rng.random(300)
+    b = a + 0.01  # b is better on every user by exactly 0.01
+    d = paired_difference(b, a, reps=500, seed=4)
+    assert d.value == pytest.approx(0.01) and d.low == pytest.approx(0.01) and d.high == pytest.approx(0.01)
+    # AUC metrics resample users with the same draws as the means
+    y = rng.random(300) < 0.3
+    s = np.where(y, rng.random(300) + 0.3, rng.random(300))
+    out = paired_bootstrap({"m": ("mean", a), "auc": ("auc", (s, y, np.ones(300, bool)))}, 300, reps=300, seed=5)
+    assert out["auc"].low < out["auc"].value < out["auc"].high
+    assert out["auc"].value == pytest.approx(roc_auc(s, y))
+    assert out["m"].n == 300 and out["auc"].n == 300
