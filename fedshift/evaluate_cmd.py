@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedshift.torch_threads import restores_torch_threads
 from shared_model.config import RunConfig
 from shared_model.dataset import load_dataset, load_dataset_info
 from shared_model.examples import DEFAULT_K
@@ -142,12 +143,4 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    """Entry point; torch's thread count is restored afterwards (``--threads`` is per call)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(threads)
+run = restores_torch_threads(_run)

@@ -22,7 +22,7 @@ import hashlib
 import logging
 from datetime import datetime, timezone
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_client.dp_train import RoundResult, pick_device, train_round

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from shared_model.config import RunConfig
 from shared_model.dataset import list_silos, load_catalogue, load_silo
-from shared_model.encoder import load_tokenizer
+from shared_model.encoder import shared_tokenizer
 from shared_model.examples import eval_examples, train_user_ids, training_example
 from shared_model.item_index import ItemIndex, build_item_index
 from shared_model.schema import Catalogue, Example, Silo
@@ -65,11 +65,6 @@ def cached_silo(silo_dir: Path, dataset_dir: Path) -> Silo:
 @lru_cache(maxsize=4)
 def cached_item_index(dataset_dir: Path, base_model: str, max_tokens: int) -> ItemIndex:
     return build_item_index(cached_catalogue(dataset_dir), base_model or None, max_tokens)
-
-
-@lru_cache(maxsize=4)
-def cached_tokenizer(base_model: str):  # type: ignore[no-untyped-def]
-    return load_tokenizer(base_model or None)
 
 
 @dataclass
@@ -127,7 +122,7 @@ class Encoder:
     def __init__(self, data: SiloData, cfg: RunConfig):
         self.data = data
         self.cfg = cfg
-        self.tokenizer = cached_tokenizer(cfg.base_model)
+        self.tokenizer = shared_tokenizer(cfg.base_model)
         self.category_index = {c: i for i, c in enumerate(data.categories)}
         self._count = lru_cache(maxsize=65536)(lambda s: len(self.tokenizer.tokenize(s)))
 

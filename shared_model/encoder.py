@@ -56,6 +56,12 @@ def load_tokenizer(base_model: str | os.PathLike[str] | None = None) -> PreTrain
     return tok
 
 
+@lru_cache(maxsize=4)
+def shared_tokenizer(base_model: str = "") -> PreTrainedTokenizerBase:
+    """One :func:`load_tokenizer` per base model and process (read-only use)."""
+    return load_tokenizer(base_model or None)
+
+
 @lru_cache(maxsize=8)
 def _hash_folder(path: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
     digest = hashlib.sha256()

@@ -32,7 +32,7 @@ import torch
 from shared_model.adapters import HEADS_FILE, META_FILE, load_checkpoint, read_metadata
 from shared_model.config import RunConfig
 from shared_model.dataset import load_catalogue
-from shared_model.encoder import load_tokenizer, resolve_base_model
+from shared_model.encoder import resolve_base_model, shared_tokenizer
 from shared_model.item_index import ItemIndex, build_item_index, catalogue_hash
 from shared_model.model import InterestModel, item_scores, mask_to_platform
 from shared_model.schema import Catalogue, Event
@@ -108,11 +108,6 @@ def checkpoint_item_index(folder: Path, catalogue: Catalogue, cfg: RunConfig, ca
     return index, IndexInfo(where, source, time.perf_counter() - t0)
 
 
-@lru_cache(maxsize=4)
-def _tokenizer(base_model: str):  # type: ignore[no-untyped-def]
-    return load_tokenizer(base_model or None)
-
-
 @dataclass
 class Scorer:
     """A loaded checkpoint with its catalogue, item index and tokenizer."""
@@ -129,7 +124,7 @@ class Scorer:
     timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.tokenizer = _tokenizer(self.cfg.base_model)
+        self.tokenizer = shared_tokenizer(self.cfg.base_model)
         self._count = lru_cache(maxsize=65536)(lambda s: len(self.tokenizer.tokenize(s)))
         cat_index = {c: i for i, c in enumerate(self.categories)}
         self.prior_index = torch.tensor(

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from fedshift.data_cmd import describe
 from shared_model.categories import platform_root, recover_platform, title_brand_words
 from shared_model.dataset import DEFAULT_DATASET, load_catalogue
 from simulations.convert_amazon import convert
