@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -79,6 +80,25 @@ def _parse_scalar(raw: str) -> Any:
     if raw.lower() in {"true", "false"}:
         return raw.lower() == "true"
     return raw.strip("'\"")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def local_superlink_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for `flwr` with a private FLWR_HOME and its own local SuperLink ports,
+    so concurrent simulations on one machine never share (or stop) each other's SuperLink."""
+    return {
+        **os.environ,
+        **FLOWER_ENV,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+    }
 
 
 def stop_local_superlink(flwr_home: Path) -> int:
@@ -149,7 +169,7 @@ def simulate(args: argparse.Namespace) -> int:
     prepare_item_index(cfg)
 
     flwr_home = Path(tempfile.mkdtemp(prefix="fedshift-flwr-"))
-    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(flwr_home)}
+    env = local_superlink_env(flwr_home)
     config_file = flwr_home / "run-config.toml"
     config_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in sorted(overrides.items())))
     cmd = [
@@ -172,6 +192,11 @@ def simulate(args: argparse.Namespace) -> int:
                 proc.kill()
                 print(f"fedshift simulate: timed out after {args.timeout} s", file=sys.stderr)
         status = run_status(flwr_home, env)
+        # the stream can end a moment before the SuperLink records the run as finished
+        deadline = time.time() + 30
+        while status.startswith(("running", "pending", "starting")) and time.time() < deadline:
+            time.sleep(1)
+            status = run_status(flwr_home, env)
     finally:
         stop_local_superlink(flwr_home)
         shutil.rmtree(flwr_home, ignore_errors=True)

@@ -26,6 +26,11 @@ def payload_bytes(arrays: ArrayRecord) -> tuple[int, int]:
     return sum(a.numpy().nbytes for a in arrays.values()), sum(len(a.data) for a in arrays.values())
 
 
+def _device(msg: Message) -> str:
+    """The device a silo reported (``cpu``, ``cuda``, ``cuda:0``)."""
+    return str(msg.content["info"].get("device", "")) if "info" in msg.content else ""
+
+
 class RecordingFedAvg(FedAvg):
     """Flower's FedAvg (weighted by ``num-examples``) plus per-silo records.
 
@@ -80,6 +85,7 @@ class RecordingFedAvg(FedAvg):
             metrics = dict(msg.content["metrics"])
             silo = str(msg.content["info"]["silo"]) if "info" in msg.content else str(msg.metadata.src_node_id)
             metrics["tensor-bytes"], metrics["payload-bytes"] = payload_bytes(msg.content["arrays"])
+            metrics["device"] = _device(msg)
             self.records.add(server_round, "train", silo, msg.metadata.src_node_id, metrics)
             if self.ledger is not None and "ledger" in msg.content:
                 self.append_ledger(msg.content["ledger"], msg.metadata.src_node_id)
@@ -114,7 +120,8 @@ class RecordingFedAvg(FedAvg):
                 log(WARNING, "round %d: evaluation on node %d failed: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
                 continue
             silo = str(msg.content["info"]["silo"]) if "info" in msg.content else str(msg.metadata.src_node_id)
-            self.records.add(server_round, "evaluate", silo, msg.metadata.src_node_id, dict(msg.content["metrics"]))
+            self.records.add(server_round, "evaluate", silo, msg.metadata.src_node_id,
+                             {**dict(msg.content["metrics"]), "device": _device(msg)})
         aggregated = super().aggregate_evaluate(server_round, replies)
         if aggregated is not None:
             self.records.add(server_round, "evaluate", "ALL", 0, dict(aggregated))

@@ -57,12 +57,14 @@ def test_simulation_records_every_silo_and_round(tiny_run: Path) -> None:
     rounds = {r["round"]: r for r in doc["rounds"]}
     assert sorted(rounds) == [0, 1, 2, 3]
     silos = {"p0-r0", "p1-r0", "p2-r0"}
+    expected_device = "cuda" if torch.cuda.is_available() else "cpu"
     assert set(rounds[0]["silos"]) == silos | {"ALL"}  # round 0: untrained model, evaluation only
     for r in (1, 2, 3):
         assert silos <= set(rounds[r]["silos"])
         for s in silos:
             entry = rounds[r]["silos"][s]
             assert {"train", "evaluate"} <= set(entry)
+            assert entry["train"]["device"] == entry["evaluate"]["device"] == expected_device
     csv_lines = (tiny_run / "metrics.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + len(doc["records"])
 
@@ -139,14 +141,13 @@ def test_real_bundled_encoder_short_run(tmp_path: Path, small_dataset: Path, cac
 def test_flwr_run_dot_runs_the_same_app(tmp_path: Path, small_dataset: Path, tiny_bert: Path, cache_dir: Path) -> None:
     """`flwr run .` (what researchers type) with a temporary FLWR_HOME completes, and
     `flwr ls` reports it; the local SuperLink Flower leaves running is then stopped."""
-    import os
     import shutil
 
-    from fedshift.simulate_cmd import APP_DIR, FLOWER_ENV, run_status, stop_local_superlink
+    from fedshift.simulate_cmd import APP_DIR, local_superlink_env, run_status, stop_local_superlink
 
     home = tmp_path / "fedshift-flwr-home"
     home.mkdir()
-    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home)}
+    env = local_superlink_env(home)
     config = (
         f'dataset="{small_dataset}" base-model="{tiny_bert}" out-dir="{tmp_path / "out"}" '
         "min-nodes=3 num-server-rounds=1 local-steps=2 batch-size=16 max-eval-users=16"
@@ -162,3 +163,39 @@ def test_flwr_run_dot_runs_the_same_app(tmp_path: Path, small_dataset: Path, tin
         assert (tmp_path / "out" / "metrics.json").is_file()
     finally:
         assert stop_local_superlink(home) >= 1
+
+
+def test_run_ends_cleanly_when_every_silo_is_at_budget(
+    tmp_path: Path, small_dataset: Path, tiny_bert: Path, cache_dir: Path
+) -> None:
+    """A lifetime cap between the 1st and 2nd round's ε: every silo trains round 1, refuses
+    round 2 with an explicit status, and the server ends the run before round 3."""
+    from fl_client.privacy import PrivacyState
+    from shared_model.config import RunConfig
+    from shared_model.dataset import list_silos, load_catalogue, load_silo
+    from shared_model.examples import train_user_ids
+
+    settings = {"local-steps": 2, "batch-size": 16, "num-server-rounds": 3, "max-eval-users": 8}
+    cfg = RunConfig.from_run_config(settings)
+    catalogue = load_catalogue(small_dataset)
+    caps = []
+    for name in list_silos(small_dataset):
+        n = len(train_user_ids(load_silo(small_dataset / "silos" / name, catalogue)))
+        p = PrivacyState.calibrate(name, cfg, n)
+        step = (p.noise_multiplier, p.sample_rate, 2)
+        caps.append((p.epsilon_of([step]), p.epsilon_of([step, step])))
+    cap = (max(c[0] for c in caps) + min(c[1] for c in caps)) / 2
+    assert all(c[0] < cap < c[1] for c in caps)
+
+    proc = _simulate(tmp_path, "--dataset", str(small_dataset), "--base-model", str(tiny_bert), "--rounds", "3",
+                     *[a for k, v in settings.items() if k != "num-server-rounds" for a in ("--set", f"{k}={v}")],
+                     "--set", f"silo-lifetime-epsilon={cap}")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert doc["run"]["ended-early"]["before-round"] == 3
+    train = [r for r in doc["records"] if r["phase"] == "train"]
+    assert sorted((r["round"], r["budget-exhausted"]) for r in train) == [(1, 0)] * 3 + [(2, 1)] * 3
+    ledger = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    assert len(ledger) == 3 and all(r["epsilon-lifetime"] <= cap for r in ledger)
+    assert not (tmp_path / "checkpoints" / "round-003").exists()
+    assert _flower_processes() == []
