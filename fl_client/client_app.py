@@ -107,6 +107,9 @@ def dp_round(
     step = (privacy.noise_multiplier, privacy.sample_rate, int(result.steps))
     eps_round = privacy.epsilon_of([step])
     privacy.history = list(privacy.history) + [step]
+    if used is privacy and _merged(result.history) != _merged(privacy.history):
+        # The ledger must describe exactly what Opacus's accountant saw during training.
+        raise RuntimeError(f"silo {data.name}: accountant history {result.history} != ledger view {privacy.history}")
     privacy.rounds.append(server_round)
     all_records = ledger.read()
     record = {
@@ -171,6 +174,17 @@ def train(msg: Message, context: Context) -> Message:
     if record is not None:
         content["ledger"] = ConfigRecord({k: v for k, v in record.items() if isinstance(v, (str, int, float))})
     return Message(content=content, reply_to=msg)
+
+
+def _merged(history: list) -> list[tuple[float, float, int]]:
+    """History with consecutive equal mechanisms merged (as Opacus's accountant stores it)."""
+    out: list[tuple[float, float, int]] = []
+    for sigma, q, steps in history:
+        if out and out[-1][:2] == (sigma, q):
+            out[-1] = (sigma, q, out[-1][2] + int(steps))
+        else:
+            out.append((float(sigma), float(q), int(steps)))
+    return out
 
 
 def _refusal(cfg: RunConfig, privacy: PrivacyState, ledger: Ledger) -> str:
