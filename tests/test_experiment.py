@@ -1,0 +1,88 @@
+"""`fedshift experiment --preset smoke`: the whole grid (baselines, federated DP, local-only,
+centralised, leave-one-platform-out) on a generated 2-platform dataset and a tiny BERT,
+through real `fedshift simulate` runs; checks the table, the CSV and the plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fedshift.cli import main
+
+pytestmark = pytest.mark.slow
+
+EXPECTED = {"most-popular", "category-markov", "item-cooccurrence", "federated-dp-eps8", "local-only-eps8",
+            "centralised-nonprivate", "lopo-p0-to-p1-eps8", "lopo-p1-to-p0-eps8"}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("experiment")
+    assert main(["experiment", "--preset", "smoke", "--out", str(out)]) == 0
+    return out
+
+
+def test_outputs_exist(smoke: Path) -> None:
+    for name in ("results.md", "results.csv", "results.json", "ndcg-vs-epsilon.png",
+                 "migrating-accuracy-vs-epsilon.png", "metric-vs-round.png"):
+        data = (smoke / name).read_bytes()
+        assert len(data) > 100, name
+        if name.endswith(".png"):
+            assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(smoke.glob(".*.tmp"))  # atomic writes left no temp file
+
+
+def test_csv_rows_have_epsilon_delta_and_finite_intervals(smoke: Path) -> None:
+    with open(smoke / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["method"] for r in rows} == EXPECTED
+    for col in ("epsilon", "delta", "ndcg10", "ndcg10-ci95-low", "ndcg10-ci95-high",
+                "category-acc1-migrating-ci95-low", "migration-auc-ci95-high"):
+        assert col in rows[0]
+    for r in rows:
+        private = r["family"] in {"federated-dp", "local-only", "lopo"}
+        assert (r["epsilon"] == "8.0") if private else (r["epsilon"] == "inf"), r
+        assert (float(r["delta"]) == 1e-5) if private else r["delta"] == "", r
+        if private:
+            assert 0 < float(r["epsilon-spent"]) <= 8.0 + 1e-9
+        for m in ("hr10", "ndcg10", "mrr", "category-acc1"):
+            v, lo, hi = (float(r[m]), float(r[f"{m}-ci95-low"]), float(r[f"{m}-ci95-high"]))
+            assert all(math.isfinite(x) for x in (v, lo, hi)), (r["method"], m)
+            assert 0 <= lo <= v <= hi <= 1, (r["method"], r["group"], m, lo, v, hi)
+        if r["method"] != "most-popular":
+            d = float(r["delta-ndcg10"])
+            assert float(r["delta-ndcg10-ci95-low"]) <= d <= float(r["delta-ndcg10-ci95-high"])
+    groups = {(r["method"], r["group"]) for r in rows}
+    assert ("local-only-eps8", "overall") in groups and ("centralised-nonprivate", "p1") in groups
+    # leave-one-platform-out rows are evaluated only on the platform they never saw
+    assert {g for m, g in groups if m == "lopo-p0-to-p1-eps8"} == {"p1"}
+
+
+def test_markdown_table(smoke: Path) -> None:
+    text = (smoke / "results.md").read_text()
+    assert "| method | ε (per silo) | δ |" in text and "95 % paired-bootstrap interval" in text
+    assert "smoke preset: generated data" in text and "CPU cores" in text  # caption: subsampling + machine
+    for m in EXPECTED:
+        assert f"| `{m}` |" in text
+    assert "| `lopo-p1-to-p0-eps8` | 8 (spent" in text and "| `centralised-nonprivate` | ∞ (non-private) | – |" in text
+
+
+def test_runs_and_curves(smoke: Path) -> None:
+    doc = json.loads((smoke / "results.json").read_text())
+    # local-only of a platform's only silo is also its LOPO run: trained once
+    assert set(doc["runs"]) == {"fed-all-eps8", "fed-p0-r0-eps8", "fed-p1-r0-eps8", "centralised"}
+    assert doc["methods"]["lopo-p0-to-p1-eps8"]["runs"] == ["fed-p0-r0-eps8"]
+    assert [r for r, _ in doc["curves"]["fed-all-eps8"]["ndcg10"]] == [0, 1]
+    assert (smoke / "runs" / "centralised" / "checkpoints" / "round-001" / "fedshift.json").is_file()
+    assert sorted(p.name for p in (smoke / "views" / "fed-p0-r0-eps8" / "silos").iterdir()) == ["p0-r0"]
+
+
+def test_dry_run_prints_the_paper_plan(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["experiment", "--preset", "paper", "--dry-run", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "fed-all-eps1" in out and "fed-all-nodp" in out and "centralised" in out and "estimated time" in out
+    assert not (tmp_path / "results.md").exists()
