@@ -24,13 +24,15 @@ pytestmark = pytest.mark.slow
 
 
 def _flower_processes() -> list[str]:
+    """Flower processes started by `fedshift simulate` from this test session's environment
+    (other environments' simulations running on the same machine are not ours)."""
     names = ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet")
     out = []
     for p in psutil.process_iter(["cmdline", "status"]):
         if p.info.get("status") == psutil.STATUS_ZOMBIE:
             continue
         cmd = " ".join(p.info.get("cmdline") or [])
-        if any(n in cmd for n in names) and "fedshift-flwr-" in cmd:
+        if any(n in cmd for n in names) and "fedshift-flwr-" in cmd and cmd.startswith(sys.prefix):
             out.append(cmd)
     return out
 
