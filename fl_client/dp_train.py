@@ -61,7 +61,7 @@ class RoundResult:
     seconds: float
     noise_multiplier: float = 0.0
     sample_rate: float = 0.0
-    epsilon_round: float = 0.0
+    epsilon_round: float = 0.0  # filled in by the caller that writes the ledger
     epsilon_total: float = 0.0
     history: list[tuple[float, float, int]] = field(default_factory=list)
 
@@ -151,7 +151,6 @@ def train_round(
         result.sample_rate = loader.sample_rate if hasattr(loader, "sample_rate") else privacy.sample_rate
         result.history = [tuple(h) for h in engine.accountant.history]  # type: ignore[misc]
         result.epsilon_total = float(engine.accountant.get_epsilon(delta=cfg.delta))
-        result.epsilon_round = privacy.epsilon_of([(privacy.noise_multiplier, privacy.sample_rate, steps)])
     _drop_grad_samples(model)
     return result
 
