@@ -21,8 +21,9 @@ from torch.utils.data import DataLoader
 
 from fl_client.privacy import PrivacyState
 from fl_client.task import IGNORE_INDEX, SiloData, TrainUsers, collate
+from shared_model.item_index import ItemTokens
 from shared_model.config import RunConfig
-from shared_model.model import InterestModel, item_scores, mask_to_platform, own_item_scores
+from shared_model.model import InterestModel, category_prior, item_scores, mask_to_platform, own_item_scores
 
 
 def interest_loss(
@@ -34,10 +35,12 @@ def interest_loss(
     negatives: torch.Tensor,
     cfg: RunConfig,
 ) -> torch.Tensor:
-    """Mean over the batch of ``w_item·CE(next item) + w_cat·CE(next interest)``.
+    """Frozen item tower: mean over the batch of ``w_item·CE(next item) + w_cat·CE(next interest)``.
 
     The next-item term is a softmax over the example's own target and ``negatives``
-    (rows of the public platform catalogue); a negative equal to the target is masked.
+    (rows of the public platform catalogue, shared by the batch: their embeddings are
+    constants, so sharing them couples no two examples); a negative equal to the target
+    is masked.
     """
     input_ids, mask, rows, cats = batch
     user, cat_logits = model(input_ids, mask)
@@ -45,11 +48,62 @@ def interest_loss(
     pos = own_item_scores(user, cat_logits, item_emb[rows], prior_index[rows], cfg.logit_scale, cfg.category_prior_weight)
     neg = item_scores(user, cat_logits, item_emb[negatives], prior_index[negatives], cfg.logit_scale, cfg.category_prior_weight)
     neg = neg.masked_fill(negatives.unsqueeze(0) == rows.unsqueeze(1), float("-inf"))
+    return _combined_loss(pos, neg, cat_logits, cats, cfg)
+
+
+def adapted_interest_loss(
+    model: torch.nn.Module,
+    batch: tuple[torch.Tensor, ...],
+    item_tokens: ItemTokens,
+    prior_index: torch.Tensor,
+    category_mask: torch.Tensor,
+    negatives: torch.Tensor,
+    cfg: RunConfig,
+) -> torch.Tensor:
+    """Adapted item tower: the same loss, with example b's target and its own negatives
+    ``negatives[b]`` (``[B, K]`` public platform rows) encoded by the LoRA encoder in b's
+    rows of one encoder call (:meth:`InterestModel.forward_with_items`)."""
+    input_ids, mask, rows, cats = batch
+    cand_rows = torch.cat([rows.unsqueeze(1), negatives], dim=1)  # [B, 1+K]
+    item_ids, item_mask = item_tokens.take(cand_rows.cpu())
+    inner = getattr(model, "_module", model)  # Opacus' GradSampleModule: hooks sit on the submodules
+    user, cat_logits, items = inner.forward_with_items(input_ids, mask, item_ids.to(input_ids.device), item_mask.to(input_ids.device))
+    cat_logits = mask_to_platform(cat_logits, category_mask)
+    prior = category_prior(cat_logits).gather(1, prior_index[cand_rows])  # [B, 1+K]
+    scores = cfg.logit_scale * (items * user.unsqueeze(1)).sum(-1).float() + cfg.category_prior_weight * prior
+    neg = scores[:, 1:].masked_fill(negatives == rows.unsqueeze(1), float("-inf"))
+    return _combined_loss(scores[:, 0], neg, cat_logits, cats, cfg)
+
+
+def _combined_loss(
+    pos: torch.Tensor, neg: torch.Tensor, cat_logits: torch.Tensor, cats: torch.Tensor, cfg: RunConfig
+) -> torch.Tensor:
     logits = torch.cat([pos.unsqueeze(1), neg], dim=1)
-    item_loss = F.cross_entropy(logits, torch.zeros_like(rows), reduction="none")
+    item_loss = F.cross_entropy(logits, torch.zeros_like(cats), reduction="none")
     cat_loss = F.cross_entropy(cat_logits, cats, ignore_index=IGNORE_INDEX, reduction="none")
     per_example = cfg.item_loss_weight * item_loss + cfg.category_loss_weight * cat_loss
-    return per_example.sum() / max(len(rows), 1)
+    return per_example.sum() / max(len(cats), 1)
+
+
+def fold_grad_samples(model: torch.nn.Module, batch_size: int) -> None:
+    """Sum Opacus' per-row gradients back to per-example gradients.
+
+    With the adapted item tower one encoder call holds ``R = 1 + 1 + K`` rows per example
+    (example-major), so the encoder's ``grad_sample`` is ``[B·R, …]`` while the category
+    head's is ``[B, …]``. Example b's gradient is the sum over its R rows; Opacus scaled
+    each row by the layer's row count ``B·R`` instead of ``B`` (``loss_reduction="mean"``
+    multiplies backprops by ``max_batch_len``), hence the division by R. After this every
+    ``grad_sample`` is exactly the gradient of example b's own loss, and clipping and
+    noise act per example as the accountant assumes.
+    """
+    for p in model.parameters():
+        gs = getattr(p, "grad_sample", None)
+        if gs is None or gs.shape[0] == batch_size:
+            continue
+        if gs.shape[0] % batch_size:
+            raise RuntimeError(f"grad_sample of {tuple(p.shape)} has {gs.shape[0]} rows, not a multiple of batch {batch_size}")
+        rows = gs.shape[0] // batch_size
+        p.grad_sample = gs.view(batch_size, rows, *gs.shape[1:]).sum(1) / rows
 
 
 @dataclass
@@ -108,7 +162,9 @@ def train_round(
             poisson_sampling=True,
             grad_sample_mode=cfg.grad_sample_mode,
         )
-    item_emb = data.items.embeddings.to(device)
+    adapted = cfg.item_tower == "adapted"
+    item_tokens = data.item_tokens if adapted else None
+    item_emb = None if adapted else data.items.embeddings.to(device)
     prior_index = data.item_prior_index.to(device)
     category_mask = data.category_mask.to(device)
     platform_rows = data.items.platform_rows(data.platform).to(device)
@@ -129,11 +185,21 @@ def train_round(
                 steps += 1
                 continue
             batch = tuple(t.to(device, non_blocking=True) for t in batch)
-            pick = torch.randint(len(platform_rows), (cfg.num_negatives,), generator=neg_gen)
-            negatives = platform_rows[pick.to(device)]
-            with autocast:
-                loss = interest_loss(model, batch, item_emb, prior_index, category_mask, negatives, cfg)
-            loss.backward()
+            size = batch[0].shape[0]
+            if adapted:
+                pick = torch.randint(len(platform_rows), (size, cfg.tower_negatives), generator=neg_gen)
+                negatives = platform_rows[pick.to(device)]
+                with autocast:
+                    loss = adapted_interest_loss(model, batch, item_tokens, prior_index, category_mask, negatives, cfg)
+                loss.backward()
+                if engine is not None:
+                    fold_grad_samples(model, size)
+            else:
+                pick = torch.randint(len(platform_rows), (cfg.num_negatives,), generator=neg_gen)
+                negatives = platform_rows[pick.to(device)]
+                with autocast:
+                    loss = interest_loss(model, batch, item_emb, prior_index, category_mask, negatives, cfg)
+                loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
             examples += batch[0].shape[0]

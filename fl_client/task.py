@@ -19,7 +19,7 @@ from shared_model.config import RunConfig
 from shared_model.dataset import list_silos, load_catalogue, load_silo
 from shared_model.encoder import shared_tokenizer
 from shared_model.examples import eval_examples, train_user_ids, training_example
-from shared_model.item_index import ItemIndex, build_item_index
+from shared_model.item_index import ItemIndex, ItemTokens, build_item_index, tokenize_items
 from shared_model.schema import Catalogue, Example, Silo
 from shared_model.serialize import history_text
 
@@ -67,6 +67,12 @@ def cached_item_index(dataset_dir: Path, base_model: str, max_tokens: int) -> It
     return build_item_index(cached_catalogue(dataset_dir), base_model or None, max_tokens)
 
 
+@lru_cache(maxsize=2)
+def cached_item_tokens(dataset_dir: Path, base_model: str, max_tokens: int) -> ItemTokens:
+    index = cached_item_index(dataset_dir, base_model, max_tokens)
+    return tokenize_items(cached_catalogue(dataset_dir), index.item_ids, base_model or None, max_tokens)
+
+
 @dataclass
 class SiloData:
     """Everything a silo trains and evaluates on (its own data plus public data)."""
@@ -78,10 +84,20 @@ class SiloData:
     categories: list[str]
     item_prior_index: torch.Tensor  # per item row: its category index, len(categories) if none
     category_mask: torch.Tensor  # [C] bool: the categories of this silo's platform
+    dataset_dir: Path | None = None
+    base_model: str = ""
+    max_item_tokens: int = 32
 
     @property
     def platform(self) -> str:
         return self.silo.platform
+
+    @property
+    def item_tokens(self) -> ItemTokens:
+        """The catalogue tokenised for the adapted item tower (once per process)."""
+        if self.dataset_dir is None:
+            raise ValueError(f"silo {self.name}: no dataset folder to tokenise the catalogue from")
+        return cached_item_tokens(self.dataset_dir, self.base_model, self.max_item_tokens)
 
 
 def open_silo(cfg: RunConfig, node_config: dict[str, Any]) -> SiloData:
@@ -99,6 +115,9 @@ def open_silo(cfg: RunConfig, node_config: dict[str, Any]) -> SiloData:
         categories=categories,
         item_prior_index=prior_index(catalogue, items, categories),
         category_mask=platform_category_mask(catalogue, categories, silo.platform),
+        dataset_dir=dataset_dir,
+        base_model=cfg.base_model,
+        max_item_tokens=cfg.max_item_tokens,
     )
 
 

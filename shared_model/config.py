@@ -24,6 +24,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: ``frozen``: base-encoder item embeddings, cached once per base model (shared_model.item_index);
+#: ``adapted``: items re-encoded by the LoRA encoder inside each example's forward.
+ITEM_TOWERS = ("frozen", "adapted")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Typed view of the Flower run config (``context.run_config``)."""
@@ -46,6 +51,7 @@ class RunConfig:
     # heads and loss
     item_tower: str = "frozen"
     num_negatives: int = 255
+    tower_negatives: int = 15
     logit_scale: float = 20.0
     category_prior_weight: float = 1.0
     item_loss_weight: float = 1.0
@@ -69,7 +75,14 @@ class RunConfig:
     # evaluation
     max_eval_users: int = 256
     eval_batch_size: int = 64
+    eval_candidates: int = 1000
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.item_tower not in ITEM_TOWERS:
+            raise ValueError(f"config item-tower = {self.item_tower!r}: expected one of {', '.join(ITEM_TOWERS)}")
+        if self.item_tower == "adapted" and self.tower_negatives < 1:
+            raise ValueError(f"config tower-negatives = {self.tower_negatives}: the adapted tower needs at least 1")
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> "RunConfig":

@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,55 @@ def encode_texts(
         hidden = enc(**batch).last_hidden_state
         out[idx] = F.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
     return out
+
+
+@dataclass
+class ItemTokens:
+    """The catalogue's item texts tokenised once (``[N, L]`` ids and mask, ItemIndex row order):
+    the input of the adapted item tower, which re-encodes items with the LoRA encoder."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+    def take(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and mask of ``rows`` (any shape), trimmed to their longest item."""
+        mask = self.mask[rows]
+        width = max(int(mask.sum(-1).max()) if mask.numel() else 1, 1)
+        return self.ids[rows][..., :width], mask[..., :width]
+
+
+def tokenize_items(catalogue: Catalogue, item_ids: list[str], base_model: str | None, max_tokens: int) -> ItemTokens:
+    """Tokenise every item's catalogue text as :func:`encode_texts` does (right-truncated)."""
+    tok = load_tokenizer(base_model)
+    tok.truncation_side = "right"
+    texts = [event_text(catalogue.items[i], DEFAULT_EVENT_TYPE) for i in item_ids]
+    batch = tok(texts, padding="max_length", truncation=True, max_length=max_tokens, return_tensors="pt")
+    return ItemTokens(batch["input_ids"], batch["attention_mask"])
+
+
+@torch.inference_mode()
+def embed_items(
+    embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    tokens: ItemTokens,
+    rows: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> torch.Tensor:
+    """``[len(rows), H]`` unit item vectors by ``embed`` (e.g. :meth:`InterestModel.embed`,
+    the adapted tower), batched shortest-first; returned on the CPU in ``rows`` order."""
+    lengths = tokens.mask[rows].sum(-1)
+    order = torch.argsort(lengths).tolist()
+    out: torch.Tensor | None = None
+    starts = range(0, len(order), batch_size)
+    for s in tqdm(starts, desc="embedding catalogue (adapted tower)", unit="batch", disable=not progress):
+        idx = order[s : s + batch_size]
+        ids, mask = tokens.take(rows[idx])
+        vec = embed(ids.to(device), mask.to(device)).float().cpu()
+        if out is None:
+            out = torch.empty(len(rows), vec.shape[-1])
+        out[idx] = vec
+    return out if out is not None else torch.zeros(0, 0)
 
 
 def build_item_index(

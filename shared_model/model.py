@@ -53,6 +53,37 @@ class InterestModel(nn.Module):
         h = self.pooled(input_ids, attention_mask)
         return F.normalize(h, dim=-1), self.category_head(h)
 
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unit vectors of texts by the adapted encoder (the item tower of ``item-tower = adapted``)."""
+        return F.normalize(self.pooled(input_ids, attention_mask), dim=-1)
+
+    def forward_with_items(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        item_ids: torch.Tensor,
+        item_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """User vectors, category logits and the example's own items, in ONE encoder call.
+
+        ``item_ids``/``item_mask``: ``[B, M, L_i]`` — example b's M candidate items (its
+        target and its negatives). History and items are stacked example-major into
+        ``B·(1+M)`` rows, so every row of the encoder call belongs to exactly one example and
+        Opacus' per-row gradients can be summed back per example
+        (:func:`fl_client.dp_train.fold_grad_samples`). Returns ``([B, H], [B, C], [B, M, H])``.
+        """
+        b, m, li = item_ids.shape
+        width = max(input_ids.shape[1], li)
+        hist = F.pad(input_ids, (0, width - input_ids.shape[1])).unsqueeze(1)
+        hist_mask = F.pad(attention_mask, (0, width - attention_mask.shape[1])).unsqueeze(1)
+        items = F.pad(item_ids, (0, width - li))
+        items_mask = F.pad(item_mask, (0, width - li))
+        rows = torch.cat([hist, items], dim=1).reshape(b * (1 + m), width)
+        rows_mask = torch.cat([hist_mask, items_mask], dim=1).reshape(b * (1 + m), width)
+        pooled = self.pooled(rows, rows_mask).view(b, 1 + m, -1)
+        h = pooled[:, 0]
+        return F.normalize(h, dim=-1), self.category_head(h), F.normalize(pooled[:, 1:], dim=-1)
+
 
 def mask_to_platform(category_logits: torch.Tensor, platform_mask: torch.Tensor) -> torch.Tensor:
     """Restrict next-interest logits to the categories of the target platform.

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from fl_client.dp_train import interest_loss
+from fl_client.dp_train import adapted_interest_loss, interest_loss
 from fl_client.task import TrainUsers, collate, open_silo
 from shared_model.adapters import save_checkpoint
 from shared_model.config import RunConfig
@@ -90,9 +90,13 @@ def train_centralised(cfg: RunConfig, out: Path, progress: Any = None) -> Path:
             batch = next(iters[s])
         data = datas[s]
         rows = platform_rows[data.platform]
-        negatives = rows[torch.randint(len(rows), (cfg.num_negatives,), generator=neg_gen)]
         optimizer.zero_grad(set_to_none=True)
-        loss = interest_loss(model, batch, item_emb, prior, data.category_mask, negatives, cfg)
+        if cfg.item_tower == "adapted":
+            negatives = rows[torch.randint(len(rows), (len(batch[2]), cfg.tower_negatives), generator=neg_gen)]
+            loss = adapted_interest_loss(model, batch, data.item_tokens, prior, data.category_mask, negatives, cfg)
+        else:
+            negatives = rows[torch.randint(len(rows), (cfg.num_negatives,), generator=neg_gen)]
+            loss = interest_loss(model, batch, item_emb, prior, data.category_mask, negatives, cfg)
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))

@@ -38,6 +38,7 @@ from fl_server.audit.one_run import epsilon_lower_bound
 from shared_model.adapters import get_trainable_state, set_trainable_state
 from shared_model.config import RunConfig
 from shared_model.examples import train_user_ids, training_example
+from shared_model.item_index import embed_items
 from shared_model.model import InterestModel, build_model, item_scores
 from shared_model.schema import Event, Silo
 
@@ -119,7 +120,11 @@ def canary_scores(model: InterestModel, data: SiloData, cfg: RunConfig, users: l
     input_ids, mask, rows, _ = batch
     user, cat_logits = model(input_ids, mask)
     platform_rows = data.items.platform_rows(data.platform)
-    scores = item_scores(user, cat_logits, data.items.embeddings[platform_rows], data.item_prior_index[platform_rows],
+    if cfg.item_tower == "adapted":
+        item_vectors = embed_items(model.embed, data.item_tokens, platform_rows, input_ids.device)
+    else:
+        item_vectors = data.items.embeddings[platform_rows]
+    scores = item_scores(user, cat_logits, item_vectors, data.item_prior_index[platform_rows],
                          cfg.logit_scale, cfg.category_prior_weight)
     logp = torch.log_softmax(scores.float(), dim=1)
     position = {int(r): i for i, r in enumerate(platform_rows.tolist())}
