@@ -42,8 +42,8 @@ def interest_loss(
     constants, so sharing them couples no two examples); a negative equal to the target
     is masked.
     """
-    input_ids, mask, rows, cats = batch
-    user, cat_logits = model(input_ids, mask)
+    input_ids, mask, rows, cats, feats = batch
+    user, cat_logits = model(input_ids, mask, feats)
     cat_logits = mask_to_platform(cat_logits, category_mask)
     pos = own_item_scores(user, cat_logits, item_emb[rows], prior_index[rows], cfg.logit_scale, cfg.category_prior_weight)
     neg = item_scores(user, cat_logits, item_emb[negatives], prior_index[negatives], cfg.logit_scale, cfg.category_prior_weight)
@@ -63,11 +63,11 @@ def adapted_interest_loss(
     """Adapted item tower: the same loss, with example b's target and its own negatives
     ``negatives[b]`` (``[B, K]`` public platform rows) encoded by the LoRA encoder in b's
     rows of one encoder call (:meth:`InterestModel.forward_with_items`)."""
-    input_ids, mask, rows, cats = batch
+    input_ids, mask, rows, cats, feats = batch
     cand_rows = torch.cat([rows.unsqueeze(1), negatives], dim=1)  # [B, 1+K]
     item_ids, item_mask = item_tokens.take(cand_rows.cpu())
     inner = getattr(model, "_module", model)  # Opacus' GradSampleModule: hooks sit on the submodules
-    user, cat_logits, items = inner.forward_with_items(input_ids, mask, item_ids.to(input_ids.device), item_mask.to(input_ids.device))
+    user, cat_logits, items = inner.forward_with_items(input_ids, mask, feats, item_ids.to(input_ids.device), item_mask.to(input_ids.device))
     cat_logits = mask_to_platform(cat_logits, category_mask)
     prior = category_prior(cat_logits).gather(1, prior_index[cand_rows])  # [B, 1+K]
     scores = cfg.logit_scale * (items * user.unsqueeze(1)).sum(-1).float() + cfg.category_prior_weight * prior
@@ -120,6 +120,17 @@ class RoundResult:
     history: list[tuple[float, float, int]] = field(default_factory=list)
 
 
+def parameter_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict[str, object]]:
+    """AdamW groups: θ of the history features at ``history-learning-rate``, the rest
+    (LoRA, category head) at ``learning-rate``."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    history = [p for n, p in named if n.startswith("history_head.")]
+    groups: list[dict[str, object]] = [{"params": [p for n, p in named if not n.startswith("history_head.")]}]
+    if history:
+        groups.append({"params": history, "lr": cfg.history_learning_rate})
+    return groups
+
+
 def pick_device(cfg: RunConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -144,11 +155,11 @@ def train_round(
         dataset,
         batch_size=min(cfg.batch_size, len(dataset)),
         shuffle=not cfg.dp,
-        collate_fn=lambda b: collate(b, pad_id),
+        collate_fn=lambda b: collate(b, pad_id, len(data.categories)),
         pin_memory=device.type == "cuda",
     )
     model.to(device).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.learning_rate)
     engine = None
     if cfg.dp:
         engine = PrivacyEngine(accountant=cfg.accountant)

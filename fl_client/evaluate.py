@@ -81,8 +81,8 @@ def evaluate_silo(
     migrating: list[bool] = []
     for s in range(0, len(examples), cfg.eval_batch_size):
         chunk = examples[s : s + cfg.eval_batch_size]
-        input_ids, mask, target_rows, cats = collate([encode(ex) for ex in chunk], pad_id)
-        user, cat_logits = model(input_ids.to(device), mask.to(device))
+        input_ids, mask, target_rows, cats, feats = collate([encode(ex) for ex in chunk], pad_id)
+        user, cat_logits = model(input_ids.to(device), mask.to(device), feats.to(device))
         cat_logits = mask_to_platform(cat_logits, category_mask)
         scores = item_scores(user, cat_logits, cand, cand_prior, cfg.logit_scale, cfg.category_prior_weight).cpu()
         if adapted:  # column 0: each user's own target, encoded by the same adapted tower

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from shared_model.config import RunConfig
 from shared_model.dataset import list_silos, load_catalogue, load_silo
 from shared_model.encoder import shared_tokenizer
+from shared_model.interest_features import FEATURES, history_features
 from shared_model.examples import eval_examples, train_user_ids, training_example
 from shared_model.item_index import ItemIndex, ItemTokens, build_item_index, tokenize_items
 from shared_model.schema import Catalogue, Example, Silo
@@ -136,7 +137,7 @@ def prior_index(catalogue: Catalogue, items: ItemIndex, categories: list[str]) -
 
 
 class Encoder:
-    """Example → (input ids, target item row, target category index)."""
+    """Example → (input ids, target item row, target category index, history features ``[C, F]``)."""
 
     def __init__(self, data: SiloData, cfg: RunConfig):
         self.data = data
@@ -145,12 +146,13 @@ class Encoder:
         self.category_index = {c: i for i, c in enumerate(data.categories)}
         self._count = lru_cache(maxsize=65536)(lambda s: len(self.tokenizer.tokenize(s)))
 
-    def __call__(self, ex: Example) -> tuple[torch.Tensor, int, int]:
+    def __call__(self, ex: Example) -> tuple[torch.Tensor, int, int, torch.Tensor]:
         budget = self.cfg.max_seq_len - 2  # [CLS] and [SEP]
         text = history_text(ex.history, self.data.catalogue, max_tokens=budget, count_tokens=self._count)
         ids = self.tokenizer(text, truncation=True, max_length=self.cfg.max_seq_len)["input_ids"]
         cat = self.category_index.get(ex.target_category, IGNORE_INDEX) if ex.target_category else IGNORE_INDEX
-        return torch.tensor(ids, dtype=torch.long), self.data.items.row[ex.target.item_id], cat
+        feats = history_features(ex.history, self.data.catalogue, self.category_index, self.cfg.migration_k)
+        return torch.tensor(ids, dtype=torch.long), self.data.items.row[ex.target.item_id], cat, feats
 
 
 class TrainUsers(Dataset):
@@ -166,25 +168,28 @@ class TrainUsers(Dataset):
     def __len__(self) -> int:
         return len(self.users)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, torch.Tensor]:
         ex = training_example(self.data.silo, self.data.catalogue, self.users[i], rng=self.rng, k=self.k)
         return self.encode(ex)
 
 
-def collate(batch: list[tuple[torch.Tensor, int, int]], pad_id: int = 0) -> tuple[torch.Tensor, ...]:
-    """Pad to the longest history in the batch → (input_ids, attention_mask, item_rows, categories)."""
+def collate(batch: list[tuple[torch.Tensor, int, int, torch.Tensor]], pad_id: int = 0, num_categories: int = 0) -> tuple[torch.Tensor, ...]:
+    """Pad to the longest history in the batch →
+    (input_ids, attention_mask, item_rows, categories, history features ``[B, C, F]``)."""
     if not batch:
         empty = torch.zeros((0, 1), dtype=torch.long)
-        return empty, empty, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-    longest = max(len(ids) for ids, _, _ in batch)
+        feats = torch.zeros((0, num_categories, len(FEATURES)))
+        return empty, empty, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), feats
+    longest = max(len(b[0]) for b in batch)
     input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), longest), dtype=torch.long)
-    for r, (ids, _, _) in enumerate(batch):
-        input_ids[r, : len(ids)] = ids
-        mask[r, : len(ids)] = 1
+    for r, b in enumerate(batch):
+        input_ids[r, : len(b[0])] = b[0]
+        mask[r, : len(b[0])] = 1
     rows = torch.tensor([b[1] for b in batch], dtype=torch.long)
     cats = torch.tensor([b[2] for b in batch], dtype=torch.long)
-    return input_ids, mask, rows, cats
+    feats = torch.stack([b[3] for b in batch])
+    return input_ids, mask, rows, cats, feats
 
 
 def evaluation_examples(data: SiloData, cfg: RunConfig, split: str = "valid") -> list[Example]:

@@ -24,6 +24,7 @@ from shared_model.config import RunConfig
 from shared_model.model import InterestModel, build_model
 
 HEADS_FILE = "heads.safetensors"
+HEAD_MODULES = ("category_head", "history_head")  # the non-LoRA trainable modules
 META_FILE = "fedshift.json"
 
 
@@ -78,8 +79,10 @@ def save_checkpoint(
         model = _unwrap(model)  # type: ignore[assignment]
         model.encoder.save_pretrained(str(tmp))
         heads = {
-            f"category_head.{k}": v.detach().cpu().contiguous()
-            for k, v in model.category_head.state_dict().items()
+            f"{name}.{k}": v.detach().cpu().contiguous()
+            for name in HEAD_MODULES
+            if getattr(model, name) is not None
+            for k, v in getattr(model, name).state_dict().items()
         }
         save_file(heads, str(tmp / HEADS_FILE))
         (tmp / META_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
@@ -112,5 +115,13 @@ def load_checkpoint(folder: str | os.PathLike[str], base_model: str | None = Non
     adapter = load_file(str(folder / "adapter_model.safetensors"))
     set_peft_model_state_dict(model.encoder, adapter)
     heads = load_file(str(folder / HEADS_FILE))
-    model.category_head.load_state_dict({k.split(".", 1)[1]: v for k, v in heads.items() if k.startswith("category_head.")})
+    for name in HEAD_MODULES:
+        module = getattr(model, name)
+        saved = {k.split(".", 1)[1]: v for k, v in heads.items() if k.startswith(name + ".")}
+        if module is None and saved:
+            raise ValueError(f"{folder / HEADS_FILE}: has {name} but config.history-features is off")
+        if module is not None:
+            if not saved:
+                raise ValueError(f"{folder / HEADS_FILE}: missing {name} (config.history-features is on)")
+            module.load_state_dict(saved)
     return model.eval(), meta

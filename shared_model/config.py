@@ -56,9 +56,11 @@ class RunConfig:
     category_prior_weight: float = 1.0
     item_loss_weight: float = 1.0
     category_loss_weight: float = 1.0
+    history_features: bool = True
     migration_k: int = 5
     # optimisation
     learning_rate: float = 3e-3
+    history_learning_rate: float = 0.1
     local_steps: int = 8
     batch_size: int = 32
     # differential privacy

@@ -22,6 +22,7 @@ from torch import nn
 
 from shared_model.config import RunConfig
 from shared_model.encoder import load_encoder, mean_pool
+from shared_model.interest_features import FEATURES
 
 
 def lora_config(cfg: RunConfig) -> LoraConfig:
@@ -36,22 +37,35 @@ def lora_config(cfg: RunConfig) -> LoraConfig:
 
 
 class InterestModel(nn.Module):
-    """User tower + category head. ``forward`` returns (unit user vector, category logits)."""
+    """User tower + next-interest head. ``forward`` returns (unit user vector, category logits).
 
-    def __init__(self, encoder: PeftModel, num_categories: int):
+    The next-interest logits are ``category_head(h)`` plus, with ``history-features`` on,
+    ``history_head(f)``: θ·f_c over the per-category features of the example's own history
+    (:mod:`shared_model.interest_features`, a conditional logit with 4 shared weights).
+    """
+
+    def __init__(self, encoder: PeftModel, num_categories: int, history_features: bool = True):
         super().__init__()
         self.encoder = encoder
         self.category_head = nn.Linear(encoder.config.hidden_size, num_categories)
+        self.history_head = nn.Linear(len(FEATURES), 1, bias=False) if history_features else None
+
+    def interest_logits(self, h: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """``[B, C]`` next-interest logits from user vectors ``h`` and history features ``[B, C, F]``."""
+        logits = self.category_head(h)
+        if self.history_head is not None:
+            logits = logits + self.history_head(features.to(logits.dtype)).squeeze(-1)
+        return logits
 
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
         return mean_pool(out.last_hidden_state, attention_mask)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, features: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.pooled(input_ids, attention_mask)
-        return F.normalize(h, dim=-1), self.category_head(h)
+        return F.normalize(h, dim=-1), self.interest_logits(h, features)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Unit vectors of texts by the adapted encoder (the item tower of ``item-tower = adapted``)."""
@@ -61,6 +75,7 @@ class InterestModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
+        features: torch.Tensor,
         item_ids: torch.Tensor,
         item_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -82,7 +97,7 @@ class InterestModel(nn.Module):
         rows_mask = torch.cat([hist_mask, items_mask], dim=1).reshape(b * (1 + m), width)
         pooled = self.pooled(rows, rows_mask).view(b, 1 + m, -1)
         h = pooled[:, 0]
-        return F.normalize(h, dim=-1), self.category_head(h), F.normalize(pooled[:, 1:], dim=-1)
+        return F.normalize(h, dim=-1), self.interest_logits(h, features), F.normalize(pooled[:, 1:], dim=-1)
 
 
 def mask_to_platform(category_logits: torch.Tensor, platform_mask: torch.Tensor) -> torch.Tensor:
@@ -148,8 +163,10 @@ def build_model(cfg: RunConfig, num_categories: int, seed: int | None = None) ->
     torch.manual_seed(cfg.seed if seed is None else seed)
     try:
         peft_encoder = get_peft_model(encoder, lora_config(cfg))
-        model = InterestModel(peft_encoder, num_categories)
+        model = InterestModel(peft_encoder, num_categories, cfg.history_features)
         nn.init.zeros_(model.category_head.bias)
+        if model.history_head is not None:  # starts as the plain head; θ is learnt
+            nn.init.zeros_(model.history_head.weight)
     finally:
         torch.random.set_rng_state(generator_state)
     return model

@@ -63,8 +63,7 @@ class Recommender:
         t0 = time.perf_counter()
         titles = [t for t in titles if t.strip()]
         events, cat, report = self.resolve(titles, platform)
-        ids = self.scorer.history_ids(events, cat)
-        scores, probs = self.scorer.score([ids], platform)
+        scores, probs = self.scorer.score([self.scorer.encode_history(events, cat)], platform)
         scores, probs = scores[0].clone(), probs[0]
         col = self.platform_col[platform]
         seen = [col[e.item_id] for e in events if e.item_id in col]

@@ -35,6 +35,7 @@ from shared_model.config import RunConfig
 from shared_model.dataset import load_catalogue
 from shared_model.encoder import resolve_base_model, shared_tokenizer
 from shared_model.item_index import ItemIndex, build_item_index, catalogue_hash, embed_items, tokenize_items
+from shared_model.interest_features import history_features
 from shared_model.model import InterestModel, item_scores, mask_to_platform
 from shared_model.schema import Catalogue, Event
 from shared_model.serialize import history_text
@@ -144,6 +145,7 @@ class Scorer:
         self.tokenizer = shared_tokenizer(self.cfg.base_model)
         self._count = lru_cache(maxsize=65536)(lambda s: len(self.tokenizer.tokenize(s)))
         cat_index = {c: i for i, c in enumerate(self.categories)}
+        self.category_index = cat_index
         self.prior_index = torch.tensor(
             [cat_index.get(self.catalogue.items[i].interest or "", len(self.categories)) for i in self.index.item_ids],
             dtype=torch.long)
@@ -200,24 +202,28 @@ class Scorer:
                                         self.prior_index[rows].to(self.device), mask.to(self.device))
         return self._platform[platform]
 
-    def history_ids(self, history: Sequence[Event], catalogue: Catalogue | None = None) -> list[int]:
-        """Token ids of a history, exactly as :class:`fl_client.task.Encoder` builds them."""
+    def encode_history(self, history: Sequence[Event], catalogue: Catalogue | None = None) -> tuple[list[int], torch.Tensor]:
+        """Token ids and ``[C, F]`` history features, exactly as :class:`fl_client.task.Encoder` builds them."""
         budget = self.cfg.max_seq_len - 2  # [CLS] and [SEP]
-        text = history_text(history, catalogue or self.catalogue, max_tokens=budget, count_tokens=self._count)
-        return self.tokenizer(text, truncation=True, max_length=self.cfg.max_seq_len)["input_ids"]
+        cat = catalogue or self.catalogue
+        text = history_text(history, cat, max_tokens=budget, count_tokens=self._count)
+        ids = self.tokenizer(text, truncation=True, max_length=self.cfg.max_seq_len)["input_ids"]
+        return ids, history_features(history, cat, self.category_index, self.cfg.migration_k)
 
     @torch.inference_mode()
-    def score(self, token_ids: Sequence[Sequence[int]], platform: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([B, N_p] item scores over the platform's catalogue order, [B, C] next-interest probabilities)``."""
+    def score(self, encoded: Sequence[tuple[Sequence[int], torch.Tensor]], platform: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B, N_p] item scores over the platform's catalogue order, [B, C] next-interest probabilities)``
+        for histories encoded by :meth:`encode_history`."""
         rows, cand, cand_prior, mask = self.platform_tensors(platform)
         pad = self.tokenizer.pad_token_id or 0
-        longest = max(len(t) for t in token_ids)
-        ids = torch.full((len(token_ids), longest), pad, dtype=torch.long)
-        att = torch.zeros((len(token_ids), longest), dtype=torch.long)
-        for r, t in enumerate(token_ids):
+        longest = max(len(t) for t, _ in encoded)
+        ids = torch.full((len(encoded), longest), pad, dtype=torch.long)
+        att = torch.zeros((len(encoded), longest), dtype=torch.long)
+        for r, (t, _) in enumerate(encoded):
             ids[r, : len(t)] = torch.as_tensor(t, dtype=torch.long)
             att[r, : len(t)] = 1
-        user, logits = self.model(ids.to(self.device), att.to(self.device))
+        feats = torch.stack([f for _, f in encoded]).to(self.device)
+        user, logits = self.model(ids.to(self.device), att.to(self.device), feats)
         logits = mask_to_platform(logits, mask)
         scores = item_scores(user, logits, cand, cand_prior, self.cfg.logit_scale, self.cfg.category_prior_weight)
         return scores.cpu(), torch.softmax(logits, -1).cpu()
@@ -227,7 +233,7 @@ class Scorer:
         bs = batch_size or self.cfg.eval_batch_size
         out_s, out_p = [], []
         for s in range(0, len(histories), bs):
-            sc, pr = self.score([self.history_ids(h) for h in histories[s : s + bs]], platform)
+            sc, pr = self.score([self.encode_history(h) for h in histories[s : s + bs]], platform)
             out_s.append(sc.numpy())
             out_p.append(pr.numpy())
         n = len(self.index.platform_rows(platform))

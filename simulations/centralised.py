@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from fl_client.dp_train import adapted_interest_loss, interest_loss
+from fl_client.dp_train import adapted_interest_loss, interest_loss, parameter_groups
 from fl_client.task import TrainUsers, collate, open_silo
 from shared_model.adapters import save_checkpoint
 from shared_model.config import RunConfig
@@ -57,7 +57,7 @@ def train_centralised(cfg: RunConfig, out: Path, progress: Any = None) -> Path:
     categories = datas[0].categories
     model = build_model(cfg, num_categories=len(categories))
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.learning_rate)
 
     loaders = []
     for i, data in enumerate(datas):
@@ -67,7 +67,7 @@ def train_centralised(cfg: RunConfig, out: Path, progress: Any = None) -> Path:
         pad = users.encode.tokenizer.pad_token_id or 0
         gen = torch.Generator().manual_seed(cfg.seed + i)
         loaders.append(DataLoader(users, batch_size=min(cfg.batch_size, len(users)), shuffle=True, generator=gen,
-                                  collate_fn=lambda b, pad=pad: collate(b, pad)))
+                                  collate_fn=lambda b, pad=pad: collate(b, pad, len(categories))))
     iters = [iter(dl) for dl in loaders]
     weights = [len(dl.dataset) for dl in loaders]  # type: ignore[arg-type]
     pick_rng = random.Random(cfg.seed)

@@ -117,8 +117,8 @@ def canary_scores(model: InterestModel, data: SiloData, cfg: RunConfig, users: l
     encode = Encoder(data, cfg)
     batch = collate([encode(training_example(data.silo, data.catalogue, u)) for u in users],
                     encode.tokenizer.pad_token_id or 0)
-    input_ids, mask, rows, _ = batch
-    user, cat_logits = model(input_ids, mask)
+    input_ids, mask, rows, _, feats = batch
+    user, cat_logits = model(input_ids, mask, feats)
     platform_rows = data.items.platform_rows(data.platform)
     if cfg.item_tower == "adapted":
         item_vectors = embed_items(model.embed, data.item_tokens, platform_rows, input_ids.device)
