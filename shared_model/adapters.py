@@ -102,15 +102,21 @@ def read_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def checkpoint_config(meta: dict[str, Any], base_model: str | None = None) -> RunConfig:
+    """The run config a checkpoint was trained with (``base_model`` overrides its encoder).
+
+    A checkpoint written before ``history-features`` existed has no such key and no θ."""
+    saved = {"history-features": False, **meta["config"]}
+    return RunConfig.from_run_config(saved if not base_model else {**saved, "base-model": base_model})
+
+
 def load_checkpoint(folder: str | os.PathLike[str], base_model: str | None = None) -> tuple[InterestModel, dict[str, Any]]:
     """Rebuild the model saved by :func:`save_checkpoint` (eval mode)."""
     from peft import set_peft_model_state_dict
 
     folder = Path(folder)
     meta = read_metadata(folder)
-    cfg = RunConfig.from_run_config(meta["config"])
-    if base_model is not None:
-        cfg = RunConfig.from_run_config({**meta["config"], "base-model": base_model})
+    cfg = checkpoint_config(meta, base_model)
     model = build_model(cfg, num_categories=len(meta["categories"]))
     adapter = load_file(str(folder / "adapter_model.safetensors"))
     set_peft_model_state_dict(model.encoder, adapter)

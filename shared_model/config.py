@@ -85,6 +85,9 @@ class RunConfig:
             raise ValueError(f"config item-tower = {self.item_tower!r}: expected one of {', '.join(ITEM_TOWERS)}")
         if self.item_tower == "adapted" and self.tower_negatives < 1:
             raise ValueError(f"config tower-negatives = {self.tower_negatives}: the adapted tower needs at least 1")
+        if self.item_tower == "adapted" and self.dp and self.grad_sample_mode == "ew":
+            raise ValueError("config item-tower = 'adapted' needs grad-sample-mode 'hooks' or 'functorch' "
+                             "(per-row gradients are summed per example; 'ew' has no per-row gradients)")
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> "RunConfig":

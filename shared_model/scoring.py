@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared_model.adapters import HEADS_FILE, META_FILE, load_checkpoint, read_metadata
+from shared_model.adapters import HEADS_FILE, META_FILE, checkpoint_config, load_checkpoint, read_metadata
 from shared_model.config import RunConfig
 from shared_model.dataset import load_catalogue
 from shared_model.encoder import resolve_base_model, shared_tokenizer
@@ -174,7 +174,7 @@ class Scorer:
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder / name}: missing checkpoint file")
         model, meta = load_checkpoint(folder, base_model)
-        cfg = RunConfig.from_run_config(meta["config"] | ({"base-model": base_model} if base_model else {}))
+        cfg = checkpoint_config(meta, base_model)
         t1 = time.perf_counter()
         dataset_dir = Path(dataset) if dataset else cfg.dataset_dir()
         if not dataset_dir.is_dir():

@@ -83,3 +83,15 @@ def test_checkpoint_round_trip_keeps_history_head(tmp_path: Path, small_dataset:
     a, b = get_trainable_state(model), get_trainable_state(loaded)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert any(k.startswith("history_head.") for k in a) == features
+
+
+def test_checkpoint_from_before_history_features_loads_without_theta(tmp_path: Path, small_dataset: Path, tiny_bert: Path) -> None:
+    from shared_model.adapters import load_checkpoint, save_checkpoint
+    from shared_model.config import RunConfig
+    from shared_model.model import build_model
+
+    cfg = RunConfig(dataset=str(small_dataset), base_model=str(tiny_bert), history_features=False)
+    old_config = {k: v for k, v in cfg.to_run_config().items() if k not in {"history-features", "history-learning-rate"}}
+    folder = save_checkpoint(build_model(cfg, 5), tmp_path / "old", {"categories": list("abcde"), "config": old_config})
+    loaded, _ = load_checkpoint(folder)
+    assert loaded.history_head is None

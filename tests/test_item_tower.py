@@ -124,3 +124,12 @@ def test_adapted_checkpoint_index_is_the_lora_encoder_and_matches_federated_eval
     u = per_user(ModelPredictor(scorer), cases, silo.platform, scorer.catalogue, scorer.categories)
     assert fed.candidates == len(data.items.platform_rows(data.platform))
     assert float(ndcgs(u["rank"]).mean()) == pytest.approx(fed.ndcg10, abs=1e-9)
+
+
+def test_bad_tower_settings_are_named() -> None:
+    with pytest.raises(ValueError, match="item-tower = 'shared'"):
+        RunConfig.from_run_config({"item-tower": "shared"})
+    with pytest.raises(ValueError, match="tower-negatives = 0"):
+        RunConfig.from_run_config({"item-tower": "adapted", "tower-negatives": 0})
+    with pytest.raises(ValueError, match="grad-sample-mode"):
+        RunConfig.from_run_config({"item-tower": "adapted", "grad-sample-mode": "ew"})
