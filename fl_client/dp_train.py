@@ -120,14 +120,22 @@ class RoundResult:
     history: list[tuple[float, float, int]] = field(default_factory=list)
 
 
+#: Few-coordinate head parameters that learn at ``head-learning-rate``: θ of the history
+#: features and the per-category biases (the class prior). With Adam a coordinate moves at
+#: most ≈ lr per step, so at ``learning-rate`` they could not leave their zero start within a
+#: DP run of a few dozen steps; they are a handful of coordinates, so the noise each one
+#: gets stays small next to the signal every example carries.
+FAST_PARAMETERS = ("history_head.weight", "category_head.bias")
+
+
 def parameter_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict[str, object]]:
-    """AdamW groups: θ of the history features at ``history-learning-rate``, the rest
-    (LoRA, category head) at ``learning-rate``."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    history = [p for n, p in named if n.startswith("history_head.")]
-    groups: list[dict[str, object]] = [{"params": [p for n, p in named if not n.startswith("history_head.")]}]
-    if history:
-        groups.append({"params": history, "lr": cfg.history_learning_rate})
+    """AdamW groups: :data:`FAST_PARAMETERS` at ``head-learning-rate``, the rest (LoRA,
+    the category head's weights) at ``learning-rate``."""
+    named = [(n.removeprefix("_module."), p) for n, p in model.named_parameters() if p.requires_grad]
+    fast = [p for n, p in named if n in FAST_PARAMETERS]
+    groups: list[dict[str, object]] = [{"params": [p for n, p in named if n not in FAST_PARAMETERS]}]
+    if fast:
+        groups.append({"params": fast, "lr": cfg.head_learning_rate})
     return groups
 
 

@@ -60,7 +60,7 @@ class RunConfig:
     migration_k: int = 5
     # optimisation
     learning_rate: float = 3e-3
-    history_learning_rate: float = 0.1
+    head_learning_rate: float = 0.1
     local_steps: int = 8
     batch_size: int = 32
     # differential privacy

@@ -319,6 +319,36 @@ def build_groups(catalogue: Any, silos: Mapping[str, Any], split: str, k: int, m
     return groups
 
 
+def build_cross_groups(catalogue: Any, silos: Mapping[str, Any], split: str, max_users: int,
+                       seed: int) -> dict[str, Group]:
+    """``A->B`` for every ordered pair of platforms: held-out users of B whose input is only
+    their earlier events on A (:func:`simulations.evaluation.cross_cases`), optionally a
+    seeded subset."""
+    from simulations.evaluation import cross_cases
+
+    rng = np.random.default_rng(seed + 1)
+    groups: dict[str, Group] = {}
+    for a in catalogue.platforms:
+        for b in catalogue.platforms:
+            if a == b:
+                continue
+            cases = cross_cases(catalogue, silos, a, b, split)
+            if max_users and len(cases) > max_users:
+                keep = sorted(rng.choice(len(cases), size=max_users, replace=False).tolist())
+                cases = [cases[i] for i in keep]
+            if cases:
+                groups[f"{a}->{b}"] = Group(f"{a}->{b}", cases, [""] * len(cases))
+    return groups
+
+
+def evaluate_cross(pred: Any, cross: Mapping[str, Group], catalogue: Any, k: int) -> dict[str, dict[str, np.ndarray]]:
+    """Per-user results of one predictor on each cross-platform group (ranked on the target platform)."""
+    from simulations.evaluation import per_user
+
+    categories = catalogue.interest_vocab()
+    return {g: per_user(pred, grp.cases, g.split("->")[1], catalogue, categories, k) for g, grp in cross.items()}
+
+
 class RoutedPredictor:
     """Local-only: each case is scored by the model of its own silo."""
 
@@ -356,7 +386,8 @@ def evaluate_method(pred: Any, groups: Mapping[str, Group], platforms: Sequence[
 
 
 def summarise_all(per: Mapping[str, dict[str, np.ndarray]], ref: Mapping[str, dict[str, np.ndarray]] | None,
-                  overall: bool, reps: int, seed: int) -> dict[str, dict[str, Any]]:
+                  overall: bool, reps: int, seed: int, cross: Mapping[str, dict[str, np.ndarray]] | None = None,
+                  ) -> dict[str, dict[str, Any]]:
     """Each group's metrics (and overall when asked) with paired intervals and Δ to the reference."""
     from simulations.evaluation import DIFFERENCE_METRICS, concat, group_seed, summarise
     from simulations.stats import paired_difference
@@ -366,9 +397,10 @@ def summarise_all(per: Mapping[str, dict[str, np.ndarray]], ref: Mapping[str, di
         groups["overall"] = concat(list(per.values()))
     elif overall and len(per) == 1:
         groups["overall"] = next(iter(per.values()))
+    groups.update(cross or {})
     out: dict[str, dict[str, Any]] = {}
     for g, u in groups.items():
-        est = {m: e.as_dict() for m, e in summarise(u, reps, group_seed(seed, g)).items()}
+        est = {m: e.as_dict() for m, e in summarise(u, reps, group_seed(seed, g), migration="->" not in g).items()}
         if ref is not None and g in ref:
             for m in ("ndcg10", "category-acc1"):
                 f = DIFFERENCE_METRICS[m]
@@ -463,6 +495,9 @@ def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = N
     from simulations.evaluation import concat
 
     ref_all["overall"] = concat([ref_per[p] for p in platforms if p in ref_per])
+    cross = build_cross_groups(catalogue, silos, preset.split, preset.max_users, preset.seed)
+    cross = {g: grp for g, grp in cross.items() if all(p in platforms for p in g.split("->"))}
+    ref_all.update(evaluate_cross(baselines[REFERENCE], cross, catalogue, k))
     results: dict[str, Any] = {}
     for n, m in enumerate(plan.methods, 1):
         t0 = time.time()
@@ -478,7 +513,14 @@ def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = N
                                                          base_model), m.name)
         per = ref_per if m.name == REFERENCE else evaluate_method(pred, groups, evals, catalogue, k)
         per = {p: u for p, u in per.items() if p in evals}
-        summary = summarise_all(per, None if m.name == REFERENCE else ref_all, m.eval_platforms is None, reps, seed)
+        # cross-platform groups: every method trained on both platforms' silos with one model
+        # (not local-only: a silo model never saw the other platform; not LOPO: it is its own transfer row)
+        per_cross = None
+        if m.family not in {"local-only", "lopo"}:
+            per_cross = ({g: ref_all[g] for g in cross} if m.name == REFERENCE
+                         else evaluate_cross(pred, cross, catalogue, k))
+        summary = summarise_all(per, None if m.name == REFERENCE else ref_all, m.eval_platforms is None, reps, seed,
+                                per_cross)
         spent = None
         if m.family in {"federated-dp", "lopo"}:
             spent = _spent_epsilon(out / "runs" / m.runs[0])
@@ -503,7 +545,7 @@ def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = N
         "seed": seed,
         "max-users": preset.max_users,
         "reference": REFERENCE,
-        "users": {g: len(v.cases) for g, v in groups.items()},
+        "users": {g: len(v.cases) for g, v in {**groups, **cross}.items()},
         "overrides": preset.overrides,
         "runs": {k_: {"silos": list(r.silos), "dp": r.dp, "epsilon": r.epsilon, "seconds": round(r.seconds, 1),
                       "estimate-seconds": round(r.estimate_s, 1)} for k_, r in plan.runs.items()},
@@ -632,10 +674,25 @@ def results_markdown(doc: Mapping[str, Any]) -> str:
     for name, entry in methods.items():
         eps, delta = _eps_cells(entry)
         for g, res in entry["groups"].items():
-            if g == "overall" or entry["family"] == "lopo":
+            if g == "overall" or "->" in g or entry["family"] == "lopo":
                 continue
             lines.append("| " + " | ".join([f"`{name}`", eps, delta, g, str(res["users"]),
                                              *(_cell(res["metrics"].get(m)) for m, _ in TABLE_METRICS)]) + " |")
+    cross_metrics = TABLE_METRICS[:4]
+    lines += ["", "**Table 3.** Cross-platform: held-out users of platform B whose input is only their earlier "
+              "events on platform A (`A->B`); next item ranked over B's catalogue, next interest among B's "
+              "categories. Methods that train one model on both platforms' silos (local-only and "
+              "leave-one-platform-out rows are elsewhere); Δ to the reference as in Table 1.", "",
+              "| method | ε | δ | group | users | " + " | ".join(h for _, h in cross_metrics) + " | Δ NDCG@10 |",
+              "|" + "---|" * (6 + len(cross_metrics))]
+    for name, entry in methods.items():
+        eps, delta = _eps_cells(entry)
+        for g, res in entry["groups"].items():
+            if "->" not in g:
+                continue
+            d = _cell(res["metrics"].get("delta-ndcg10"), signed=True) if name != doc["reference"] else "(reference)"
+            lines.append("| " + " | ".join([f"`{name}`", eps, delta, g, str(res["users"]),
+                                             *(_cell(res["metrics"].get(m)) for m, _ in cross_metrics), d]) + " |")
     lines += ["", "## Methods", "",
               "- baselines (`most-popular`, `category-markov`, `item-cooccurrence`): fitted on the train split of "
               "every silo, centrally (not private).",

@@ -58,7 +58,7 @@ def test_history_head_learns_under_dp(small_dataset: Path, tiny_bert: Path, cach
     train_round(model, data, cfg, privacy, seed=3, device=pick_device(cfg))
     theta = model.history_head.weight.detach()
     # Adam moves each coordinate by at most ≈ lr per step; θ moved at its own, larger rate
-    assert 0 < float(theta.abs().max()) <= cfg.history_learning_rate * cfg.local_steps * 1.01
+    assert 0 < float(theta.abs().max()) <= cfg.head_learning_rate * cfg.local_steps * 1.01
     assert float(theta.abs().max()) > 10 * cfg.learning_rate
 
     off = build_model(RunConfig.from_run_config({**cfg.to_run_config(), "history-features": False}), len(data.categories))
@@ -91,7 +91,7 @@ def test_checkpoint_from_before_history_features_loads_without_theta(tmp_path: P
     from shared_model.model import build_model
 
     cfg = RunConfig(dataset=str(small_dataset), base_model=str(tiny_bert), history_features=False)
-    old_config = {k: v for k, v in cfg.to_run_config().items() if k not in {"history-features", "history-learning-rate"}}
+    old_config = {k: v for k, v in cfg.to_run_config().items() if k not in {"history-features", "head-learning-rate"}}
     folder = save_checkpoint(build_model(cfg, 5), tmp_path / "old", {"categories": list("abcde"), "config": old_config})
     loaded, _ = load_checkpoint(folder)
     assert loaded.history_head is None
