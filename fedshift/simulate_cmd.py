@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -180,6 +181,7 @@ def simulate(args: argparse.Namespace) -> int:
     started = time.time()
     log_path = out / "flwr.log"
     status = "not started"
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         with open(log_path, "w", encoding="utf-8") as log, subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
@@ -200,6 +202,8 @@ def simulate(args: argparse.Namespace) -> int:
     finally:
         stop_local_superlink(flwr_home)
         shutil.rmtree(flwr_home, ignore_errors=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     wall = time.time() - started
     metrics = out / "metrics.json"
     ok = status == "finished:completed" and metrics.is_file()
@@ -209,6 +213,12 @@ def simulate(args: argparse.Namespace) -> int:
         return 0
     print("fedshift simulate: the run did not complete; see the log above and " + str(log_path), file=sys.stderr)
     return 1
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM/SIGHUP: unwind through ``finally`` so the local SuperLink, its simulation
+    process and Ray workers are stopped instead of orphaned."""
+    raise SystemExit(128 + signum)
 
 
 def _relay(stream: Any, log: Any, verbose: bool, started: float) -> None:

@@ -36,7 +36,8 @@ def test_trainable_state_is_exactly_lora_and_heads(small_dataset: Path, tiny_ber
     lora = {k for k in state if ".lora_" in k}
     heads = {k for k in state if k.startswith(("category_head.", "history_head."))}
     assert lora | heads == set(state)
-    assert state["history_head.weight"].shape == (1, 4)  # θ of the 4 history features
+    assert state["history_head.shared"].shape == (4,)  # θ of the 4 history features
+    assert state["history_head.per_category"].shape == (7, 4)  # δ per category
     # the same tensors peft would save, by count and size
     assert len(lora) == len(peft_state) == 2 * 2 * len(cfg.target_modules)  # 2 layers × A,B × modules
     assert sum(state[k].numel() for k in lora) == sum(v.numel() for v in peft_state.values())

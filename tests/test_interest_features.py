@@ -53,10 +53,14 @@ def test_history_head_learns_under_dp(small_dataset: Path, tiny_bert: Path, cach
                                      "local-steps": 4, "batch-size": 16})
     data = open_silo(cfg, {"partition-id": 0})
     model = build_model(cfg, num_categories=len(data.categories))
-    assert model.history_head is not None and float(model.history_head.weight.abs().sum()) == 0.0
+    assert model.history_head is not None
+    assert all(float(p.abs().sum()) == 0.0 for p in model.history_head.parameters())
     privacy = PrivacyState.calibrate(data.name, cfg, len(train_user_ids(data.silo)))
     train_round(model, data, cfg, privacy, seed=3, device=pick_device(cfg))
-    theta = model.history_head.weight.detach()
+    theta = model.history_head.shared.detach()
+    delta = model.history_head.per_category.detach()
+    # δ of the categories of other platforms gets no gradient (masked logits), only noise
+    assert float(delta.abs().max()) > 0
     # Adam moves each coordinate by at most ≈ lr per step; θ moved at its own, larger rate
     assert 0 < float(theta.abs().max()) <= cfg.head_learning_rate * cfg.local_steps * 1.01
     assert float(theta.abs().max()) > 10 * cfg.learning_rate

@@ -37,6 +37,13 @@ def _flower_processes() -> list[str]:
     return out
 
 
+def _cmd(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return ""
+
+
 def _simulate(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "fedshift.cli", "simulate", "--out", str(out), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
@@ -122,6 +129,78 @@ def test_lora_b_changes_and_checkpoint_loads_with_plain_peft(tiny_run: Path, tin
 
 def test_simulate_leaves_no_flower_process(tiny_run: Path) -> None:
     assert _flower_processes() == []
+
+
+def test_sigterm_stops_the_whole_simulation(tmp_path: Path, small_dataset: Path, tiny_bert: Path, cache_dir: Path) -> None:
+    """A `fedshift simulate` killed with SIGTERM (a scheduler, `timeout`, an operator) stops
+    its SuperLink, simulation process and Ray workers instead of orphaning them."""
+    import re
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "fedshift.cli", "simulate", "--out", str(tmp_path), "--dataset", str(small_dataset),
+           "--base-model", str(tiny_bert), "--rounds", "50", "--set", "local-steps=2", "--set", "batch-size=16",
+           "--set", "max-eval-users=8"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    family: list[psutil.Process] = []
+    try:
+
+        def ours() -> list[psutil.Process]:
+            """Processes of this run: FLWR_HOME (from `flwr run`'s environment) in the command line,
+            and their descendants (Ray's workers)."""
+            found = []
+            for p in psutil.process_iter(["cmdline"]):
+                if home and home in " ".join(p.info["cmdline"] or []):
+                    found.append(p)
+                    try:
+                        found += p.children(recursive=True)
+                    except psutil.NoSuchProcess:
+                        pass
+            return found
+
+        home = None
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    home = home or child.environ().get("FLWR_HOME")
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            if home and any("flwr-simulation" in _cmd(p) for p in ours()):
+                break
+            time.sleep(1)
+        if not (home and re.search(r"fedshift-flwr-", home)):
+            proc.kill()
+            pytest.fail("the simulation process never started")
+        for _ in range(120):  # until Ray has started its workers
+            family = ours()
+            if any("ray::" in _cmd(c) for c in family):
+                break
+            time.sleep(1)
+        assert any("ray::" in _cmd(c) for c in family), [_cmd(c) for c in family]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+        time.sleep(2)
+
+        def alive(p: psutil.Process) -> bool:
+            try:
+                return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return False
+
+        assert [_cmd(p) for p in family if alive(p)] == []
+        left = [" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline", "status"])
+                if p.info["status"] != psutil.STATUS_ZOMBIE and home in " ".join(p.info["cmdline"] or [])]
+        assert left == []
+    finally:  # never leave a 50-round simulation behind, whatever failed
+        rest = list(family)
+        if proc.poll() is None:
+            rest += psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+        for p in rest:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
 
 
 def test_real_bundled_encoder_short_run(tmp_path: Path, small_dataset: Path, cache_dir: Path) -> None:
