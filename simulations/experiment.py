@@ -101,13 +101,13 @@ EXPERIMENT_PRESETS: dict[str, ExperimentPreset] = {
     ),
     "paper": ExperimentPreset(
         name="paper",
-        summary="bundled Amazon arts/office data, bundled all-MiniLM-L6-v2; the quick training budget",
-        overrides={"num-server-rounds": 3, "local-steps": 8, "batch-size": 32, "max-seq-len": 64,
+        summary="bundled Amazon arts/office data, bundled all-MiniLM-L6-v2; 3 rounds × 16 DP-SGD steps per silo",
+        overrides={"num-server-rounds": 3, "local-steps": 16, "batch-size": 32, "max-seq-len": 64,
                    "max-eval-users": 128},
         epsilons=(1.0, 4.0, 8.0),
         local_epsilon=8.0,
         bootstrap=1000,
-        subsampling=("training budget subsampled to fit 60 min on 2 CPU cores: 3 rounds × 8 DP-SGD steps "
+        subsampling=("training budget subsampled to fit 60 min on 2 CPU cores: 3 rounds × 16 DP-SGD steps "
                      "× batch 32 per silo (Poisson-sampled users, one random history cut per user and "
                      "step), histories truncated to 64 tokens, per-round validation on ≤128 users per "
                      "silo; the test table uses every held-out test user"),
