@@ -60,6 +60,13 @@ def test_csv_rows_have_epsilon_delta_and_finite_intervals(smoke: Path) -> None:
     assert ("local-only-eps8", "overall") in groups and ("centralised-nonprivate", "p1") in groups
     # leave-one-platform-out rows are evaluated only on the platform they never saw
     assert {g for m, g in groups if m == "lopo-p0-to-p1-eps8"} == {"p1"}
+    # cross-platform groups (history on one platform only → next item on the other) for every
+    # method with one model of both platforms, not for local-only or leave-one-platform-out
+    cross = {(m, g) for m, g in groups if "->" in g}
+    for m in ("most-popular", "category-markov", "federated-dp-eps8", "centralised-nonprivate"):
+        assert {(m, "p0->p1"), (m, "p1->p0")} <= cross, m
+    assert not any(m.startswith(("local-only", "lopo")) for m, _ in cross)
+    assert all(r["category-acc1-migrating"] == "" for r in rows if "->" in r["group"])  # no migration flag there
 
 
 def test_markdown_table(smoke: Path) -> None:
@@ -69,6 +76,9 @@ def test_markdown_table(smoke: Path) -> None:
     for m in EXPECTED:
         assert f"| `{m}` |" in text
     assert "| `lopo-p1-to-p0-eps8` | 8 (spent" in text and "| `centralised-nonprivate` | ∞ (non-private) | – |" in text
+    assert "**Table 3.** Cross-platform" in text
+    assert "| `federated-dp-eps8` | 8 (spent" in text.split("**Table 3.**")[1].split("## Methods")[0]
+    assert "| p0->p1 |" in text.split("**Table 3.**")[1]
 
 
 def test_runs_and_curves(smoke: Path) -> None:
