@@ -133,3 +133,13 @@ def test_bad_tower_settings_are_named() -> None:
         RunConfig.from_run_config({"item-tower": "adapted", "tower-negatives": 0})
     with pytest.raises(ValueError, match="grad-sample-mode"):
         RunConfig.from_run_config({"item-tower": "adapted", "grad-sample-mode": "ew"})
+
+
+def test_tower_benchmark_prints_both_towers(small_dataset: Path, tiny_bert: Path, cache_dir: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from simulations.bench_item_tower import main
+
+    assert main(["--steps", "1", "--negatives", "2", "--batch-size", "8", "--dataset", str(small_dataset),
+                 "--base-model", str(tiny_bert)]) == 0
+    out = capsys.readouterr().out
+    assert "item-tower frozen" in out and "item-tower adapted, K = 2" in out and "×" in out
