@@ -27,10 +27,10 @@ def seconds_per_step(overrides: dict[str, object], steps: int, silo: int) -> flo
     data = open_silo(cfg, {"partition-id": silo})
     if cfg.item_tower == "adapted":
         data.item_tokens  # tokenise the catalogue outside the timing
-    model = build_model(cfg, len(data.categories))
     privacy = PrivacyState.calibrate(data.name, cfg, len(train_user_ids(data.silo)))
     warm = RunConfig.from_run_config({**cfg.to_run_config(), "local-steps": 1})
-    train_round(model, data, warm, privacy, seed=0, device=pick_device(cfg))
+    train_round(build_model(cfg, len(data.categories)), data, warm, privacy, seed=0, device=pick_device(cfg))
+    model = build_model(cfg, len(data.categories))  # a fresh model per round, as a silo does
     t0 = time.perf_counter()
     result = train_round(model, data, cfg, privacy, seed=1, device=pick_device(cfg))
     return (time.perf_counter() - t0) / result.steps
