@@ -1,13 +1,16 @@
 """The interest-migration model: a LoRA-adapted BERT user tower with two heads.
 
 * user tower: peft LoRA on the base encoder, mean pooling → user vector ``h`` (dim H);
-* next-interest head: ``Linear(H, C)`` over the level-2 categories of the public catalogue;
+* next-interest head: ``Linear(H, C)`` over the level-2 categories of the public catalogue,
+  plus (``history-features``) :class:`HistoryFeatureHead`, a conditional logit over
+  per-category features of the user's own history;
 * next-item head: ``score(u, i) = s·cos(h, e_i) + w·log p(category(i) | u)`` — scaled cosine
-  against the frozen item tower (:mod:`shared_model.item_index`, same embedding space as
-  the base encoder) plus the next-interest head's log-probability of the item's category,
-  so the interest-migration prediction steers which items are recommended.
+  against the item tower plus the next-interest head's log-probability of the item's
+  category, so the interest-migration prediction steers which items are recommended. The
+  item tower is either frozen (:mod:`shared_model.item_index`, the base encoder's space) or
+  adapted (:meth:`InterestModel.forward_with_items`; see docs/item-tower.md).
 
-Only the LoRA matrices and the category head are trainable; they are exactly the tensors
+Only the LoRA matrices and the heads are trainable; they are exactly the tensors
 exchanged with the server (:mod:`shared_model.adapters`). A square projection head on the
 user vector was tried and dropped: under DP-SGD its 147k noisy coordinates wrecked the
 encoder's zero-shot geometry faster than 24 private steps could learn anything.
