@@ -29,13 +29,19 @@ Metrics, each with a 95% paired-bootstrap interval over users:
   category-acc1/-acc3   next interest: level-2 category in the top 1 / top 3
   ...-migrating         the same on users whose next category is not among their
                         last k categories (k = migration-k)
+  new-interest-acc1-migrating
+                        on those users: is the most probable category outside
+                        their last k categories the one they moved to ("where
+                        to", given that they move)
   migration-auc         ROC-AUC of the migration score (Jensen-Shannon divergence,
                         bits, between the predicted next-interest distribution and
                         the last k events' category distribution) against that flag
   migration-auc-mass    ROC-AUC of the predicted mass outside the last k categories
 
 Baselines (fitted on the train split only): most-popular (also the majority-class
-category predictor), category-markov, item-cooccurrence (centralised, non-private
+category predictor), category-markov, history-logit (the next-interest head's
+conditional logit over the same history features, fitted centrally and without
+noise: what that head could reach), item-cooccurrence (centralised, non-private
 upper reference).
 """
 

@@ -8,6 +8,11 @@ of that platform's silos) with their last event as target (:func:`shared_model.e
   against the target; HR@10, NDCG@10, MRR.
 * next interest: level-2 category accuracy@1 and @3, for all users and the migrating
   subset (flag as in :mod:`shared_model.examples`, k = ``migration-k``).
+* new interest: on migrating users, whether the most probable category *outside* the user's
+  last-k categories is the one they moved to (``new-interest-acc1-migrating``). The flag
+  says *whether* a user moves (scored by the AUC below); this says *where* they go, and is
+  the question a predictor that must commit to one arg-max for every user cannot answer
+  with ``category-acc1-migrating`` (it predicts a recent category and is wrong by definition).
 * migration detection: ROC-AUC of the migration score (:mod:`shared_model.migration`,
   JS divergence) against the flag, over users where the flag is defined; also of the
   predicted probability mass outside the recent categories (``migration-auc-mass``).
@@ -48,7 +53,7 @@ from simulations.stats import (
 )
 
 METRICS = ("hr10", "ndcg10", "mrr", "category-acc1", "category-acc3", "category-acc1-migrating",
-           "category-acc3-migrating", "migration-auc", "migration-auc-mass")
+           "category-acc3-migrating", "new-interest-acc1-migrating", "migration-auc", "migration-auc-mass")
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,7 @@ def per_user(predictor: Predictor, cases: Sequence[Case], platform: str, catalog
     acc3: list[np.ndarray] = []
     js: list[float] = []
     mass: list[float] = []
+    new1: list[float] = []
     for s in range(0, len(cases), batch_size):
         chunk = cases[s : s + batch_size]
         scores, probs = predictor.predict(chunk, platform)
@@ -129,10 +135,12 @@ def per_user(predictor: Predictor, cases: Sequence[Case], platform: str, catalog
             if q is None:
                 js.append(math.nan)
                 mass.append(math.nan)
+                new1.append(math.nan)
             else:
                 p = np.asarray(probs[r], dtype=np.float64)
                 js.append(float(js_divergence(p, q)))
                 mass.append(float(1.0 - p[q > 0].sum() / p.sum()))
+                new1.append(new_interest_hit(p, q, truth[r]))
     n = len(cases)
     return {
         "rank": np.asarray(ranks, dtype=np.int64),
@@ -142,7 +150,21 @@ def per_user(predictor: Predictor, cases: Sequence[Case], platform: str, catalog
         "defined": np.array([c.migration_defined for c in cases], dtype=bool),
         "js": np.asarray(js, dtype=np.float64).reshape(n),
         "mass": np.asarray(mass, dtype=np.float64).reshape(n),
+        "new1": np.asarray(new1, dtype=np.float64).reshape(n),
     }
+
+
+def new_interest_hit(probs: np.ndarray, recent: np.ndarray, truth: int) -> float:
+    """1.0 when the most probable category outside the recent ones (``recent > 0``) is ``truth``.
+
+    Categories with probability 0 (other platforms) are never picked; nan when the target
+    is unlabelled or every category with mass is recent."""
+    if truth < 0:
+        return math.nan
+    outside = np.where((recent > 0) | (probs <= 0), -np.inf, probs)
+    if not np.isfinite(outside).any():
+        return math.nan
+    return float(int(np.argmax(outside)) == truth)
 
 
 def concat(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -163,6 +185,7 @@ def summarise(u: dict[str, np.ndarray], reps: int, seed: int, migration: bool = 
         specs |= {
             "category-acc1-migrating": ("mean", u["acc1"] * mig),
             "category-acc3-migrating": ("mean", u["acc3"] * mig),
+            "new-interest-acc1-migrating": ("mean", u["new1"] * mig),
             "migration-auc": ("auc", (u["js"], u["migrating"], u["defined"])),
             "migration-auc-mass": ("auc", (u["mass"], u["migrating"], u["defined"])),
         }
@@ -175,7 +198,8 @@ def group_seed(seed: int, group: str) -> int:
 
 DIFFERENCE_METRICS = {"hr10": lambda u: hits(u["rank"], 10), "ndcg10": lambda u: ndcgs(u["rank"], 10),
                       "mrr": lambda u: reciprocal_ranks(u["rank"]), "category-acc1": lambda u: u["acc1"],
-                      "category-acc3": lambda u: u["acc3"]}
+                      "category-acc3": lambda u: u["acc3"],
+                      "new-interest-acc1-migrating": lambda u: u["new1"] * np.where(u["migrating"], 1.0, np.nan)}
 
 
 def differences(per: Mapping[str, Mapping[str, dict[str, np.ndarray]]], reference: str, reps: int,

@@ -53,10 +53,15 @@ import numpy as np
 from shared_model.io_utils import csv_bytes, write_bytes_atomic
 
 REFERENCE = "most-popular"
+#: The next-interest reference: every method's category metrics also get a paired Δ to it.
+INTEREST_REFERENCE = "category-markov"
+INTEREST_DELTAS = ("category-acc1", "category-acc3", "new-interest-acc1-migrating")
 TABLE_METRICS = (("hr10", "HR@10"), ("ndcg10", "NDCG@10"), ("mrr", "MRR"), ("category-acc1", "cat acc@1"),
-                 ("category-acc1-migrating", "cat acc@1 migrating"), ("migration-auc", "migration AUC"))
+                 ("category-acc3", "cat acc@3"), ("category-acc1-migrating", "cat acc@1 migrating"),
+                 ("new-interest-acc1-migrating", "new-interest acc@1 migrating"), ("migration-auc", "migration AUC"))
 ALL_METRICS = ("hr10", "ndcg10", "mrr", "category-acc1", "category-acc3", "category-acc1-migrating",
-               "category-acc3-migrating", "migration-auc", "migration-auc-mass")
+               "category-acc3-migrating", "new-interest-acc1-migrating", "migration-auc", "migration-auc-mass")
+DELTA_COLUMNS = ("delta-ndcg10", "delta-category-acc1", *(f"delta-markov-{m}" for m in INTEREST_DELTAS))
 
 
 @dataclass(frozen=True)
@@ -186,7 +191,8 @@ def make_plan(preset: ExperimentPreset, dataset: Path, base_model: str | None) -
     platforms = [p for p in catalogue.platforms if p in silos.values()]
     rounds, steps = _cfg(preset)
     runs: dict[str, TrainRun] = {}
-    methods: list[Method] = [Method(n, "baseline") for n in ("most-popular", "category-markov", "item-cooccurrence")]
+    methods: list[Method] = [Method(n, "baseline") for n in ("most-popular", "category-markov", "history-logit",
+                                                             "item-cooccurrence")]
 
     def fed_run(subset: Sequence[str], dp: bool, eps: float | None) -> str:
         subset = tuple(sorted(subset))
@@ -387,8 +393,9 @@ def evaluate_method(pred: Any, groups: Mapping[str, Group], platforms: Sequence[
 
 def summarise_all(per: Mapping[str, dict[str, np.ndarray]], ref: Mapping[str, dict[str, np.ndarray]] | None,
                   overall: bool, reps: int, seed: int, cross: Mapping[str, dict[str, np.ndarray]] | None = None,
-                  ) -> dict[str, dict[str, Any]]:
-    """Each group's metrics (and overall when asked) with paired intervals and Δ to the reference."""
+                  interest_ref: Mapping[str, dict[str, np.ndarray]] | None = None) -> dict[str, dict[str, Any]]:
+    """Each group's metrics (and overall when asked) with paired intervals, Δ to the reference
+    (``delta-*``) and, for the next-interest metrics, Δ to :data:`INTEREST_REFERENCE` (``delta-markov-*``)."""
     from simulations.evaluation import DIFFERENCE_METRICS, concat, group_seed, summarise
     from simulations.stats import paired_difference
 
@@ -405,6 +412,11 @@ def summarise_all(per: Mapping[str, dict[str, np.ndarray]], ref: Mapping[str, di
             for m in ("ndcg10", "category-acc1"):
                 f = DIFFERENCE_METRICS[m]
                 est[f"delta-{m}"] = paired_difference(f(u), f(ref[g]), reps, group_seed(seed, g)).as_dict()
+        if interest_ref is not None and g in interest_ref and "->" not in g:
+            for m in INTEREST_DELTAS:
+                f = DIFFERENCE_METRICS[m]
+                est[f"delta-markov-{m}"] = paired_difference(f(u), f(interest_ref[g]), reps,
+                                                             group_seed(seed, g)).as_dict()
         out[g] = {"users": int(len(u["rank"])), "metrics": est}
     return out
 
@@ -498,6 +510,8 @@ def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = N
     cross = build_cross_groups(catalogue, silos, preset.split, preset.max_users, preset.seed)
     cross = {g: grp for g, grp in cross.items() if all(p in platforms for p in g.split("->"))}
     ref_all.update(evaluate_cross(baselines[REFERENCE], cross, catalogue, k))
+    markov_per = evaluate_method(baselines[INTEREST_REFERENCE], groups, platforms, catalogue, k)
+    markov_all = {**markov_per, "overall": concat([markov_per[p] for p in platforms if p in markov_per])}
     results: dict[str, Any] = {}
     for n, m in enumerate(plan.methods, 1):
         t0 = time.time()
@@ -511,7 +525,8 @@ def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = N
         else:
             pred = ModelPredictor(Scorer.from_checkpoint(last_checkpoint(out / "runs" / m.runs[0]), dataset,
                                                          base_model), m.name)
-        per = ref_per if m.name == REFERENCE else evaluate_method(pred, groups, evals, catalogue, k)
+        per = (ref_per if m.name == REFERENCE else markov_per if m.name == INTEREST_REFERENCE
+               else evaluate_method(pred, groups, evals, catalogue, k))
         per = {p: u for p, u in per.items() if p in evals}
         # cross-platform groups: every method trained on both platforms' silos with one model
         # (not local-only: a silo model never saw the other platform; not LOPO: it is its own transfer row)
@@ -520,7 +535,7 @@ def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = N
             per_cross = ({g: ref_all[g] for g in cross} if m.name == REFERENCE
                          else evaluate_cross(pred, cross, catalogue, k))
         summary = summarise_all(per, None if m.name == REFERENCE else ref_all, m.eval_platforms is None, reps, seed,
-                                per_cross)
+                                per_cross, None if m.name == INTEREST_REFERENCE else markov_all)
         spent = None
         if m.family in {"federated-dp", "lopo"}:
             spent = _spent_epsilon(out / "runs" / m.runs[0])
@@ -554,8 +569,9 @@ def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = N
         "machine": machine_description(),
         "seconds": round(time.time() - started, 1),
     }
-    write_outputs(doc, out)
-    log(f"[{time.time() - started:6.0f} s] wrote {out / 'results.md'}, results.csv, results.json and 3 plots")
+    written = write_outputs(doc, out)
+    log(f"[{time.time() - started:6.0f} s] wrote {out / 'results.md'}, results.csv, results.json and "
+        f"{len(written)} plots ({', '.join(written)})")
     return doc
 
 
@@ -625,7 +641,7 @@ def results_rows(doc: Mapping[str, Any]) -> list[list[Any]]:
                               "inf" if entry["epsilon"] is None else entry["epsilon"],
                               "" if entry.get("epsilon-spent") is None else round(entry["epsilon-spent"], 6),
                               "" if entry["delta"] is None else entry["delta"]]
-            for m in (*ALL_METRICS, "delta-ndcg10", "delta-category-acc1"):
+            for m in (*ALL_METRICS, *DELTA_COLUMNS):
                 e = res["metrics"].get(m) or {}
                 lo, hi = (e.get("ci95") or [None, None])
                 row += [_num(e.get("value")), _num(lo), _num(hi), e.get("n", "")]
@@ -639,7 +655,7 @@ def _num(x: Any) -> Any:
 
 def csv_header() -> list[str]:
     head = ["method", "family", "trained-on", "group", "users", "epsilon", "epsilon-spent", "delta"]
-    for m in (*ALL_METRICS, "delta-ndcg10", "delta-category-acc1"):
+    for m in (*ALL_METRICS, *DELTA_COLUMNS):
         head += [m, f"{m}-ci95-low", f"{m}-ci95-high", f"{m}-n"]
     return head
 
@@ -668,6 +684,22 @@ def results_markdown(doc: Mapping[str, Any]) -> str:
                  *(_cell(res["metrics"].get(m)) for m, _ in TABLE_METRICS),
                  _cell(res["metrics"].get("delta-ndcg10"), signed=True) if name != doc["reference"] else "(reference)"]
         lines.append("| " + " | ".join(cells) + " |")
+    interest_head = ["cat acc@1", "cat acc@3", "new-interest acc@1 migrating"]
+    lines += ["", f"**Table 1b.** Next interest against `{INTEREST_REFERENCE}`: paired per-user difference "
+              "(method − Markov) with its 95 % interval, overall and per platform. A win holds only when the "
+              "interval excludes 0. *new-interest acc@1 migrating*: on users whose next category is not among "
+              "their last k, is the most probable category outside those k the one they moved to.", "",
+              "| method | ε | group | " + " | ".join(f"Δ {h}" for h in interest_head) + " |",
+              "|" + "---|" * (3 + len(interest_head))]
+    for name, entry in methods.items():
+        if name == INTEREST_REFERENCE:
+            continue
+        eps, _ = _eps_cells(entry)
+        for g, res in entry["groups"].items():
+            if "->" in g or not any(f"delta-markov-{m}" in res["metrics"] for m in INTEREST_DELTAS):
+                continue
+            lines.append("| " + " | ".join([f"`{name}`", eps, g, *(
+                _cell(res["metrics"].get(f"delta-markov-{m}"), signed=True) for m in INTEREST_DELTAS)]) + " |")
     lines += ["", "**Table 2.** The same per platform (methods evaluated on every platform).", "",
               "| method | ε | δ | platform | users | " + " | ".join(h for _, h in TABLE_METRICS) + " |",
               "|" + "---|" * (5 + len(TABLE_METRICS))]
@@ -694,8 +726,10 @@ def results_markdown(doc: Mapping[str, Any]) -> str:
             lines.append("| " + " | ".join([f"`{name}`", eps, delta, g, str(res["users"]),
                                              *(_cell(res["metrics"].get(m)) for m, _ in cross_metrics), d]) + " |")
     lines += ["", "## Methods", "",
-              "- baselines (`most-popular`, `category-markov`, `item-cooccurrence`): fitted on the train split of "
-              "every silo, centrally (not private).",
+              "- baselines (`most-popular`, `category-markov`, `history-logit`, `item-cooccurrence`): fitted on the "
+              "train split of every silo, centrally (not private). `history-logit` is the next-interest head's own "
+              "conditional logit over the history features, fitted without noise to convergence: the ceiling of "
+              "that head.",
               "- `federated-dp-eps*`: `fedshift simulate --epsilon ε` on every silo; the last round's checkpoint.",
               "- `federated-nonprivate`: `fedshift simulate --no-dp`, same config.",
               "- `local-only-eps*`: one `fedshift simulate` per silo on a dataset view holding only that silo, same ε "
@@ -710,17 +744,21 @@ def results_markdown(doc: Mapping[str, Any]) -> str:
         eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:g}"
         lines.append(f"| `{key}` | {', '.join(r['silos'])} | {'yes' if r['dp'] else 'no'} | {eps} | "
                      f"{r['seconds']:.0f} ({r['estimate-seconds']:.0f}) |")
-    lines += ["", "Plots: `ndcg-vs-epsilon.png`, `migrating-accuracy-vs-epsilon.png`, `metric-vs-round.png` "
+    lines += ["", "Plots: `ndcg-vs-epsilon.png`, `migrating-accuracy-vs-epsilon.png`, `new-interest-vs-epsilon.png`, "
+              "`metric-vs-round.png` "
               "(validation users, from each federated run's `metrics.json`).", ""]
     return "\n".join(lines)
 
 
-def write_outputs(doc: Mapping[str, Any], out: Path) -> None:
+def write_outputs(doc: Mapping[str, Any], out: Path) -> list[str]:
+    """Write results.json/.csv/.md and the plots (each atomically); returns the plots' names."""
     write_bytes_atomic(out / "results.json", json.dumps(doc, indent=2, default=str).encode())
     write_bytes_atomic(out / "results.csv", csv_bytes(csv_header(), results_rows(doc), compress=False))
     write_bytes_atomic(out / "results.md", results_markdown(doc).encode())
-    for name, data in plots(doc).items():
+    pngs = plots(doc)
+    for name, data in pngs.items():
         write_bytes_atomic(out / name, data)
+    return list(pngs)
 
 
 def plots(doc: Mapping[str, Any]) -> dict[str, bytes]:
@@ -742,7 +780,9 @@ def plots(doc: Mapping[str, Any]) -> dict[str, bytes]:
     methods = doc["methods"]
     for fname, metric, label in (("ndcg-vs-epsilon.png", "ndcg10", "NDCG@10"),
                                  ("migrating-accuracy-vs-epsilon.png", "category-acc1-migrating",
-                                  "next-category accuracy@1, migrating users")):
+                                  "next-category accuracy@1, migrating users"),
+                                 ("new-interest-vs-epsilon.png", "new-interest-acc1-migrating",
+                                  "new-interest accuracy@1, migrating users")):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         dp = sorted(((e["epsilon"], e["groups"]["overall"]["metrics"].get(metric)) for e in methods.values()
                      if e["family"] == "federated-dp" and "overall" in e["groups"]), key=lambda t: t[0])

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from shared_model.schema import Catalogue, Event, Item, Silo
-from simulations.baselines import CategoryMarkov, ItemCooccurrence, MostPopular, TrainStats
-from simulations.evaluation import cross_cases, evaluate, per_user, platform_cases
+from simulations.baselines import CategoryMarkov, HistoryLogit, ItemCooccurrence, MostPopular, TrainStats
+from simulations.evaluation import Case, cross_cases, evaluate, new_interest_hit, per_user, platform_cases
 
 
 def _ev(u: str, seq: list[tuple[str, int]]) -> list[Event]:
@@ -100,3 +100,56 @@ def test_paired_differences_to_reference(toy) -> None:
     d = res["differences"]["item-cooccurrence"]["p"]["mrr"]
     assert d["value"] == pytest.approx(1 / 2 - 1 / 3, abs=1e-6)  # rank 1 vs rank 2 (JSON rounds to 6 digits)
     assert d["ci95"] == pytest.approx([1 / 6, 1 / 6], abs=1e-6)
+
+
+def test_new_interest_hit_hand_computed() -> None:
+    probs = np.array([0.5, 0.3, 0.2, 0.0])
+    recent = np.array([1.0, 0.0, 0.0, 0.0])  # category 0 is recent: the best outside it is 1
+    assert new_interest_hit(probs, recent, 1) == 1.0
+    assert new_interest_hit(probs, recent, 2) == 0.0
+    assert new_interest_hit(probs, np.array([1.0, 1.0, 0.0, 0.0]), 2) == 1.0
+    assert np.isnan(new_interest_hit(probs, recent, -1))  # unlabelled target
+    assert np.isnan(new_interest_hit(probs, np.array([1.0, 1.0, 1.0, 0.0]), 3))  # no mass outside: no pick
+
+
+def test_new_interest_metric_on_a_migrating_user(toy) -> None:
+    cat, silos = toy
+    stats = TrainStats(cat, silos)
+    # history x, x; next y: migrating. Markov from x puts y first (x→y twice), so both metrics hit;
+    # most-popular's majority class is y as well, and outside the recent {x} its best is y too.
+    ev = _ev("m", [("p1", 0), ("p2", 2), ("p3", 4)])
+    case = Case("m", "p", "p", tuple(ev[:2]), ev[2], "y", True, True)
+    for pred in (CategoryMarkov(stats), MostPopular(stats)):
+        u = per_user(pred, [case], "p", cat, stats.categories)
+        assert u["acc1"].tolist() == [1.0] and u["new1"].tolist() == [1.0], pred.name
+    # a non-migrating user has a value too (the metric's summary keeps migrating users only)
+    keep = Case("k", "p", "p", tuple(ev[:2]), ev[1], "x", False, True)
+    u = per_user(CategoryMarkov(stats), [keep], "p", cat, stats.categories)
+    assert u["new1"].tolist() == [0.0]  # best outside {x} is y, the target is x
+
+
+def test_history_logit_learns_to_stay_in_the_last_category() -> None:
+    """Planted behaviour: every train user stays in one category. The fitted head must put the
+    user's own category first whatever the class frequencies (most-popular cannot)."""
+    items = {f"{c}{i}": Item(f"{c}{i}", "p", f"{c} item {i}", ("top", c)) for c in "abc" for i in range(4)}
+    cat = Catalogue(items)
+    hist, split = {}, {}
+    for u in range(30):
+        c = "a" if u < 20 else "b" if u < 27 else "c"  # a is the majority class
+        hist[f"u{u}"] = _ev(f"u{u}", [(f"{c}{(u + j) % 4}", j) for j in range(4)])
+        split[f"u{u}"] = "train"
+    silos = {"p-r0": Silo("p-r0", "p", split, hist)}
+    stats = TrainStats(cat, silos)
+    model = HistoryLogit(stats, silos, cuts=3)
+    assert model.examples == 30 * 3
+    assert float(model.shared.sum() + model.per_category.sum(0).mean()) > 1.0  # history features weigh
+    cases = [Case(f"t{c}", "p", "p", (Event(f"t{c}", f"{c}0", 0),), Event(f"t{c}", f"{c}1", 1), c, False, True)
+             for c in "abc"]
+    probs = model.distributions(cases, "p")
+    assert probs.sum(1) == pytest.approx([1.0, 1.0, 1.0])
+    assert probs.argmax(1).tolist() == [stats.cat_index[c] for c in "abc"]
+    assert MostPopular(stats).predict(cases, "p")[1].argmax(1).tolist() == [stats.cat_index["a"]] * 3
+    scores, _ = model.predict(cases, "p")
+    cols = stats.platform_cols["p"]
+    top = [stats.item_cat[cols[int(np.argmax(row))]] for row in scores]
+    assert top == [stats.cat_index[c] for c in "abc"]  # next item from the predicted category

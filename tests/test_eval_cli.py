@@ -59,7 +59,7 @@ def test_scorer_agrees_with_federated_evaluation(checkpoint: Path, small_dataset
 def test_evaluate_json(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--json", "--bootstrap", "20", "--max-users", "20"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert set(res["methods"]) == {"checkpoint", "most-popular", "category-markov", "item-cooccurrence"}
+    assert set(res["methods"]) == {"checkpoint", "most-popular", "category-markov", "history-logit", "item-cooccurrence"}
     groups = res["methods"]["checkpoint"]
     assert {"p0", "p1", "p2", "overall", "p0->p1", "p2->p0"} <= set(groups)
     e = groups["p0"]["ndcg10"]

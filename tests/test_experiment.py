@@ -15,7 +15,7 @@ from fedshift.cli import main
 
 pytestmark = pytest.mark.slow
 
-EXPECTED = {"most-popular", "category-markov", "item-cooccurrence", "federated-dp-eps8", "local-only-eps8",
+EXPECTED = {"most-popular", "category-markov", "history-logit", "item-cooccurrence", "federated-dp-eps8", "local-only-eps8",
             "centralised-nonprivate", "lopo-p0-to-p1-eps8", "lopo-p1-to-p0-eps8"}
 
 
@@ -28,7 +28,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
 
 def test_outputs_exist(smoke: Path) -> None:
     for name in ("results.md", "results.csv", "results.json", "ndcg-vs-epsilon.png",
-                 "migrating-accuracy-vs-epsilon.png", "metric-vs-round.png"):
+                 "migrating-accuracy-vs-epsilon.png", "new-interest-vs-epsilon.png", "metric-vs-round.png"):
         data = (smoke / name).read_bytes()
         assert len(data) > 100, name
         if name.endswith(".png"):
@@ -67,6 +67,16 @@ def test_csv_rows_have_epsilon_delta_and_finite_intervals(smoke: Path) -> None:
         assert {(m, "p0->p1"), (m, "p1->p0")} <= cross, m
     assert not any(m.startswith(("local-only", "lopo")) for m, _ in cross)
     assert all(r["category-acc1-migrating"] == "" for r in rows if "->" in r["group"])  # no migration flag there
+    # next-interest Δ to category-Markov: every other method, within-platform groups only, inside its interval
+    by = {(r["method"], r["group"]): r for r in rows}
+    assert by[("category-markov", "overall")]["delta-markov-category-acc1"] == ""
+    for (m, g), r in by.items():
+        has = r["delta-markov-category-acc3"] != ""
+        assert has == (m != "category-markov" and "->" not in g), (m, g)
+        if has:
+            d = float(r["delta-markov-category-acc3"])
+            assert float(r["delta-markov-category-acc3-ci95-low"]) <= d <= float(r["delta-markov-category-acc3-ci95-high"])
+            assert -1 <= d <= 1
 
 
 def test_markdown_table(smoke: Path) -> None:
@@ -77,6 +87,9 @@ def test_markdown_table(smoke: Path) -> None:
         assert f"| `{m}` |" in text
     assert "| `lopo-p1-to-p0-eps8` | 8 (spent" in text and "| `centralised-nonprivate` | ∞ (non-private) | – |" in text
     assert "**Table 3.** Cross-platform" in text
+    table1b = text.split("**Table 1b.**")[1].split("**Table 2.**")[0]
+    assert "| `federated-dp-eps8` | 8 (spent" in table1b and "| `history-logit` | ∞ (non-private) | overall |" in table1b
+    assert "| `category-markov` |" not in table1b  # the reference has no row against itself
     assert "| `federated-dp-eps8` | 8 (spent" in text.split("**Table 3.**")[1].split("## Methods")[0]
     assert "| p0->p1 |" in text.split("**Table 3.**")[1]
 
