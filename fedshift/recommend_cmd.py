@@ -26,6 +26,9 @@ Migration score: Jensen-Shannon divergence (bits, 0..1) between the predicted
 next-interest distribution and the category distribution of the last k matched history
 items (k = the checkpoint's migration-k); null when none of them has a category, and 1
 by construction when they are all from another platform (no shared categories).
+"If moving": the most probable category outside those recent ones, i.e. where the user
+is predicted to go if they leave their recent interests, with its share of the
+predicted mass outside them (JSON: new_interest; null when undefined).
 
 The catalogue's item embeddings are computed once per checkpoint and cached beside it
 (DIR/item-index.pt, keyed by the checkpoint files' and the catalogue's hashes; rebuilt
@@ -134,6 +137,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  {i['probability']:.3f}  {i['category']}")
     ms = result["migration_score"]
     print(f"migration score (JS, bits): {'n/a (no categorised history item)' if ms is None else f'{ms:.3f}'}")
+    move = result["new_interest"]
+    if move:
+        print(f"if moving: {move['category']} ({move['probability_if_moving']:.3f} of the predicted mass outside "
+              f"the recent categories; {result['migration_outside_recent_mass']:.3f} of all mass is outside)")
     idx = result["index"]
     print(f"timing: load model {timing['load-model']:.0f} ms, catalogue {timing['load-catalogue']:.0f} ms, "
           f"item index {timing['item-index']:.0f} ms ({idx['source']}: {idx['path']}, {idx['items']} items), "

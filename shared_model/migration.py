@@ -11,6 +11,10 @@ next-interest distribution ``p`` and that recent distribution ``q``:
 the model expects the user to continue exactly their recent mix, 1 when it puts all mass
 on categories the user has not touched in the last k events. Undefined (NaN) when no
 recent event has a level-2 label.
+
+``new_interest``: *where* a user goes if they move — the most probable category outside
+the recent ones. The score says *whether*; an arg-max over all categories almost never
+answers *where*, because staying is the likelier event for nearly every user.
 """
 
 from __future__ import annotations
@@ -70,3 +74,14 @@ def outside_recent_mass(predicted: np.ndarray, history: Sequence[Event], catalog
         return float("nan")
     p = np.asarray(predicted, dtype=np.float64)
     return float(1.0 - p[q > 0].sum() / p.sum())
+
+
+def new_interest(predicted: np.ndarray, recent: np.ndarray) -> int | None:
+    """Index of the most probable category with ``recent == 0`` and positive predicted mass
+    (the predicted new interest if the user leaves their recent categories); None when no
+    category outside the recent ones has mass."""
+    p = np.asarray(predicted, dtype=np.float64)
+    outside = np.where((np.asarray(recent) > 0) | (p <= 0), -np.inf, p)
+    if not np.isfinite(outside).any():
+        return None
+    return int(np.argmax(outside))

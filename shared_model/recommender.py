@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared_model.migration import js_divergence, recent_distribution
+from shared_model.migration import js_divergence, new_interest, recent_distribution
 from shared_model.schema import Catalogue, Event, Item
 from shared_model.scoring import Scorer
 
@@ -55,7 +55,8 @@ class Recommender:
         return events, Catalogue(items, self.scorer.catalogue.platforms), report
 
     def recommend(self, platform: str, titles: Sequence[str], k: int = 10) -> dict[str, Any]:
-        """Top-``k`` items, next-interest probabilities and the migration score for one history."""
+        """Top-``k`` items, next-interest probabilities, the migration score and the predicted new
+        interest (the most probable category outside the recent ones) for one history."""
         if platform not in self.platform_ids:
             raise KeyError(f"unknown platform {platform!r}; known: {', '.join(self.scorer.catalogue.platforms)}")
         if not any(t.strip() for t in titles):
@@ -81,6 +82,12 @@ class Recommender:
         q = recent_distribution(events, cat, self.scorer.categories, self.scorer.cfg.migration_k)
         mig = None if q is None else round(float(js_divergence(p, q)), 4)
         mass = None if q is None else round(float(1.0 - p[q > 0].sum() / p.sum()), 4)
+        pick = None if q is None else new_interest(p, q)
+        moving = None
+        if pick is not None:
+            outside = float(p[q == 0].sum())
+            moving = {"category": self.scorer.categories[pick], "probability": round(float(p[pick]), 4),
+                      "probability_if_moving": round(float(p[pick]) / outside, 4)}
         elapsed = time.perf_counter() - t0
         return {
             "platform": platform,
@@ -90,6 +97,7 @@ class Recommender:
             "interests": interests,
             "migration_score": mig,
             "migration_outside_recent_mass": mass,
+            "new_interest": moving,
             "candidates": len(cand),
             "score_seconds": elapsed,
         }

@@ -40,7 +40,7 @@ import torch
 
 from shared_model.examples import DEFAULT_K, eval_examples, migration_defined
 from shared_model.metrics import rank_of_target
-from shared_model.migration import js_divergence, recent_distribution
+from shared_model.migration import js_divergence, new_interest, recent_distribution
 from shared_model.schema import Catalogue, Event, Silo
 from simulations.stats import (
     Estimate,
@@ -155,16 +155,12 @@ def per_user(predictor: Predictor, cases: Sequence[Case], platform: str, catalog
 
 
 def new_interest_hit(probs: np.ndarray, recent: np.ndarray, truth: int) -> float:
-    """1.0 when the most probable category outside the recent ones (``recent > 0``) is ``truth``.
-
-    Categories with probability 0 (other platforms) are never picked; nan when the target
-    is unlabelled or every category with mass is recent."""
-    if truth < 0:
+    """1.0 when :func:`shared_model.migration.new_interest` (the most probable category outside
+    the recent ones) is ``truth``; nan when the target is unlabelled or nothing outside has mass."""
+    pick = new_interest(probs, recent)
+    if truth < 0 or pick is None:
         return math.nan
-    outside = np.where((recent > 0) | (probs <= 0), -np.inf, probs)
-    if not np.isfinite(outside).any():
-        return math.nan
-    return float(int(np.argmax(outside)) == truth)
+    return float(pick == truth)
 
 
 def concat(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

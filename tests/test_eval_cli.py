@@ -110,6 +110,15 @@ def test_recommend_every_platform_with_cached_index(checkpoint: Path, small_data
         assert not matched & {i["item_id"] for i in res["items"]}  # history items are not recommended
         assert sum(i["probability"] for i in res["interests"]) == pytest.approx(1.0, abs=1e-3)
         assert 0.0 <= res["migration_score"] <= 1.0
+        move = res["new_interest"]  # where the user goes if they leave their recent categories
+        recent = {h["category"] for h in res["history"] if h["category"]}
+        probs = {i["category"]: i["probability"] for i in res["interests"]}
+        outside = {c: q for c, q in probs.items() if c not in recent}
+        if outside:
+            assert move["category"] == max(outside, key=outside.get) and move["category"] not in recent
+            assert move["probability_if_moving"] == pytest.approx(move["probability"] / sum(outside.values()), abs=2e-3)
+        else:
+            assert move is None
         assert res["index"]["source"] == ("rebuilt" if n == 0 else "checkpoint-cache")
     assert (ckpt / INDEX_FILE).is_file()
     # a changed checkpoint invalidates the cached index

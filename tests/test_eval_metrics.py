@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from shared_model.metrics import hit_rate, mrr, ndcg, rank_of_target
-from shared_model.migration import js_divergence, migration_score, recent_distribution
+from shared_model.migration import js_divergence, migration_score, new_interest, recent_distribution
 from shared_model.schema import Catalogue, Event, Item
 from simulations.stats import (
     bootstrap_indices,
@@ -125,3 +125,11 @@ def test_bootstrap_is_paired_and_reproducible() -> None:
     assert out["auc"].low < out["auc"].value < out["auc"].high
     assert out["auc"].value == pytest.approx(roc_auc(s, y))
     assert out["m"].n == 300 and out["auc"].n == 300
+
+
+def test_new_interest_is_the_best_category_outside_the_recent_ones() -> None:
+    p = np.array([0.6, 0.1, 0.3, 0.0])
+    assert new_interest(p, np.array([0.5, 0.5, 0.0, 0.0])) == 2
+    assert new_interest(p, np.array([1.0, 0.0, 0.0, 0.0])) == 2
+    assert new_interest(p, np.array([0.0, 0.0, 1.0, 0.0])) == 0
+    assert new_interest(p, np.array([0.2, 0.4, 0.4, 0.0])) is None  # the only category left has no mass
