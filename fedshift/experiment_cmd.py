@@ -41,7 +41,8 @@ Presets:
 
 Writes to OUT: results.md (tables + caption), results.csv (one row per method and
 group, value/low/high/n per metric), results.json, ndcg-vs-epsilon.png,
-migrating-accuracy-vs-epsilon.png, metric-vs-round.png, runs/<run>/ (each training
+migrating-accuracy-vs-epsilon.png, new-interest-vs-epsilon.png, metric-vs-round.png,
+runs/<run>/ (each training
 run's full output: metrics.json, checkpoints/, ledgers, logs), views/ (dataset views).
 """
 
@@ -50,6 +51,7 @@ examples:
   fedshift experiment --preset smoke --out /tmp/smoke
   fedshift experiment --preset paper --dry-run
   fedshift experiment --preset paper --out runs/paper
+  fedshift experiment --preset paper --out runs/paper --resume   # after a crash: keeps finished runs
 exit status: 0 ok; 1 a training run failed (its log is named); 2 bad input.
 """
 
@@ -72,6 +74,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, metavar="N", help="bootstrap resamples (default: preset)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per training run (default 3600)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and time estimate, train nothing")
+    p.add_argument("--resume", action="store_true", help="reuse every run in --out that finished with the same "
+                   "settings (silos, DP, ε, run-config overrides, dataset, base model; recorded in "
+                   "runs/<run>/experiment-run.json) instead of retraining it; evaluation always reruns. "
+                   "Code changes are not detected: delete a run's folder to retrain it")
     p.set_defaults(func=run)
     return p
 
@@ -82,6 +88,9 @@ def _run(args: argparse.Namespace) -> int:
     from simulations.experiment import EXPERIMENT_PRESETS, preset_with, run_experiment
 
     warnings.filterwarnings("ignore", category=FutureWarning)
+    if args.resume and not args.out:
+        print("fedshift experiment: --resume needs --out (the folder of the runs to reuse)", file=sys.stderr)
+        return 2
     if (args.max_users is not None and args.max_users < 0) or (args.bootstrap is not None and args.bootstrap < 1):
         print("fedshift experiment: --max-users must be >= 0 and --bootstrap >= 1", file=sys.stderr)
         return 2
@@ -94,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser() if args.out else Path.cwd() / "runs" / datetime.now().strftime("experiment-%Y%m%d-%H%M%S")
     try:
         run_experiment(preset, out, dataset, args.base_model, timeout=args.timeout,
-                       log=lambda s: print(s, flush=True), dry_run=args.dry_run)
+                       log=lambda s: print(s, flush=True), dry_run=args.dry_run, resume=args.resume)
     except RuntimeError as e:
         print(f"fedshift experiment: {e}", file=sys.stderr)
         return 1

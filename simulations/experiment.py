@@ -71,6 +71,7 @@ class ExperimentPreset:
     name: str
     summary: str
     overrides: dict[str, Any]  # run-config overrides of every training run
+    centralised_overrides: dict[str, Any] = field(default_factory=dict)  # on top, centralised run only
     epsilons: tuple[float, ...] = (1.0, 4.0, 8.0)
     local_epsilon: float = 8.0  # ε of local-only and leave-one-platform-out runs
     federated_nonprivate: bool = True
@@ -249,6 +250,33 @@ def dataset_view(dataset: Path, silos: Sequence[str], folder: Path) -> Path:
     return folder
 
 
+#: Written into a run's folder when it finished: its settings (:func:`run_stamp`) and seconds.
+STAMP_FILE = "experiment-run.json"
+
+
+def run_stamp(run: TrainRun, plan: Plan) -> dict[str, Any]:
+    """Everything that decides what a training run produces, as the experiment passes it on."""
+    overrides = dict(plan.preset.overrides)
+    if run.kind == "centralised":
+        overrides |= plan.preset.centralised_overrides
+    return {"key": run.key, "kind": run.kind, "silos": list(run.silos), "dp": run.dp, "epsilon": run.epsilon,
+            "overrides": {k: overrides[k] for k in sorted(overrides)}, "dataset": str(plan.dataset),
+            "base-model": plan.base_model}
+
+
+def finished_seconds(run_dir: Path, stamp: Mapping[str, Any]) -> float | None:
+    """The recorded training seconds when ``run_dir`` holds a finished run with ``stamp`` and a
+    checkpoint; None otherwise (missing, unreadable, other settings, no checkpoint)."""
+    try:
+        rec = json.loads((run_dir / STAMP_FILE).read_text(encoding="utf-8"))
+        last_checkpoint(run_dir)
+    except (OSError, ValueError):
+        return None
+    if rec.get("stamp") != json.loads(json.dumps(stamp)):
+        return None
+    return float(rec.get("seconds", 0.0))
+
+
 def _simulate(run: TrainRun, plan: Plan, out: Path, timeout: int) -> None:
     run_dir = out / "runs" / run.key
     data = plan.dataset if len(run.silos) == len(plan.silos) else dataset_view(plan.dataset, run.silos,
@@ -276,7 +304,8 @@ def _centralised(run: TrainRun, plan: Plan, out: Path) -> None:
     from shared_model.config import RunConfig
     from simulations.centralised import train_centralised
 
-    overrides = {**plan.preset.overrides, "dataset": str(plan.dataset), "dp": False}
+    overrides = {**plan.preset.overrides, **plan.preset.centralised_overrides, "dataset": str(plan.dataset),
+                 "dp": False}
     if plan.base_model:
         overrides["base-model"] = plan.base_model
     cfg = RunConfig.from_run_config({**RunConfig().to_run_config(), **overrides})
@@ -453,8 +482,12 @@ def _round_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = None, base_model: str | None = None,
-                   timeout: int = 3600, log: Callable[[str], None] = print, dry_run: bool = False) -> dict[str, Any]:
-    """Train every run of the plan, evaluate every method, write the results into ``out``."""
+                   timeout: int = 3600, log: Callable[[str], None] = print, dry_run: bool = False,
+                   resume: bool = False) -> dict[str, Any]:
+    """Train every run of the plan, evaluate every method, write the results into ``out``.
+
+    ``resume``: a run whose folder records (:data:`STAMP_FILE`) that it finished with the same
+    settings (:func:`run_stamp`) is reused instead of retrained; evaluation always reruns."""
     from shared_model.config import RunConfig
 
     out = Path(out).resolve()
@@ -480,12 +513,23 @@ def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = N
     # 1. training
     for n, run in enumerate(plan.runs.values(), 1):
         t0 = time.time()
+        run_dir = out / "runs" / run.key
+        stamp = run_stamp(run, plan)
+        if resume and (seconds := finished_seconds(run_dir, stamp)) is not None:
+            run.seconds, run.status = seconds, "reused"
+            log(f"[{time.time() - started:6.0f} s] run {n}/{len(plan.runs)} {run.key}: reused (finished, same "
+                f"settings; trained in {seconds:.0f} s)")
+            continue
         log(f"[{time.time() - started:6.0f} s] run {n}/{len(plan.runs)} {run.key} (≈{run.estimate_s:.0f} s) …")
+        (run_dir / STAMP_FILE).unlink(missing_ok=True)
         if run.kind == "federated":
             _simulate(run, plan, out, timeout)
         else:
             _centralised(run, plan, out)
         run.seconds, run.status = time.time() - t0, "done"
+        write_bytes_atomic(run_dir / STAMP_FILE, json.dumps(
+            {"stamp": stamp, "seconds": round(run.seconds, 1),
+             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2).encode())
         log(f"[{time.time() - started:6.0f} s] run {n}/{len(plan.runs)} {run.key} done in {run.seconds:.0f} s")
 
     # 2. evaluation on the held-out split
@@ -563,7 +607,8 @@ def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = N
         "users": {g: len(v.cases) for g, v in {**groups, **cross}.items()},
         "overrides": preset.overrides,
         "runs": {k_: {"silos": list(r.silos), "dp": r.dp, "epsilon": r.epsilon, "seconds": round(r.seconds, 1),
-                      "estimate-seconds": round(r.estimate_s, 1)} for k_, r in plan.runs.items()},
+                      "estimate-seconds": round(r.estimate_s, 1), "status": r.status} for k_, r in plan.runs.items()},
+        "centralised-overrides": preset.centralised_overrides,
         "methods": results,
         "curves": curves,
         "machine": machine_description(),
@@ -736,14 +781,18 @@ def results_markdown(doc: Mapping[str, Any]) -> str:
               "and config; every held-out user is scored by the model of their own silo, platform rows pool the "
               "silos' users, 'overall' pools every platform.",
               "- `centralised-nonprivate`: all silos' training users pooled, no DP (`simulations/centralised.py`), "
-              "the same number of gradient steps as all silos of a federated run together.",
+              "the same number of gradient steps as all silos of a federated run together"
+              + (f"; its own run-config changes, chosen on validation users: "
+                 f"{', '.join(f'`{k}={v}`' for k, v in doc['centralised-overrides'].items())}."
+                 if doc.get("centralised-overrides") else "."),
               "- `lopo-A-to-B-eps*`: federated DP on A's silos only, evaluated on B's held-out users "
               "(zero-shot transfer through the text encoder).",
               "", "## Training runs", "", "| run | silos | DP | ε | seconds (estimate) |", "|---|---|---|---|---|"]
     for key, r in doc["runs"].items():
         eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:g}"
+        reused = " reused:" if r.get("status") == "reused" else ""
         lines.append(f"| `{key}` | {', '.join(r['silos'])} | {'yes' if r['dp'] else 'no'} | {eps} | "
-                     f"{r['seconds']:.0f} ({r['estimate-seconds']:.0f}) |")
+                     f"{reused} {r['seconds']:.0f} ({r['estimate-seconds']:.0f}) |")
     lines += ["", "Plots: `ndcg-vs-epsilon.png`, `migrating-accuracy-vs-epsilon.png`, `new-interest-vs-epsilon.png`, "
               "`metric-vs-round.png` "
               "(validation users, from each federated run's `metrics.json`).", ""]

@@ -104,6 +104,30 @@ def test_runs_and_curves(smoke: Path) -> None:
     assert sorted(p.name for p in (smoke / "views" / "fed-p0-r0-eps8" / "silos").iterdir()) == ["p0-r0"]
 
 
+def test_resume_reuses_finished_runs_and_reproduces_the_table(smoke: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    first = json.loads((smoke / "results.json").read_text())
+    stamp = json.loads((smoke / "runs" / "fed-all-eps8" / "experiment-run.json").read_text())
+    assert stamp["stamp"]["epsilon"] == 8.0 and stamp["stamp"]["overrides"]["local-steps"] == 2
+    # a run whose recorded settings differ is retrained, not reused
+    bad = smoke / "runs" / "fed-p1-r0-eps8" / "experiment-run.json"
+    rec = json.loads(bad.read_text())
+    rec["stamp"]["epsilon"] = 4.0
+    bad.write_text(json.dumps(rec))
+    capsys.readouterr()
+    assert main(["experiment", "--preset", "smoke", "--out", str(smoke), "--resume"]) == 0
+    log = capsys.readouterr().out
+    again = json.loads((smoke / "results.json").read_text())
+    status = {k: r["status"] for k, r in again["runs"].items()}
+    assert status == {"fed-all-eps8": "reused", "fed-p0-r0-eps8": "reused", "fed-p1-r0-eps8": "done",
+                      "centralised": "reused"}, log
+    assert "fed-all-eps8: reused" in log
+    assert json.loads(bad.read_text())["stamp"]["epsilon"] == 8.0  # rewritten by the retrained run
+    # same checkpoints, same users, same bootstrap draws → the same figures for the reused runs' methods
+    for m in ("federated-dp-eps8", "centralised-nonprivate", "category-markov", "history-logit"):
+        assert again["methods"][m]["groups"] == first["methods"][m]["groups"], m
+    assert main(["experiment", "--preset", "smoke", "--resume"]) == 2  # --resume needs --out
+
+
 def test_dry_run_prints_the_paper_plan(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["experiment", "--preset", "paper", "--dry-run", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
