@@ -281,7 +281,8 @@ class ModelPredictor:
 def format_table(result: dict[str, Any]) -> str:
     """Human-readable: one block per group, one row per method, ``value [low, high]``."""
     cols = [("hr10", "HR@10"), ("ndcg10", "NDCG@10"), ("mrr", "MRR"), ("category-acc1", "cat@1"),
-            ("category-acc3", "cat@3"), ("category-acc1-migrating", "cat@1 mig"), ("migration-auc", "mig AUC")]
+            ("category-acc3", "cat@3"), ("category-acc1-migrating", "cat@1 mig"),
+            ("new-interest-acc1-migrating", "new@1 mig"), ("migration-auc", "mig AUC")]
     groups = list(result["users"])
     order = [g for g in groups if "->" not in g and g != "overall"] + ["overall"] + [g for g in groups if "->" in g]
     width = max([len(m) for m in result["methods"]] + [18])
