@@ -71,7 +71,6 @@ class ExperimentPreset:
     name: str
     summary: str
     overrides: dict[str, Any]  # run-config overrides of every training run
-    centralised_overrides: dict[str, Any] = field(default_factory=dict)  # on top, centralised run only
     epsilons: tuple[float, ...] = (1.0, 4.0, 8.0)
     local_epsilon: float = 8.0  # ε of local-only and leave-one-platform-out runs
     federated_nonprivate: bool = True
@@ -256,9 +255,7 @@ STAMP_FILE = "experiment-run.json"
 
 def run_stamp(run: TrainRun, plan: Plan) -> dict[str, Any]:
     """Everything that decides what a training run produces, as the experiment passes it on."""
-    overrides = dict(plan.preset.overrides)
-    if run.kind == "centralised":
-        overrides |= plan.preset.centralised_overrides
+    overrides = plan.preset.overrides
     return {"key": run.key, "kind": run.kind, "silos": list(run.silos), "dp": run.dp, "epsilon": run.epsilon,
             "overrides": {k: overrides[k] for k in sorted(overrides)}, "dataset": str(plan.dataset),
             "base-model": plan.base_model}
@@ -304,8 +301,7 @@ def _centralised(run: TrainRun, plan: Plan, out: Path) -> None:
     from shared_model.config import RunConfig
     from simulations.centralised import train_centralised
 
-    overrides = {**plan.preset.overrides, **plan.preset.centralised_overrides, "dataset": str(plan.dataset),
-                 "dp": False}
+    overrides = {**plan.preset.overrides, "dataset": str(plan.dataset), "dp": False}
     if plan.base_model:
         overrides["base-model"] = plan.base_model
     cfg = RunConfig.from_run_config({**RunConfig().to_run_config(), **overrides})
@@ -608,7 +604,6 @@ def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = N
         "overrides": preset.overrides,
         "runs": {k_: {"silos": list(r.silos), "dp": r.dp, "epsilon": r.epsilon, "seconds": round(r.seconds, 1),
                       "estimate-seconds": round(r.estimate_s, 1), "status": r.status} for k_, r in plan.runs.items()},
-        "centralised-overrides": preset.centralised_overrides,
         "methods": results,
         "curves": curves,
         "machine": machine_description(),
@@ -781,10 +776,7 @@ def results_markdown(doc: Mapping[str, Any]) -> str:
               "and config; every held-out user is scored by the model of their own silo, platform rows pool the "
               "silos' users, 'overall' pools every platform.",
               "- `centralised-nonprivate`: all silos' training users pooled, no DP (`simulations/centralised.py`), "
-              "the same number of gradient steps as all silos of a federated run together"
-              + (f"; its own run-config changes, chosen on validation users: "
-                 f"{', '.join(f'`{k}={v}`' for k, v in doc['centralised-overrides'].items())}."
-                 if doc.get("centralised-overrides") else "."),
+              "the same number of gradient steps as all silos of a federated run together.",
               "- `lopo-A-to-B-eps*`: federated DP on A's silos only, evaluated on B's held-out users "
               "(zero-shot transfer through the text encoder).",
               "", "## Training runs", "", "| run | silos | DP | ε | seconds (estimate) |", "|---|---|---|---|---|"]
