@@ -25,9 +25,8 @@ exclusions and metric code.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping, Sequence
-
 import random
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import scipy.sparse as sp
