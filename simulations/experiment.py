@@ -782,9 +782,9 @@ def results_markdown(doc: Mapping[str, Any]) -> str:
               "", "## Training runs", "", "| run | silos | DP | ε | seconds (estimate) |", "|---|---|---|---|---|"]
     for key, r in doc["runs"].items():
         eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:g}"
-        reused = " reused:" if r.get("status") == "reused" else ""
+        reused = "reused: " if r.get("status") == "reused" else ""
         lines.append(f"| `{key}` | {', '.join(r['silos'])} | {'yes' if r['dp'] else 'no'} | {eps} | "
-                     f"{reused} {r['seconds']:.0f} ({r['estimate-seconds']:.0f}) |")
+                     f"{reused}{r['seconds']:.0f} ({r['estimate-seconds']:.0f}) |")
     lines += ["", "Plots: `ndcg-vs-epsilon.png`, `migrating-accuracy-vs-epsilon.png`, `new-interest-vs-epsilon.png`, "
               "`metric-vs-round.png` "
               "(validation users, from each federated run's `metrics.json`).", ""]
@@ -855,7 +855,7 @@ def plots(doc: Mapping[str, Any]) -> dict[str, bytes]:
         ax.set_xscale("log")
         ax.set_xlabel("ε per silo (δ = %g)" % next((e["delta"] for e in methods.values() if e["delta"]), 1e-5))
         ax.set_ylabel(f"{label} (overall, {doc['split']})")
-        ax.set_title(f"{label} vs ε — 95 % bootstrap intervals")
+        ax.set_title(f"{label} vs ε\n(95 % bootstrap intervals)", fontsize=10)
         ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)
         out[fname] = png(fig)
