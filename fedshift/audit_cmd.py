@@ -17,15 +17,15 @@ def audit(args: argparse.Namespace) -> int:
         return 2
     canary = None
     if args.canaries:
+        from fedshift.config_args import parse_set, refuse
         from fl_server.audit.canary import run_canary_audit
-        from fedshift.simulate_cmd import _parse_scalar
         from shared_model.config import RunConfig
 
         conf = json.loads((run_dir / "metrics.json").read_text())["run"].get("config", {})
-        for item in args.set or []:
-            key, _, raw = item.partition("=")
-            conf[key.strip()] = _parse_scalar(raw.strip())
-        cfg = RunConfig.from_run_config(conf)
+        try:
+            cfg = RunConfig.from_run_config({**conf, **parse_set(args.set)})
+        except ValueError as e:
+            return refuse("audit", e)
         canary = run_canary_audit(cfg, args.canaries, run_dir / "audit-canaries", silo_index=args.canary_silo,
                                   seed=args.canary_seed, k=args.canary_guesses).as_dict()
     result = audit_run(run_dir, canary)

@@ -8,6 +8,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from fedshift.config_args import SetError, add_set_argument, parse_set, refuse
 from fedshift.torch_threads import restores_torch_threads
 
 DESCRIPTION = """\
@@ -15,10 +16,11 @@ Train and evaluate every method of a preset's grid on the same held-out users, a
 a results table with 95% paired-bootstrap intervals over users.
 
 Methods:
-  most-popular, category-markov, item-cooccurrence
+  most-popular, category-markov, history-logit, item-cooccurrence
                           non-learned baselines (train split, centralised, not private)
-  federated-dp-epsE       fedshift simulate --epsilon E on every silo (last checkpoint)
-  federated-nonprivate    fedshift simulate --no-dp
+  federated-dp-epsE       a federated simulation (fedshift simulate) with budget E on
+                          every silo (last checkpoint)
+  federated-nonprivate    the same without DP
   local-only-epsE         one simulation per silo on a dataset view holding only that
                           silo, same E; each user is scored by their own silo's model
   centralised-nonprivate  every silo's training users pooled, no DP, the same number of
@@ -33,18 +35,28 @@ most-popular. Nothing is tuned: the preset fixes every hyper-parameter; validati
 only feed the per-round curves, test users only the table.
 
 Presets:
-  smoke   mechanics (tests): a generated 2-platform dataset and a tiny random BERT unless
-          --dataset/--base-model are given; 1 round x 2 steps, ε=8, test split; < 3 min
-  paper   bundled data and encoder; ε in {1, 4, 8}; 3 rounds x 8 DP steps x batch 32,
-          64 tokens; every test user; planned for < 60 min on 2 CPU cores once the
-          catalogue is embedded (cached; first time +3 min). --dry-run prints the plan.
+{presets}
 
 Writes to OUT: results.md (tables + caption), results.csv (one row per method and
-group, value/low/high/n per metric), results.json, ndcg-vs-epsilon.png,
-migrating-accuracy-vs-epsilon.png, new-interest-vs-epsilon.png, metric-vs-round.png,
-runs/<run>/ (each training
-run's full output: metrics.json, checkpoints/, ledgers, logs), views/ (dataset views).
+group, value/low/high/n per metric), results.json, the plots
+{plots},
+runs/<run>/ (each training run's full output: metrics.json, checkpoints/, ledgers, logs),
+views/ (dataset views).
 """
+
+
+def description() -> str:
+    """:data:`DESCRIPTION` with each preset's numbers taken from the preset itself."""
+    import textwrap
+
+    from simulations.experiment.plan import EXPERIMENT_PRESETS, help_text
+    from simulations.experiment.plots import PLOTS
+
+    presets = "\n".join(textwrap.fill(help_text(p), width=88, initial_indent=f"  {name:<7} ",
+                                       subsequent_indent=" " * 10) for name, p in EXPERIMENT_PRESETS.items())
+    return DESCRIPTION.format(presets=presets, plots=textwrap.fill(", ".join(PLOTS), width=88, initial_indent="  ",
+                                                                   subsequent_indent="  "))
+
 
 EPILOG = """\
 examples:
@@ -57,10 +69,11 @@ exit status: 0 ok; 1 a training run failed (its log is named); 2 bad input.
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from simulations.experiment import EXPERIMENT_PRESETS
+    from simulations.experiment.plan import EXPERIMENT_PRESETS
+    from simulations.experiment.run import PER_RUN_KEYS
 
     p = sub.add_parser("experiment", help="run the experiment grid and write results.md/.csv and plots",
-                       description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=description(), epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(EXPERIMENT_PRESETS), default="smoke",
                    help="the grid (default: smoke)")
     p.add_argument("--dataset", metavar="DIR", help="dataset folder (default: smoke generates one, paper uses "
@@ -73,6 +86,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    "platform, the same for every method (default: preset; 0 = all)")
     p.add_argument("--bootstrap", type=int, metavar="N", help="bootstrap resamples (default: preset)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per training run (default 3600)")
+    add_set_argument(p, "override a run-config key of every training run, e.g. --set local-steps=4 "
+                     f"(repeatable; not {', '.join(PER_RUN_KEYS)}: the experiment sets those per run)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and time estimate, train nothing")
     p.add_argument("--resume", action="store_true", help="reuse every run in --out that finished with the same "
                    "settings (silos, DP, ε, run-config overrides, dataset, base model; recorded in "
@@ -85,16 +100,26 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     import warnings
 
-    from simulations.experiment import EXPERIMENT_PRESETS, preset_with, run_experiment
+    from simulations.experiment.plan import EXPERIMENT_PRESETS, preset_with
+    from simulations.experiment.run import PER_RUN_KEYS, run_experiment
 
     warnings.filterwarnings("ignore", category=FutureWarning)
+    preset = EXPERIMENT_PRESETS[args.preset]
+    try:
+        sets = parse_set(args.set)
+        if fixed := sorted(set(sets) & set(PER_RUN_KEYS)):
+            raise SetError(f"--set {', '.join(fixed)}: set by the experiment for each run")
+        preset = preset_with(preset, overrides={**preset.overrides, **sets} if sets else None)
+        preset.config()  # every value checked before anything is created
+    except ValueError as e:
+        return refuse("experiment", e)
     if args.resume and not args.out:
         print("fedshift experiment: --resume needs --out (the folder of the runs to reuse)", file=sys.stderr)
         return 2
     if (args.max_users is not None and args.max_users < 0) or (args.bootstrap is not None and args.bootstrap < 1):
         print("fedshift experiment: --max-users must be >= 0 and --bootstrap >= 1", file=sys.stderr)
         return 2
-    preset = preset_with(EXPERIMENT_PRESETS[args.preset], split=args.split, max_users=args.max_users,
+    preset = preset_with(preset, split=args.split, max_users=args.max_users,
                          bootstrap=args.bootstrap)
     dataset = Path(args.dataset).expanduser() if args.dataset else None
     if dataset is not None and not (dataset / "silos").is_dir():

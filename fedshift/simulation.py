@@ -1,15 +1,16 @@
-"""``fedshift simulate``: run the Flower app as a local simulation, one SuperNode per silo.
+"""The typed Python simulate API: :func:`run_simulation` runs the Flower app on a
+:class:`~shared_model.config.RunConfig` as a local simulation, one SuperNode per silo.
 
 It is ``flwr run`` on this project with a private, temporary ``FLWR_HOME``: the same
-ServerApp, ClientApp and ``[tool.flwr.app.config]`` as ``flwr run .``. Before launching,
+ServerApp, ClientApp and ``[tool.flwr.app.config]`` keys as ``flwr run .``. Before launching,
 it embeds the public catalogue once (cached), so silos start training at once. Afterwards
-it checks that Flower reports the run ``finished:completed`` and stops the local
-SuperLink it started, so no background process is left behind.
+it reads Flower's status of the run (``finished:completed`` when it completed) and stops
+the local SuperLink it started, so no background process is left behind. ``fedshift
+simulate`` (:mod:`fedshift.simulate_cmd`) and ``fedshift experiment`` both call it.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -19,14 +20,16 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import psutil
 
-from shared_model.config import PRESETS, RunConfig
+from fedshift.config_args import updated
+from shared_model.config import RunConfig
 
 APP_DIR = Path(__file__).resolve().parents[1]
 FLOWER_ENV = {
@@ -47,40 +50,6 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     return json.dumps(str(value))
-
-
-def run_config_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Preset values, then explicit flags, as Flower run-config overrides."""
-    overrides: dict[str, Any] = dict(PRESETS[args.preset])
-    overrides["dataset"] = str(Path(args.dataset).expanduser().resolve()) if args.dataset else str(RunConfig().dataset_dir())
-    if args.base_model:
-        overrides["base-model"] = str(Path(args.base_model).expanduser().resolve())
-    for flag, key in (("rounds", "num-server-rounds"), ("epsilon", "epsilon"), ("seed", "seed")):
-        if getattr(args, flag) is not None:
-            overrides[key] = getattr(args, flag)
-    if args.no_dp:
-        overrides["dp"] = False
-    for item in args.set or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"fedshift simulate: --set expects KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = _parse_scalar(raw.strip())
-    known = set(RunConfig().to_run_config())
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise SystemExit(f"fedshift simulate: unknown config keys {unknown}; see pyproject.toml [tool.flwr.app.config]")
-    return overrides
-
-
-def _parse_scalar(raw: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(raw)
-        except ValueError:
-            pass
-    if raw.lower() in {"true", "false"}:
-        return raw.lower() == "true"
-    return raw.strip("'\"")
 
 
 def free_port() -> int:
@@ -137,62 +106,114 @@ def run_status(flwr_home: Path, env: dict[str, str]) -> str:
     return str(newest.get("status"))
 
 
-def prepare_item_index(cfg: RunConfig) -> None:
+def prepare_item_index(cfg: RunConfig, progress: bool = True) -> None:
     """Embed the public catalogue once in this process (cached for every silo)."""
     from shared_model.dataset import load_catalogue
     from shared_model.item_index import build_item_index
 
-    build_item_index(load_catalogue(cfg.dataset_dir()), cfg.base_model or None, cfg.max_item_tokens, progress=True)
+    build_item_index(load_catalogue(cfg.dataset_dir()), cfg.base_model or None, cfg.max_item_tokens, progress=progress)
 
 
-def simulate(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class SimulationResult:
+    """How a simulation ended: Flower's status of the run, and where its outputs are."""
+
+    status: str  # e.g. "finished:completed"
+    seconds: float
+    out: Path
+    timed_out: bool = False
+
+    @property
+    def log(self) -> Path:
+        return self.out / "flwr.log"
+
+    @property
+    def metrics(self) -> Path:
+        return self.out / "metrics.json"
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished:completed" and self.metrics.is_file()
+
+
+def simulation_config(cfg: RunConfig, out: Path) -> RunConfig:
+    """``cfg`` as a simulation into ``out`` runs it: ``out-dir`` = OUT and, when empty,
+    ``state-dir`` = OUT/silo-state (simulated silos keep their privacy ledgers inside the run
+    folder, so ``fedshift audit OUT`` finds them and tests never touch ~; a stable state-dir
+    accumulates a silo's lifetime spend across runs)."""
+    values: dict[str, Any] = {"out-dir": str(out)}
+    if not cfg.state_dir:
+        values["state-dir"] = str(out / "silo-state")
+    return updated(cfg, values)
+
+
+def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout: float | None = None,
+                   stream: TextIO | None = None) -> SimulationResult:
+    """Run the Flower app on ``cfg`` as a local simulation, one SuperNode per silo of
+    ``cfg.dataset``, writing into ``out``; return Flower's final status.
+
+    ``cfg`` is the whole run config (every key of ``[tool.flwr.app.config]`` is passed to
+    ``flwr run``), except ``out-dir`` and an empty ``state-dir`` (:func:`simulation_config`).
+    Raises ``ValueError`` before ``out`` is created when the dataset has no silos or
+    ``min-nodes`` exceeds them (the server would wait forever). Progress goes to ``stream``
+    (default stdout); Flower's whole log to OUT/flwr.log. After ``timeout`` seconds the run
+    is stopped. The local SuperLink is stopped at the end, also on SIGTERM/SIGHUP.
+    """
     from shared_model.dataset import list_silos
 
-    overrides = run_config_overrides(args)
-    dataset = Path(overrides["dataset"])
+    stream = stream or sys.stdout
+    out = Path(out).expanduser().resolve()
+    cfg = simulation_config(cfg, out)
+    dataset = cfg.dataset_dir()
     silos = list_silos(dataset)
     if not silos:
-        print(f"fedshift simulate: {dataset}: no silos (expected silos/<name>/events.csv)", file=sys.stderr)
-        return 2
-    out = Path(args.out).expanduser().resolve() if args.out else Path.cwd() / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
+        raise ValueError(f"{dataset}: no silos (expected silos/<name>/events.csv)")
+    if cfg.min_nodes > len(silos):
+        raise ValueError(f"min-nodes = {cfg.min_nodes} but {dataset} has {len(silos)} silos: no round would start")
     out.mkdir(parents=True, exist_ok=True)
-    overrides["out-dir"] = str(out)
-    # Simulated silos keep their privacy ledgers inside the run folder (so `fedshift audit
-    # OUT` finds them and tests never touch ~); pass --set state-dir=DIR for a stable place
-    # that accumulates a silo's lifetime spend across runs.
-    overrides.setdefault("state-dir", str(out / "silo-state"))
-    overrides.setdefault("min-nodes", len(silos))
-    cfg = RunConfig.from_run_config({**RunConfig().to_run_config(), **overrides})
-
-    print(f"fedshift simulate: preset {args.preset}, {len(silos)} silos ({', '.join(silos)}), "
-          f"{cfg.num_server_rounds} rounds, ε={cfg.epsilon:g} per silo, δ={cfg.delta:g}, accountant {cfg.accountant}")
-    print(f"results: {out}")
-    prepare_item_index(cfg)
+    privacy = (f"ε={cfg.epsilon:g} per silo, δ={cfg.delta:g}, accountant {cfg.accountant}" if cfg.dp
+               else "no DP (non-private)")
+    print(f"{len(silos)} silos ({', '.join(silos)}), {cfg.num_server_rounds} rounds × {cfg.local_steps} local "
+          f"steps, {privacy}", file=stream, flush=True)
+    print(f"results: {out}", file=stream, flush=True)
+    prepare_item_index(cfg, progress=stream is sys.stdout)
 
     flwr_home = Path(tempfile.mkdtemp(prefix="fedshift-flwr-"))
     env = local_superlink_env(flwr_home)
     config_file = flwr_home / "run-config.toml"
-    config_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in sorted(overrides.items())))
+    config_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in sorted(cfg.to_run_config().items())))
     cmd = [
         shutil.which("flwr") or "flwr", "run", str(APP_DIR), "--stream",
         "--run-config", str(config_file),
         "--federation-config", f"num-supernodes={len(silos)}",
     ]
     started = time.time()
-    log_path = out / "flwr.log"
     status = "not started"
-    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    timed_out = threading.Event()
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)} if in_main else {}
     try:
-        with open(log_path, "w", encoding="utf-8") as log, subprocess.Popen(
+        with open(out / "flwr.log", "w", encoding="utf-8") as log, subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         ) as proc:
             assert proc.stdout is not None
-            _relay(proc.stdout, log, verbose=args.verbose, started=started)
-            try:
-                proc.wait(timeout=args.timeout)
-            except subprocess.TimeoutExpired:
+
+            def stop() -> None:
+                timed_out.set()
                 proc.kill()
-                print(f"fedshift simulate: timed out after {args.timeout} s", file=sys.stderr)
+
+            timer = threading.Timer(timeout, stop) if timeout else None
+            if timer:
+                timer.daemon = True
+                timer.start()
+            try:
+                _relay(proc.stdout, log, verbose=verbose, started=started, stream=stream)
+                proc.wait()
+            finally:
+                if timer:
+                    timer.cancel()
+        if timed_out.is_set():
+            print(f"fedshift simulate: timed out after {timeout:g} s", file=stream, flush=True)
         status = run_status(flwr_home, env)
         # the stream can end a moment before the SuperLink records the run as finished
         deadline = time.time() + 30
@@ -204,15 +225,12 @@ def simulate(args: argparse.Namespace) -> int:
         shutil.rmtree(flwr_home, ignore_errors=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    wall = time.time() - started
-    metrics = out / "metrics.json"
-    ok = status == "finished:completed" and metrics.is_file()
-    print(f"\nflower run status: {status}; wall time {wall:.0f} s; log {log_path}")
-    if ok:
-        print(f"metrics: {metrics} and {out / 'metrics.csv'}; checkpoints: {out / 'checkpoints'}")
-        return 0
-    print("fedshift simulate: the run did not complete; see the log above and " + str(log_path), file=sys.stderr)
-    return 1
+    result = SimulationResult(status, time.time() - started, out, timed_out.is_set())
+    print(f"\nflower run status: {status}; wall time {result.seconds:.0f} s; log {result.log}", file=stream, flush=True)
+    if result.ok:
+        print(f"metrics: {result.metrics} and {out / 'metrics.csv'}; checkpoints: {out / 'checkpoints'}",
+              file=stream, flush=True)
+    return result
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -221,14 +239,14 @@ def _terminate(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def _relay(stream: Any, log: Any, verbose: bool, started: float) -> None:
+def _relay(lines: Any, log: Any, verbose: bool, started: float, stream: TextIO) -> None:
     """Copy Flower's stream to ``log``; show round progress and fedshift's tables.
 
     Flower prints each log record twice when streaming (coloured, then dated); the
     dated copy and its continuation lines are skipped.
     """
     dated = in_table = False
-    for raw in stream:
+    for raw in lines:
         log.write(raw)
         line = raw.rstrip("\n")
         if _DATED.match(line):
@@ -240,47 +258,12 @@ def _relay(stream: Any, log: Any, verbose: bool, started: float) -> None:
         elif dated:
             continue
         if verbose:
-            print(line, flush=True)
+            print(line, file=stream, flush=True)
             continue
         if m := re.search(r"\[ROUND (\d+)/(\d+)\]", line):
-            print(f"[{time.time() - started:6.0f} s] round {m.group(1)}/{m.group(2)} …", flush=True)
+            print(f"[{time.time() - started:6.0f} s] round {m.group(1)}/{m.group(2)} …", file=stream, flush=True)
         elif line.startswith("round ") and "ε is cumulative" in line:
             in_table = True
-            print(line, flush=True)
+            print(line, file=stream, flush=True)
         elif in_table or line.startswith("fedshift:") or "ERROR" in raw or "Traceback" in line:
-            print(line, flush=True)
-
-
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "simulate",
-        help="run the federated DP simulation (one SuperNode per silo)",
-        description=(
-            "Run fedshift's Flower app as a local simulation with one SuperNode per silo of\n"
-            "DATASET: each silo fine-tunes LoRA adapters with Opacus DP-SGD, the server\n"
-            "averages them (FedAvg). Prints a per-round table (silo, loss, cumulative ε,\n"
-            "next-category accuracy, NDCG@10) and writes to OUT:\n"
-            "  metrics.json, metrics.csv   every silo's train/eval metrics per round (round 0 =\n"
-            "                              the untrained model)\n"
-            "  checkpoints/round-NNN/      peft adapter folder + heads + fedshift.json\n"
-            "  flwr.log                    Flower's full log\n\n"
-            "This is `flwr run .` with a private FLWR_HOME; the local SuperLink it starts is\n"
-            "stopped at the end. Exit status: 0 when Flower reports the run completed."
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
-                   help="quick: 3 rounds × 8 DP steps, 64 tokens (≈10 min on 2 CPU cores); full: 10 × 40, 128 tokens")
-    p.add_argument("--dataset", metavar="DIR", help="dataset folder (default: bundled data/amazon-art-office)")
-    p.add_argument("--base-model", metavar="DIR", help="local BERT checkpoint (default: bundled all-MiniLM-L6-v2)")
-    p.add_argument("--out", metavar="DIR", help="results folder (default: runs/<timestamp>)")
-    p.add_argument("--rounds", type=int, help="server rounds (overrides the preset)")
-    p.add_argument("--epsilon", type=float, help="total ε budget per silo for the whole run")
-    p.add_argument("--seed", type=int, help="seed of the initial model, sampling and noise")
-    p.add_argument("--no-dp", action="store_true", help="train without DP-SGD (a non-private baseline)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="any [tool.flwr.app.config] key, e.g. --set local-steps=16 (repeatable)")
-    p.add_argument("--timeout", type=int, default=3600, help="seconds before the run is stopped (default 3600)")
-    p.add_argument("-v", "--verbose", action="store_true", help="show Flower's whole log")
-    p.set_defaults(func=simulate)
-    return p
+            print(line, file=stream, flush=True)

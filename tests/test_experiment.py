@@ -1,6 +1,7 @@
 """`fedshift experiment --preset smoke`: the whole grid (baselines, federated DP, local-only,
 centralised, leave-one-platform-out) on a generated 2-platform dataset and a tiny BERT,
-through real `fedshift simulate` runs; checks the table, the CSV and the plots."""
+through real simulations (fedshift.simulation.run_simulation, as `fedshift simulate`); checks
+the table, the CSV, the plots, and that the prose of results.md quotes the preset."""
 
 from __future__ import annotations
 
@@ -83,6 +84,10 @@ def test_markdown_table(smoke: Path) -> None:
     text = (smoke / "results.md").read_text()
     assert "| method | ε (per silo) | δ |" in text and "95 % paired-bootstrap interval" in text
     assert "smoke preset: generated data" in text and "CPU cores" in text  # caption: subsampling + machine
+    # the prose is generated from the preset and the methods that ran
+    assert "1 round × 2 local steps × batch 16 per silo" in text
+    methods = text.split("## Methods")[1].split("## Training runs")[0]
+    assert "`federated-dp-eps*` (ε ∈ {8})" in methods and "federated-nonprivate" not in methods
     for m in EXPECTED:
         assert f"| `{m}` |" in text
     assert "| `lopo-p1-to-p0-eps8` | 8 (spent" in text and "| `centralised-nonprivate` | ∞ (non-private) | – |" in text

@@ -1,0 +1,82 @@
+"""The one ``--set KEY=VALUE`` parser of the CLI (``simulate``, ``experiment``, ``audit``).
+
+Each KEY is a ``[tool.flwr.app.config]`` key (a :class:`shared_model.config.RunConfig`
+field, dashed); its VALUE is parsed by that field's type. An unknown key, a malformed item
+or a value of the wrong type raises :class:`SetError` with a one-line message, so a
+command can refuse it (exit 2) before it creates or starts anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from shared_model.config import RunConfig
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+class SetError(ValueError):
+    """A ``--set`` item that cannot be applied (one-line message)."""
+
+
+def field_types() -> dict[str, type]:
+    """Dashed run-config key → the Python type of its :class:`RunConfig` field."""
+    hints = typing.get_type_hints(RunConfig)
+    return {f.name.replace("_", "-"): hints[f.name] for f in dataclasses.fields(RunConfig) if f.name != "extra"}
+
+
+def parse_value(key: str, raw: str) -> Any:
+    """``raw`` as the type of run-config field ``key`` (``SetError`` when it is not one)."""
+    types = field_types()
+    if key not in types:
+        raise SetError(f"--set {key}: unknown key (known: the keys of pyproject.toml [tool.flwr.app.config])")
+    kind = types[key]
+    text = raw.strip()
+    if kind is bool:
+        if text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        raise SetError(f"--set {key}={raw}: expected true or false")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise SetError(f"--set {key}={raw}: expected an integer") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise SetError(f"--set {key}={raw}: expected a number") from None
+    return text.strip("'\"")
+
+
+def parse_set(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["KEY=VALUE", ...]`` → ``{dashed key: typed value}`` (later items win)."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SetError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = parse_value(key.strip(), raw)
+    return out
+
+
+def updated(cfg: RunConfig, values: Mapping[str, Any]) -> RunConfig:
+    """``cfg`` with some dashed keys changed, validated like any run config."""
+    return RunConfig.from_run_config({**cfg.to_run_config(), **values})
+
+
+def add_set_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """The ``--set KEY=VALUE`` option (repeatable), parsed later by :func:`parse_set`."""
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help=help)
+
+
+def refuse(command: str, error: Exception) -> int:
+    """Print ``fedshift COMMAND: error`` on one line to stderr; the exit status 2."""
+    print(f"fedshift {command}: {error}", file=sys.stderr)
+    return 2

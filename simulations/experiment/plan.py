@@ -1,0 +1,231 @@
+"""The experiment's presets and plan: which training runs a preset needs, which methods
+(rows of the results table) they provide, and how long they should take.
+
+Methods:
+
+* ``most-popular``, ``category-markov``, ``history-logit``, ``item-cooccurrence``: the
+  non-learned baselines of :mod:`simulations.baselines` (fitted on the train split of every
+  silo; centralised, so not private: ε = ∞).
+* ``federated-dp-eps{ε}``: a federated simulation on every silo with total budget ε per silo.
+* ``federated-nonprivate``: the same without DP.
+* ``local-only-eps{ε}``: one simulation per silo on a dataset view holding only that silo;
+  each held-out user is scored by the model of their own silo.
+* ``centralised-nonprivate``: :mod:`simulations.experiment.centralised`.
+* ``lopo-{A}-to-{B}-eps{ε}``: leave-one-platform-out, federated DP on platform A's silos,
+  evaluated on platform B's held-out users.
+
+Two training runs with the same silos and settings are run once and shared (with one region
+per platform, the local-only run of a platform's only silo *is* its LOPO run). Every text
+that quotes a preset's numbers (CLI help, results.md) is generated here from the preset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from shared_model.config import RunConfig
+
+BASELINES = ("most-popular", "category-markov", "history-logit", "item-cooccurrence")
+
+
+@dataclass(frozen=True)
+class ExperimentPreset:
+    """One grid: what to train, how long, and how to evaluate."""
+
+    name: str
+    data: str  # what data and encoder it uses (no numbers of the training budget)
+    overrides: dict[str, Any]  # run-config overrides of every training run
+    epsilons: tuple[float, ...] = (1.0, 4.0, 8.0)
+    local_epsilon: float = 8.0  # ε of local-only and leave-one-platform-out runs
+    federated_nonprivate: bool = True
+    local_only: bool = True
+    centralised: bool = True
+    lopo: bool = True
+    split: str = "test"
+    max_users: int = 0  # per platform group; 0 = every held-out user
+    bootstrap: int = 1000
+    seed: int = 0
+    generated: dict[str, Any] | None = None  # smoke: generate a dataset + tiny BERT when none is given
+    note: str = ""  # caveat for the caption of results.md
+    target_minutes: float | None = None  # the training budget is sized to fit this on 2 CPU cores
+    # time model (seconds): per simulation overhead, per silo-step, per silo-round evaluation,
+    # and a full evaluation of one checkpoint on every held-out user of the split
+    sim_overhead_s: float = 35.0
+    step_s: float = 1.2
+    silo_eval_s: float = 4.0
+    full_eval_s: float = 60.0
+
+    def config(self) -> RunConfig:
+        """The typed run config every training run starts from (defaults + overrides)."""
+        return RunConfig.from_run_config({**RunConfig().to_run_config(), **self.overrides})
+
+
+EXPERIMENT_PRESETS: dict[str, ExperimentPreset] = {
+    "smoke": ExperimentPreset(
+        name="smoke",
+        data="mechanics only: generated 2-platform data (unless --dataset), tiny random BERT (unless --base-model)",
+        overrides={"num-server-rounds": 1, "local-steps": 2, "batch-size": 16, "max-eval-users": 16},
+        epsilons=(8.0,),
+        local_epsilon=8.0,
+        federated_nonprivate=False,  # the same code path as federated DP (dp = false); saves one simulation
+        bootstrap=100,
+        generated={"users": 160, "platforms": 2, "regions": 1, "seed": 1},
+        note="smoke preset: generated data, random tiny BERT; numbers are meaningless",
+        target_minutes=3,
+        sim_overhead_s=35.0, step_s=0.1, silo_eval_s=1.0, full_eval_s=5.0,
+    ),
+    "paper": ExperimentPreset(
+        name="paper",
+        data="bundled Amazon arts/office data, bundled all-MiniLM-L6-v2",
+        overrides={"num-server-rounds": 3, "local-steps": 16, "batch-size": 32, "max-seq-len": 64,
+                   "max-eval-users": 128},
+        epsilons=(1.0, 4.0, 8.0),
+        local_epsilon=8.0,
+        bootstrap=1000,
+        target_minutes=60,
+    ),
+}
+
+
+def training_budget(preset: ExperimentPreset) -> str:
+    """E.g. ``3 rounds × 16 local steps × batch 32 per silo, histories truncated to 64 tokens``."""
+    cfg = preset.config()
+    rounds = f"{cfg.num_server_rounds} round{'s' if cfg.num_server_rounds != 1 else ''}"
+    return (f"{rounds} × {cfg.local_steps} local steps × batch {cfg.batch_size} per silo, histories truncated "
+            f"to {cfg.max_seq_len} tokens")
+
+
+def summary(preset: ExperimentPreset) -> str:
+    """One line: the data and the training budget."""
+    return f"{preset.data}; {training_budget(preset)}"
+
+
+def caption_note(preset: ExperimentPreset) -> str:
+    """What the caption of results.md says about the preset's budget."""
+    cfg = preset.config()
+    fit = f" to fit {preset.target_minutes:g} min on 2 CPU cores" if preset.target_minutes else ""
+    validation = (f"≤{cfg.max_eval_users} users per silo" if cfg.max_eval_users else "every validation user")
+    users = (f"a seeded subset of ≤{preset.max_users} held-out {preset.split} users per platform" if preset.max_users
+             else f"every held-out {preset.split} user")
+    text = (f"training budget{fit}: {training_budget(preset)} (Poisson-sampled users, one random history cut per "
+            f"user and step), per-round validation on {validation}; the table uses {users}")
+    return f"{preset.note}; {text}" if preset.note else text
+
+
+def help_text(preset: ExperimentPreset) -> str:
+    """The preset's paragraph of ``fedshift experiment --help``."""
+    cfg = preset.config()
+    eps = ", ".join(f"{e:g}" for e in preset.epsilons)
+    fit = f"; planned for < {preset.target_minutes:g} min on 2 CPU cores" if preset.target_minutes else ""
+    rows = [name for name, on in (("federated-nonprivate", preset.federated_nonprivate),
+                                   ("local-only", preset.local_only), ("centralised", preset.centralised),
+                                   ("lopo", preset.lopo)) if on]
+    return (f"{preset.data}; ε in {{{eps}}}; {training_budget(preset)}; δ = {cfg.delta:g}; "
+            f"also {', '.join(rows) or 'nothing else'}; {preset.split} split, {preset.bootstrap} bootstrap "
+            f"resamples{fit}")
+
+
+def preset_with(preset: ExperimentPreset, **changes: Any) -> ExperimentPreset:
+    """A copy of ``preset`` with some fields changed (CLI flags; None = unchanged)."""
+    return replace(preset, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclass
+class TrainRun:
+    """One training run (a federated simulation or the centralised trainer)."""
+
+    key: str  # folder name under OUT/runs
+    kind: str  # "federated" | "centralised"
+    silos: tuple[str, ...]
+    dp: bool
+    epsilon: float | None
+    estimate_s: float = 0.0
+    seconds: float = 0.0
+    status: str = "pending"
+
+
+@dataclass
+class Method:
+    """One row family: which run(s) provide the model for which groups."""
+
+    name: str
+    family: str  # baseline | federated-dp | federated-nonprivate | local-only | centralised | lopo
+    runs: tuple[str, ...] = ()  # TrainRun keys; local-only: one per silo
+    epsilon: float | None = None  # None = not private (∞)
+    train_platforms: tuple[str, ...] = ()
+    eval_platforms: tuple[str, ...] | None = None  # None = every platform + overall
+    silo_of_run: dict[str, str] = field(default_factory=dict)  # local-only: silo -> run key
+
+
+@dataclass
+class Plan:
+    preset: ExperimentPreset
+    dataset: Path
+    base_model: str | None
+    silos: dict[str, str]  # silo -> platform
+    runs: dict[str, TrainRun]
+    methods: list[Method]
+
+    def estimate_s(self) -> float:
+        return sum(r.estimate_s for r in self.runs.values()) + sum(self.eval_estimate(m) for m in self.methods)
+
+    def eval_estimate(self, m: Method) -> float:
+        if m.family == "baseline":
+            return 2.0
+        if m.eval_platforms is None:
+            return self.preset.full_eval_s
+        share = sum(1 for p in self.silos.values() if p in m.eval_platforms) / max(len(self.silos), 1)
+        return self.preset.full_eval_s * share
+
+
+def eps_label(eps: float) -> str:
+    return f"{eps:g}".replace(".", "p")
+
+
+def make_plan(preset: ExperimentPreset, dataset: Path, base_model: str | None) -> Plan:
+    from shared_model.dataset import list_silos, load_catalogue, load_silo
+
+    catalogue = load_catalogue(dataset)
+    silos = {s: load_silo(dataset / "silos" / s, catalogue).platform for s in list_silos(dataset)}
+    platforms = [p for p in catalogue.platforms if p in silos.values()]
+    cfg = preset.config()
+    rounds, steps = cfg.num_server_rounds, cfg.local_steps
+    runs: dict[str, TrainRun] = {}
+    methods: list[Method] = [Method(n, "baseline") for n in BASELINES]
+
+    def fed_run(subset: Sequence[str], dp: bool, eps: float | None) -> str:
+        subset = tuple(sorted(subset))
+        tag = "all" if len(subset) == len(silos) else "+".join(subset)
+        key = f"fed-{tag}-" + (f"eps{eps_label(eps)}" if dp and eps is not None else "nodp")
+        if key not in runs:
+            est = preset.sim_overhead_s + len(subset) * (rounds * (steps * preset.step_s + preset.silo_eval_s)
+                                                          + preset.silo_eval_s)
+            runs[key] = TrainRun(key, "federated", subset, dp, eps if dp else None, estimate_s=est)
+        return key
+
+    everyone = tuple(sorted(silos))
+    for eps in preset.epsilons:
+        methods.append(Method(f"federated-dp-eps{eps:g}", "federated-dp", (fed_run(everyone, True, eps),), eps,
+                              tuple(platforms)))
+    if preset.federated_nonprivate:
+        methods.append(Method("federated-nonprivate", "federated-nonprivate", (fed_run(everyone, False, None),),
+                              None, tuple(platforms)))
+    if preset.local_only:
+        per = {s: fed_run((s,), True, preset.local_epsilon) for s in everyone}
+        methods.append(Method(f"local-only-eps{preset.local_epsilon:g}", "local-only", tuple(per.values()),
+                              preset.local_epsilon, tuple(platforms), silo_of_run=per))
+    if preset.centralised:
+        est = 20.0 + len(silos) * rounds * steps * preset.step_s * 0.6  # no per-sample gradients
+        runs["centralised"] = TrainRun("centralised", "centralised", everyone, False, None, estimate_s=est)
+        methods.append(Method("centralised-nonprivate", "centralised", ("centralised",), None, tuple(platforms)))
+    if preset.lopo and len(platforms) > 1:
+        for a in platforms:
+            key = fed_run([s for s, p in silos.items() if p == a], True, preset.local_epsilon)
+            for b in platforms:
+                if b != a:
+                    methods.append(Method(f"lopo-{a}-to-{b}-eps{preset.local_epsilon:g}", "lopo", (key,),
+                                          preset.local_epsilon, (a,), eval_platforms=(b,)))
+    return Plan(preset, dataset, base_model, silos, runs, methods)

@@ -1,0 +1,209 @@
+"""Run a plan: train every run (federated ones through :func:`fedshift.simulation.run_simulation`
+with a typed :class:`~shared_model.config.RunConfig`, the centralised one through
+:func:`simulations.experiment.centralised.train_centralised`), evaluate every method and
+write the results (:func:`run_experiment`).
+
+A run's folder ``OUT/runs/<key>/`` holds its whole output (metrics.json, checkpoints/,
+ledgers, logs). A run on a subset of silos trains on a dataset *view* ``OUT/views/<key>/``
+(symlinks, nothing copied). A finished run records its settings in :data:`STAMP_FILE`, so
+``resume`` can reuse it instead of retraining.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform as platform_mod
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedshift.config_args import updated
+from shared_model.config import RunConfig
+from shared_model.io_utils import write_bytes_atomic
+from simulations.experiment.evaluate import evaluate_plan, last_checkpoint, round_curves
+from simulations.experiment.plan import ExperimentPreset, Plan, TrainRun, caption_note, make_plan, summary
+from simulations.experiment.report import write_outputs
+
+#: Written into a run's folder when it finished: its settings (:func:`run_stamp`) and seconds.
+STAMP_FILE = "experiment-run.json"
+#: Run-config keys the experiment sets for each run itself (not settable with --set).
+PER_RUN_KEYS = ("dataset", "base-model", "out-dir", "state-dir", "min-nodes", "dp", "epsilon")
+
+
+def dataset_view(dataset: Path, silos: Sequence[str], folder: Path) -> Path:
+    """A dataset folder holding only ``silos``: symlinks to the catalogue, ``dataset.json``
+    and the chosen silo folders (nothing copied, so the catalogue hash and item cache match)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("items.csv", "items.csv.gz", "dataset.json"):
+        src = dataset / name
+        if src.is_file() and not (folder / name).exists():
+            (folder / name).symlink_to(src.resolve())
+    (folder / "silos").mkdir(exist_ok=True)
+    for s in silos:
+        link = folder / "silos" / s
+        if not link.exists():
+            link.symlink_to((dataset / "silos" / s).resolve(), target_is_directory=True)
+    return folder
+
+
+def run_stamp(run: TrainRun, plan: Plan) -> dict[str, Any]:
+    """Everything that decides what a training run produces, as the experiment passes it on."""
+    overrides = plan.preset.overrides
+    return {"key": run.key, "kind": run.kind, "silos": list(run.silos), "dp": run.dp, "epsilon": run.epsilon,
+            "overrides": {k: overrides[k] for k in sorted(overrides)}, "dataset": str(plan.dataset),
+            "base-model": plan.base_model}
+
+
+def finished_seconds(run_dir: Path, stamp: Mapping[str, Any]) -> float | None:
+    """The recorded training seconds when ``run_dir`` holds a finished run with ``stamp`` and a
+    checkpoint; None otherwise (missing, unreadable, other settings, no checkpoint)."""
+    try:
+        rec = json.loads((run_dir / STAMP_FILE).read_text(encoding="utf-8"))
+        last_checkpoint(run_dir)
+    except (OSError, ValueError):
+        return None
+    if rec.get("stamp") != json.loads(json.dumps(stamp)):
+        return None
+    return float(rec.get("seconds", 0.0))
+
+
+def run_config(run: TrainRun, plan: Plan, dataset: Path) -> RunConfig:
+    """The typed config of one training run: the preset's, on ``dataset`` (the whole dataset or
+    the run's view), with the run's privacy; a federated run waits for each of its silos."""
+    values: dict[str, Any] = {"dataset": str(dataset.resolve())}
+    if plan.base_model:
+        values["base-model"] = plan.base_model
+    if run.kind == "federated":
+        values |= {"dp": True, "epsilon": float(run.epsilon)} if run.dp else {"dp": False}  # type: ignore[arg-type]
+        values["min-nodes"] = len(run.silos)
+    else:
+        values["dp"] = False
+    return updated(plan.preset.config(), values)
+
+
+def train(run: TrainRun, plan: Plan, out: Path, timeout: int) -> None:
+    """Train one run into ``OUT/runs/<key>`` (``RuntimeError`` when a simulation does not complete)."""
+    run_dir = out / "runs" / run.key
+    if run.kind == "centralised":
+        from simulations.experiment.centralised import train_centralised
+
+        train_centralised(run_config(run, plan, plan.dataset), run_dir)
+        return
+    from fedshift.simulation import run_simulation
+
+    data = plan.dataset if len(run.silos) == len(plan.silos) else dataset_view(plan.dataset, run.silos,
+                                                                               out / "views" / run.key)
+    cfg = run_config(run, plan, data)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "simulate.log", "w", encoding="utf-8") as log:
+        changed = {k: v for k, v in cfg.to_run_config().items() if v != getattr(RunConfig(), k.replace("-", "_"))}
+        log.write(f"run_simulation {run.key}: {json.dumps(changed)}\n")
+        log.flush()
+        result = run_simulation(cfg, run_dir, timeout=timeout, stream=log)
+    if not result.ok:
+        raise RuntimeError(f"run {run.key}: the simulation ended with status {result.status!r}; see "
+                           f"{run_dir / 'simulate.log'}")
+
+
+def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = None, base_model: str | None = None,
+                   timeout: int = 3600, log: Callable[[str], None] = print, dry_run: bool = False,
+                   resume: bool = False) -> dict[str, Any]:
+    """Train every run of the plan, evaluate every method, write the results into ``out``.
+
+    ``resume``: a run whose folder records (:data:`STAMP_FILE`) that it finished with the same
+    settings (:func:`run_stamp`) is reused instead of retrained; evaluation always reruns."""
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    def clock() -> str:
+        return f"[{time.time() - started:6.0f} s]"
+
+    if dataset is None and preset.generated is not None:
+        dataset, base_model = _generated_inputs(preset, out, base_model)
+    dataset = Path(dataset).expanduser().resolve() if dataset else RunConfig().dataset_dir()
+    base_model = str(Path(base_model).expanduser().resolve()) if base_model else None
+    plan = make_plan(preset, dataset, base_model)
+    cfg = preset.config()
+    log(f"fedshift experiment: preset {preset.name} ({summary(preset)})")
+    log(f"dataset {dataset} ({len(plan.silos)} silos: {', '.join(f'{s}={p}' for s, p in plan.silos.items())}); "
+        f"base model {base_model or 'bundled'}; {cfg.num_server_rounds} round(s) × {cfg.local_steps} local steps; "
+        f"split {preset.split}")
+    log(f"{len(plan.runs)} training runs, {len(plan.methods)} methods; estimated time "
+        f"{plan.estimate_s() / 60:.1f} min (item-index embedding of the catalogue not included when uncached):")
+    for r in plan.runs.values():
+        log(f"  {r.key:<34} {len(r.silos)} silo(s), {'DP ε=%g' % r.epsilon if r.dp else 'no DP'}: ≈{r.estimate_s:.0f} s")
+    log(f"  evaluation: ≈{sum(plan.eval_estimate(m) for m in plan.methods):.0f} s")
+    if dry_run:
+        return {"plan": plan}
+
+    for n, run in enumerate(plan.runs.values(), 1):
+        t0 = time.time()
+        run_dir = out / "runs" / run.key
+        stamp = run_stamp(run, plan)
+        if resume and (seconds := finished_seconds(run_dir, stamp)) is not None:
+            run.seconds, run.status = seconds, "reused"
+            log(f"{clock()} run {n}/{len(plan.runs)} {run.key}: reused (finished, same settings; trained in "
+                f"{seconds:.0f} s)")
+            continue
+        log(f"{clock()} run {n}/{len(plan.runs)} {run.key} (≈{run.estimate_s:.0f} s) …")
+        (run_dir / STAMP_FILE).unlink(missing_ok=True)
+        train(run, plan, out, timeout)
+        run.seconds, run.status = time.time() - t0, "done"
+        write_bytes_atomic(run_dir / STAMP_FILE, json.dumps(
+            {"stamp": stamp, "seconds": round(run.seconds, 1),
+             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2).encode())
+        log(f"{clock()} run {n}/{len(plan.runs)} {run.key} done in {run.seconds:.0f} s")
+
+    evaluated = evaluate_plan(plan, out, log, clock)
+    doc = {
+        "preset": preset.name,
+        "summary": summary(preset),
+        "subsampling": caption_note(preset),
+        "dataset": str(dataset),
+        "base-model": base_model or "bundled all-MiniLM-L6-v2",
+        "split": preset.split,
+        "bootstrap-reps": preset.bootstrap,
+        "seed": preset.seed,
+        "max-users": preset.max_users,
+        "reference": "most-popular",
+        "users": evaluated["users"],
+        "overrides": preset.overrides,
+        "training": {"num-server-rounds": cfg.num_server_rounds, "local-steps": cfg.local_steps,
+                     "batch-size": cfg.batch_size, "max-seq-len": cfg.max_seq_len, "delta": cfg.delta},
+        "runs": {k_: {"silos": list(r.silos), "dp": r.dp, "epsilon": r.epsilon, "seconds": round(r.seconds, 1),
+                      "estimate-seconds": round(r.estimate_s, 1), "status": r.status} for k_, r in plan.runs.items()},
+        "methods": evaluated["methods"],
+        "curves": {key: round_curves(out / "runs" / key) for key, r in plan.runs.items() if r.kind == "federated"},
+        "machine": machine_description(),
+        "seconds": round(time.time() - started, 1),
+    }
+    written = write_outputs(doc, out)
+    log(f"{clock()} wrote {out / 'results.md'}, results.csv, results.json and {len(written)} plots "
+        f"({', '.join(written)})")
+    return doc
+
+
+def _generated_inputs(preset: ExperimentPreset, out: Path, base_model: str | None) -> tuple[Path, str]:
+    from shared_model.encoder import write_tiny_bert
+    from simulations.generator import generate
+
+    data = out / "smoke-data"
+    if not (data / "silos").is_dir():
+        generate(data, **dict(preset.generated or {}))
+    if base_model is None:
+        bert = out / "tiny-bert"
+        if not (bert / "config.json").is_file():
+            write_tiny_bert(bert, seed=0)
+        base_model = str(bert)
+    return data, base_model
+
+
+def machine_description() -> str:
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform_mod.machine()} {platform_mod.system()}, {cores} CPU cores available, {dev}, torch {torch.__version__}"
