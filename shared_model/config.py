@@ -1,13 +1,20 @@
 """The run configuration: every knob of ``[tool.flwr.app.config]`` as one typed object.
 
-The defaults in ``pyproject.toml`` are the ``quick`` preset; :data:`PRESETS` holds the
-overrides that ``fedshift simulate --preset NAME`` passes as Flower run-config.
+``pyproject.toml`` ``[tool.flwr.app.config]`` and the field defaults below are the same
+numbers (``tests/test_config.py`` holds them equal); they are the ``quick`` preset, and
+:data:`PRESETS` holds the overrides that ``fedshift simulate --preset NAME`` applies.
+
+Every value is checked for type and range when a config is built: an unknown key, a value
+of the wrong type (``dp=ture``, ``epsilon=abc``) or out of range (``epsilon=0``,
+``delta=2``, ``local-steps=0``) raises :class:`ConfigError` naming the key, before anything
+starts or is written.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +34,55 @@ PRESETS: dict[str, dict[str, Any]] = {
 #: ``frozen``: base-encoder item embeddings, cached once per base model (shared_model.item_index);
 #: ``adapted``: items re-encoded by the LoRA encoder inside each example's forward.
 ITEM_TOWERS = ("frozen", "adapted")
+
+
+class ConfigError(ValueError):
+    """A run-config key that is unknown or a value of the wrong type or range: ``str(e)``
+    is one line, ``config KEY = VALUE: reason``."""
+
+
+ACCOUNTANTS = ("rdp", "prv", "gdp")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
+DEVICES = ("auto", "cpu", "cuda")
+
+#: Range rules: key → (predicate, what it must be). Checked in :meth:`RunConfig.__post_init__`.
+_POSITIVE = (lambda v: v > 0, "must be > 0")
+_AT_LEAST_1 = (lambda v: v >= 1, "must be ≥ 1")
+_NON_NEGATIVE = (lambda v: v >= 0, "must be ≥ 0")
+RULES: dict[str, tuple[Any, str]] = {
+    "seed": (lambda v: 0 <= v < 2**63, "must be in [0, 2^63)"),
+    "num-server-rounds": _AT_LEAST_1,
+    "fraction-train": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "min-nodes": _AT_LEAST_1,
+    "device": (lambda v: v in DEVICES or (v.startswith("cuda:") and v[5:].isdigit()), "must be auto, cpu, cuda or cuda:N"),
+    "max-seq-len": (lambda v: v >= 8, "must be ≥ 8 tokens"),
+    "max-item-tokens": (lambda v: v >= 4, "must be ≥ 4 tokens"),
+    "lora-rank": _AT_LEAST_1,
+    "lora-alpha": _POSITIVE,
+    "lora-dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "lora-target-modules": (lambda v: any(m.strip() for m in v.split(",")), "must name at least one module"),
+    "item-tower": (lambda v: v in ITEM_TOWERS, f"must be one of {', '.join(ITEM_TOWERS)}"),
+    "num-negatives": _AT_LEAST_1,
+    "tower-negatives": _NON_NEGATIVE,
+    "logit-scale": _POSITIVE,
+    "category-prior-weight": _NON_NEGATIVE,
+    "item-loss-weight": _NON_NEGATIVE,
+    "category-loss-weight": _NON_NEGATIVE,
+    "migration-k": _AT_LEAST_1,
+    "learning-rate": _POSITIVE,
+    "head-learning-rate": _NON_NEGATIVE,
+    "local-steps": _AT_LEAST_1,
+    "batch-size": _AT_LEAST_1,
+    "epsilon": _POSITIVE,
+    "delta": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "max-grad-norm": _POSITIVE,
+    "accountant": (lambda v: v in ACCOUNTANTS, f"must be one of {', '.join(ACCOUNTANTS)}"),
+    "grad-sample-mode": (lambda v: v in GRAD_SAMPLE_MODES, f"must be one of {', '.join(GRAD_SAMPLE_MODES)}"),
+    "silo-lifetime-epsilon": _NON_NEGATIVE,
+    "max-eval-users": _NON_NEGATIVE,
+    "eval-batch-size": _AT_LEAST_1,
+    "eval-candidates": _NON_NEGATIVE,
+}
 
 
 @dataclass(frozen=True)
@@ -78,38 +134,45 @@ class RunConfig:
     max_eval_users: int = 256
     eval_batch_size: int = 64
     eval_candidates: int = 1000
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        if self.item_tower not in ITEM_TOWERS:
-            raise ValueError(f"config item-tower = {self.item_tower!r}: expected one of {', '.join(ITEM_TOWERS)}")
+        for f in dataclasses.fields(self):
+            key = f.name.replace("_", "-")
+            value = _coerce(key, f.default, getattr(self, f.name))
+            object.__setattr__(self, f.name, value)
+            rule = RULES.get(key)
+            if rule and not rule[0](value):
+                raise ConfigError(f"config {key} = {value!r}: {rule[1]}")
         if self.item_tower == "adapted" and self.tower_negatives < 1:
-            raise ValueError(f"config tower-negatives = {self.tower_negatives}: the adapted tower needs at least 1")
+            raise ConfigError(f"config tower-negatives = {self.tower_negatives}: the adapted tower needs at least 1")
         if self.item_tower == "adapted" and self.dp and self.grad_sample_mode == "ew":
-            raise ValueError("config item-tower = 'adapted' needs grad-sample-mode 'hooks' or 'functorch' "
-                             "(per-row gradients are summed per example; 'ew' has no per-row gradients)")
+            raise ConfigError("config item-tower = 'adapted' needs grad-sample-mode 'hooks' or 'functorch' "
+                              "(per-row gradients are summed per example; 'ew' has no per-row gradients)")
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """Every run-config key (dashed), in declaration order."""
+        return [f.name.replace("_", "-") for f in dataclasses.fields(cls)]
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> "RunConfig":
-        """Build from Flower's run config; unknown keys are kept in ``extra``."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        extra: dict[str, Any] = {}
-        for key, value in run_config.items():
-            name = key.replace("-", "_")
-            if name in names and name != "extra":
-                kwargs[name] = _coerce(cls, name, value)
-            else:
-                extra[key] = value
-        return cls(**kwargs, extra=extra)
+        """Build from Flower's run config (dashed keys); missing keys take their defaults.
+
+        Raises :class:`ConfigError` for an unknown key or a bad value."""
+        known = set(cls.keys())
+        unknown = sorted(k for k in run_config if k not in known)
+        if unknown:
+            raise ConfigError(f"config {unknown[0]}: unknown key (known keys: pyproject.toml [tool.flwr.app.config])")
+        return cls(**{k.replace("-", "_"): v for k, v in run_config.items()})
 
     def to_run_config(self) -> dict[str, Any]:
-        """The inverse of :meth:`from_run_config` (dashed keys, no ``extra``)."""
-        return {
-            f.name.replace("_", "-"): getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name != "extra"
-        }
+        """The inverse of :meth:`from_run_config` (dashed keys)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **dashed: Any) -> "RunConfig":
+        """A new, validated config with some values changed, by dashed key:
+        ``cfg.replace(**{"num-server-rounds": 3, "dp": False})``."""
+        return self.from_run_config({**self.to_run_config(), **dashed})
 
     @property
     def target_modules(self) -> list[str]:
@@ -148,14 +211,41 @@ def bundled_dataset() -> Path:
     return DEFAULT_DATASET
 
 
-def _coerce(cls: type, name: str, value: Any) -> Any:
-    default = next(f.default for f in dataclasses.fields(cls) if f.name == name)
+def _coerce(key: str, default: Any, value: Any) -> Any:
+    """``value`` as the type of ``default``, strictly: a bool is ``true``/``false`` (or a real
+    bool), a number must parse whole and be finite; anything else raises :class:`ConfigError`."""
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"config {key} = {value!r}: {why}")
+
     if isinstance(default, bool):
-        if isinstance(value, str):
-            return value.strip().lower() in {"1", "true", "yes", "on"}
-        return bool(value)
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in {"true", "false"}:
+            return value.strip().lower() == "true"
+        raise bad("expected true or false")
     if isinstance(default, int):
-        return int(value)
+        if isinstance(value, bool):
+            raise bad("expected an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise bad("expected an integer")
     if isinstance(default, float):
-        return float(value)
-    return str(value)
+        if isinstance(value, bool):
+            raise bad("expected a number")
+        try:
+            number = float(value.strip() if isinstance(value, str) else value)
+        except (TypeError, ValueError):
+            raise bad("expected a number") from None
+        if not math.isfinite(number):
+            raise bad("expected a finite number")
+        return number
+    if not isinstance(value, str):
+        raise bad("expected a string")
+    return value

@@ -43,8 +43,8 @@ class HistoryFeatureHead(nn.Module):
     """``logit_c += Σ_f f_cf · (θ_f + δ_cf)``: a conditional logit over the per-category history
     features (:mod:`shared_model.interest_features`) with weights θ shared by all categories
     plus a per-category correction δ (both start at zero). δ lets one platform's categories
-    weigh history differently from another's: on office one class holds 87 % of next
-    events, so the best use of the history there is to mostly ignore it, unlike arts.
+    weigh history differently from another's (where one class dominates a platform's next
+    events, the best use of the history there is to mostly ignore it).
     Opacus has no grad sampler for this layer and computes its per-sample gradients with
     functorch (``grad-sample-mode = hooks`` falls back per layer)."""
 

@@ -32,7 +32,7 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 platforms × 1 region, 240 users: 3 silos with planted migration."""
-    from simulations.generator import generate
+    from simulations.datasets.generator import generate
 
     out = tmp_path_factory.mktemp("gen") / "ds"
     generate(out, users=240, platforms=3, regions=1, seed=1)

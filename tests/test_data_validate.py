@@ -12,7 +12,7 @@ import pytest
 from fedshift.data_cmd import main as data_main
 from shared_model.dataset import load_catalogue, load_silo, validate_dataset
 from shared_model.schema import DataError
-from simulations.generator import generate
+from simulations.datasets.generator import generate
 
 SILO = "silos/p0-r0"
 

@@ -137,7 +137,7 @@ def test_bad_tower_settings_are_named() -> None:
 
 def test_tower_benchmark_prints_both_towers(small_dataset: Path, tiny_bert: Path, cache_dir: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    from simulations.bench_item_tower import main
+    from simulations.benchmarks.item_tower import main
 
     assert main(["--steps", "1", "--negatives", "2", "--batch-size", "8", "--dataset", str(small_dataset),
                  "--base-model", str(tiny_bert)]) == 0

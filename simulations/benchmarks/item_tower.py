@@ -4,7 +4,7 @@ One silo of the bundled data (or ``--dataset``), the bundled encoder (or ``--bas
 ``--steps`` DP-SGD steps per setting after one warm-up step; prints seconds per step and the
 ratio to the frozen tower, all measured in this one run::
 
-    python -m simulations.bench_item_tower --steps 3 --negatives 7 15
+    python -m simulations.benchmarks.item_tower --steps 3 --negatives 7 15
 """
 
 from __future__ import annotations

@@ -146,7 +146,7 @@ def generate(
         "name": out_dir.name,
         "platforms": plats,
         "regions": regions,
-        "source": "synthetic: simulations.generator (planted interest migration)",
+        "source": "synthetic: simulations.datasets.generator (planted interest migration)",
         "interest_level": 2,
         "migration_k": k,
         "format_version": 1,
@@ -161,7 +161,7 @@ def generate(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m simulations.generator",
+        prog="python -m simulations.datasets.generator",
         description="Write a synthetic fedshift dataset with planted interest migration: PLATFORMS x REGIONS "
                     "silos, generated items per category, a ground-truth category trajectory per user, and "
                     "truth.csv with the planted migration flag of every user's next event.",

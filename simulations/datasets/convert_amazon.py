@@ -147,7 +147,7 @@ def convert(raw_dir: Path, out_dir: Path, regions: int = 2) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m simulations.convert_amazon",
+        prog="python -m simulations.datasets.convert_amazon",
         description="Convert the raw Amazon Arts-Office folder (URLLM cut) into a fedshift dataset: "
                     "items.csv.gz, dataset.json and silos/<platform>-r<region>/{users,events}.csv.gz. "
                     "The output is reproducible byte for byte.",
