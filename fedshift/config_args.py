@@ -2,8 +2,9 @@
 
 Each KEY is a ``[tool.flwr.app.config]`` key (a :class:`shared_model.config.RunConfig`
 field, dashed); its VALUE is parsed by that field's type. An unknown key, a malformed item
-or a value of the wrong type raises :class:`SetError` with a one-line message, so a
-command can refuse it (exit 2) before it creates or starts anything.
+or a value of the wrong type raises :class:`SetError` (a ``ConfigError``) with a one-line
+message, so a command can refuse it (exit 2) before it creates or starts anything; ranges
+are checked when the config is built (``RunConfig.replace``).
 """
 
 from __future__ import annotations
@@ -12,23 +13,19 @@ import argparse
 import dataclasses
 import sys
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from shared_model.config import RunConfig
+from shared_model.config import ConfigError, RunConfig
 
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
-
-
-class SetError(ValueError):
+class SetError(ConfigError):
     """A ``--set`` item that cannot be applied (one-line message)."""
 
 
 def field_types() -> dict[str, type]:
     """Dashed run-config key → the Python type of its :class:`RunConfig` field."""
     hints = typing.get_type_hints(RunConfig)
-    return {f.name.replace("_", "-"): hints[f.name] for f in dataclasses.fields(RunConfig) if f.name != "extra"}
+    return {f.name.replace("_", "-"): hints[f.name] for f in dataclasses.fields(RunConfig)}
 
 
 def parse_value(key: str, raw: str) -> Any:
@@ -39,8 +36,8 @@ def parse_value(key: str, raw: str) -> Any:
     kind = types[key]
     text = raw.strip()
     if kind is bool:
-        if text.lower() in _TRUE | _FALSE:
-            return text.lower() in _TRUE
+        if text.lower() in {"true", "false"}:
+            return text.lower() == "true"
         raise SetError(f"--set {key}={raw}: expected true or false")
     if kind is int:
         try:
@@ -64,11 +61,6 @@ def parse_set(items: Sequence[str] | None) -> dict[str, Any]:
             raise SetError(f"--set expects KEY=VALUE, got {item!r}")
         out[key.strip()] = parse_value(key.strip(), raw)
     return out
-
-
-def updated(cfg: RunConfig, values: Mapping[str, Any]) -> RunConfig:
-    """``cfg`` with some dashed keys changed, validated like any run config."""
-    return RunConfig.from_run_config({**cfg.to_run_config(), **values})
 
 
 def add_set_argument(parser: argparse.ArgumentParser, help: str) -> None:

@@ -8,13 +8,13 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from fedshift.config_args import add_set_argument, parse_set, refuse, updated
+from fedshift.config_args import add_set_argument, parse_set, refuse
 from shared_model.config import PRESETS, RunConfig
 
 
 def simulate_config(args: argparse.Namespace) -> RunConfig:
     """The preset, then the flags, then ``--set`` items, as one validated config
-    (``ValueError`` on an unknown key or a bad value; nothing is created)."""
+    (``shared_model.config.ConfigError`` on an unknown key or a bad value; nothing is created)."""
     from shared_model.dataset import list_silos
 
     sets = parse_set(args.set)
@@ -28,9 +28,9 @@ def simulate_config(args: argparse.Namespace) -> RunConfig:
     if args.no_dp:
         values["dp"] = False
     values.update(sets)
-    cfg = updated(RunConfig(), values)
+    cfg = RunConfig().replace(**values)
     if "min-nodes" not in values:  # a simulation waits for every silo's SuperNode
-        cfg = updated(cfg, {"min-nodes": max(len(list_silos(cfg.dataset_dir())), 1)})
+        cfg = cfg.replace(**{"min-nodes": max(len(list_silos(cfg.dataset_dir())), 1)})
     return cfg
 
 
@@ -42,7 +42,7 @@ def simulate(args: argparse.Namespace) -> int:
         cfg = simulate_config(args)
         print(f"fedshift simulate: preset {args.preset}", flush=True)
         result = run_simulation(cfg, out, verbose=args.verbose, timeout=args.timeout)
-    except ValueError as e:
+    except ValueError as e:  # ConfigError (--set, flags), or no silos / min-nodes above them
         return refuse("simulate", e)
     if result.ok:
         return 0
@@ -53,7 +53,7 @@ def simulate(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     quick = RunConfig()
-    full = updated(quick, PRESETS["full"])
+    full = quick.replace(**PRESETS["full"])
     p = sub.add_parser(
         "simulate",
         help="run the federated DP simulation (one SuperNode per silo)",

@@ -28,7 +28,6 @@ from typing import Any, TextIO
 
 import psutil
 
-from fedshift.config_args import updated
 from shared_model.config import RunConfig
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -144,7 +143,7 @@ def simulation_config(cfg: RunConfig, out: Path) -> RunConfig:
     values: dict[str, Any] = {"out-dir": str(out)}
     if not cfg.state_dir:
         values["state-dir"] = str(out / "silo-state")
-    return updated(cfg, values)
+    return cfg.replace(**values)
 
 
 def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout: float | None = None,

@@ -46,7 +46,7 @@ from shared_model.model import build_model
 
 def train_centralised(cfg: RunConfig, out: Path, progress: Any = None) -> Path:
     """Train on all silos of ``cfg.dataset`` pooled, without DP; return the checkpoint folder."""
-    cfg = RunConfig.from_run_config({**cfg.to_run_config(), "dp": False})
+    cfg = cfg.replace(dp=False)
     out = Path(out)
     dataset = cfg.dataset_dir()
     silos = list_silos(dataset)

@@ -60,7 +60,7 @@ class ExperimentPreset:
 
     def config(self) -> RunConfig:
         """The typed run config every training run starts from (defaults + overrides)."""
-        return RunConfig.from_run_config({**RunConfig().to_run_config(), **self.overrides})
+        return RunConfig().replace(**self.overrides)
 
 
 EXPERIMENT_PRESETS: dict[str, ExperimentPreset] = {

@@ -19,7 +19,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedshift.config_args import updated
 from shared_model.config import RunConfig
 from shared_model.io_utils import write_bytes_atomic
 from simulations.experiment.evaluate import evaluate_plan, last_checkpoint, round_curves
@@ -80,7 +79,7 @@ def run_config(run: TrainRun, plan: Plan, dataset: Path) -> RunConfig:
         values["min-nodes"] = len(run.silos)
     else:
         values["dp"] = False
-    return updated(plan.preset.config(), values)
+    return plan.preset.config().replace(**values)
 
 
 def train(run: TrainRun, plan: Plan, out: Path, timeout: int) -> None:
@@ -188,7 +187,7 @@ def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = N
 
 def _generated_inputs(preset: ExperimentPreset, out: Path, base_model: str | None) -> tuple[Path, str]:
     from shared_model.encoder import write_tiny_bert
-    from simulations.generator import generate
+    from simulations.datasets.generator import generate
 
     data = out / "smoke-data"
     if not (data / "silos").is_dir():
