@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader
 
-from fl_client.privacy import PrivacyState
+from shared_model.privacy.state import PrivacyState
 from fl_client.task import IGNORE_INDEX, SiloData, TrainUsers, collate
 from shared_model.item_index import ItemTokens
 from shared_model.config import RunConfig
