@@ -13,8 +13,8 @@ from opacus import GradSampleModule
 
 from fl_client.dp_train import adapted_interest_loss, fold_grad_samples, pick_device, train_round
 from fl_client.evaluate import evaluate_silo
-from fl_client.privacy import PrivacyState
 from fl_client.task import TrainUsers, evaluation_examples, open_silo
+from shared_model.privacy.state import PrivacyState
 from shared_model.adapters import get_trainable_state
 from shared_model.batches import collate
 from shared_model.config import RunConfig
