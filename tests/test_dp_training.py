@@ -50,6 +50,7 @@ def test_trainable_state_is_exactly_lora_and_heads(small_dataset: Path, tiny_ber
     assert all(torch.equal(state[k], again[k]) for k in state)
 
 
+@pytest.mark.slow  # trains with Opacus
 def test_dp_round_updates_lora_b_and_accounts_every_step(small_dataset: Path, tiny_bert: Path, cache_dir: Path) -> None:
     cfg = _cfg(small_dataset, tiny_bert)
     data = open_silo(cfg, {"partition-id": 0})
@@ -73,6 +74,7 @@ def test_dp_round_updates_lora_b_and_accounts_every_step(small_dataset: Path, ti
     assert not can_train(privacy, cfg.local_steps)
 
 
+@pytest.mark.slow  # trains with Opacus
 def test_empty_poisson_batch_is_a_noise_only_step(small_dataset: Path, tiny_bert: Path, cache_dir: Path) -> None:
     # batch-size 1 over ~190 users: sample rate ≈ 0.005, so most steps draw nobody
     cfg = _cfg(small_dataset, tiny_bert, **{"batch-size": 1, "local-steps": 6})
@@ -98,6 +100,7 @@ def test_privacy_state_round_trips_through_context_state() -> None:
     assert back.epsilon_spent == pytest.approx(state.epsilon_of([(1.1, 0.01, 20)]))
 
 
+@pytest.mark.slow  # trains with Opacus
 def test_train_reply_carries_only_trainable_tensors_and_no_user_data(
     small_dataset: Path, tiny_bert: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

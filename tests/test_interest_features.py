@@ -41,6 +41,7 @@ def test_features_by_hand() -> None:
     assert history_features([], cat, index, k=3).abs().sum() == 0
 
 
+@pytest.mark.slow  # trains with Opacus
 def test_history_head_learns_under_dp(small_dataset: Path, tiny_bert: Path, cache_dir: Path) -> None:
     from fl_client.dp_train import pick_device, train_round
     from shared_model.privacy.state import PrivacyState

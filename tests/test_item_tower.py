@@ -40,6 +40,7 @@ def _perturb_lora_b(model: torch.nn.Module) -> None:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
 
 
+@pytest.mark.slow  # trains with Opacus
 def test_folded_grad_samples_equal_each_examples_own_gradient(small_dataset: Path, tiny_bert: Path, cache_dir: Path) -> None:
     cfg = _cfg(small_dataset, tiny_bert)
     data = open_silo(cfg, {"partition-id": 0})
@@ -71,6 +72,7 @@ def test_folded_grad_samples_equal_each_examples_own_gradient(small_dataset: Pat
     assert all(float(p.grad_sample.abs().sum()) > 0 for p in lora_a)
 
 
+@pytest.mark.slow  # trains with Opacus
 def test_adapted_dp_round_trains_and_evaluates_on_sampled_candidates(small_dataset: Path, tiny_bert: Path, cache_dir: Path) -> None:
     cfg = _cfg(small_dataset, tiny_bert)
     data = open_silo(cfg, {"partition-id": 1})
@@ -126,6 +128,7 @@ def test_bad_tower_settings_are_named() -> None:
         RunConfig.from_run_config({"item-tower": "adapted", "grad-sample-mode": "ew"})
 
 
+@pytest.mark.slow  # trains with Opacus
 def test_tower_benchmark_prints_both_towers(small_dataset: Path, tiny_bert: Path, cache_dir: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     from simulations.benchmarks.item_tower import main

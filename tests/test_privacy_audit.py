@@ -62,6 +62,7 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(TaskIdentity, attr, value)
 
 
+@pytest.mark.slow  # trains with Opacus
 def test_restart_continues_epsilon_and_budget_refuses(
     small_dataset: Path, tiny_bert: Path, cache_dir: Path, tmp_path: Path, task_identity: None
 ) -> None:
