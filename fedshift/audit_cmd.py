@@ -1,4 +1,8 @@
-"""``fedshift audit RUN_DIR``: check a run's privacy claims from its ledger."""
+"""``fedshift audit RUN_DIR``: check a run's privacy claims from its ledger.
+
+Glue only: the ledger audit is :mod:`shared_model.privacy.audit_report`, the canary
+audit (a fresh training on one silo) :mod:`fl_client.canary_audit`.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pathlib import Path
 
 
 def audit(args: argparse.Namespace) -> int:
-    from fl_server.audit.report import audit_run, write_report
+    from shared_model.privacy.audit_report import audit_run, write_report
 
     run_dir = Path(args.run_dir).expanduser().resolve()
     if not (run_dir / "metrics.json").is_file():
@@ -18,7 +22,7 @@ def audit(args: argparse.Namespace) -> int:
     canary = None
     if args.canaries:
         from fedshift.config_args import parse_set, refuse
-        from fl_server.audit.canary import run_canary_audit
+        from fl_client.canary_audit import run_canary_audit
         from shared_model.config import RunConfig
 
         conf = json.loads((run_dir / "metrics.json").read_text())["run"].get("config", {})
@@ -56,7 +60,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "                           canaries (each in w.p. 1/2) gives an empirical ε lower\n"
             "                           bound (Steinke, Nasr & Jagielski 2023, 95 %) that must\n"
             "                           not exceed the ledger's ε\n"
-            "It also reports the worst-case ε of a user present on every silo.\n\n"
+            "It also reports the worst-case ε of a user present on every silo, and lists the\n"
+            "refusals on the ledger (a budget rule refused a round; a refusal spends no ε).\n\n"
             "Writes RUN_DIR/audit.md and RUN_DIR/audit-epsilon.png. Exit status: 0 all checks\n"
             "pass, 1 a check failed, 2 RUN_DIR is not a run folder."
         ),

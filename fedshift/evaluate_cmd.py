@@ -86,8 +86,7 @@ def _fail(msg: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from simulations.baselines import all_baselines
-    from simulations.evaluation import ModelPredictor, evaluate, format_table
+    from simulations.evaluation import ModelPredictor, all_baselines, evaluate, format_table
 
     import warnings
 

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader
 
-from fl_client.privacy import PrivacyState
-from fl_client.task import IGNORE_INDEX, SiloData, TrainUsers, collate
+from fl_client.task import SiloData, TrainUsers
+from shared_model.batches import IGNORE_INDEX, collate
+from shared_model.privacy.state import PrivacyState
 from shared_model.item_index import ItemTokens
 from shared_model.config import RunConfig
 from shared_model.model import InterestModel, category_prior, item_scores, mask_to_platform, own_item_scores

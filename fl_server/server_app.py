@@ -16,8 +16,6 @@ from flwr.app import ArrayRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fl_client.ledger import LEDGER_NAME, Ledger
-from fl_client.privacy import ACCOUNTANT_NAMES
 from fl_server.records import RunRecords
 from fl_server.strategy import RecordingFedAvg
 from shared_model.adapters import from_arrays, save_checkpoint, to_arrays
@@ -26,6 +24,8 @@ from shared_model.dataset import load_catalogue
 from shared_model.encoder import model_hash, resolve_base_model
 from shared_model.item_index import catalogue_hash
 from shared_model.model import build_model
+from shared_model.privacy import accountants
+from shared_model.privacy.ledger import LEDGER_NAME, Ledger
 
 app = ServerApp()
 
@@ -58,7 +58,7 @@ def main(grid: Grid, context: Context) -> None:
         "dp": cfg.dp,
         "delta": cfg.delta,
         "accountant": cfg.accountant,
-        "accountant-label": ACCOUNTANT_NAMES.get(cfg.accountant, cfg.accountant),
+        "accountant-label": accountants.label(cfg.accountant),
         "ledger": LEDGER_NAME,
         "config": cfg.to_run_config(),
     }

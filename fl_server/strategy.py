@@ -1,5 +1,5 @@
 """FedAvg over adapter+head arrays that also records every silo's metrics, gathers the
-silos' privacy-ledger records into the run's federation ledger, skips silos whose privacy
+silos' privacy-ledger records (rounds and refusals) into the run's federation ledger, skips silos whose privacy
 budget is exhausted, ends the run when no silo can train, and checkpoints the global
 model each round."""
 
@@ -13,8 +13,9 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from fl_client.ledger import Ledger
 from fl_server.records import RunRecords
+from shared_model.privacy.ledger import Ledger, LedgerError
+from shared_model.privacy.records import parse_record, write_record
 
 
 class AllBudgetsExhausted(Exception):
@@ -104,13 +105,17 @@ class RecordingFedAvg(FedAvg):
         return arrays, metrics
 
     def append_ledger(self, record: ConfigRecord, node_id: int) -> None:
-        """Append a silo's round record to the federation ledger; the silo's own chain hash
-        is kept as ``silo-sha256`` (it names the line in the silo's ledger)."""
-        rec = {k: v for k, v in dict(record).items() if k not in {"sha256", "prev-sha256"}}
-        rec["silo-sha256"] = str(record.get("sha256", ""))
-        rec["node-id"] = int(node_id)
+        """Append a silo's ledger record (a round or a refusal) to the federation ledger; the
+        silo's own chain hash is kept as ``silo-sha256`` (it names the line in the silo's ledger).
+        A record that does not parse as a known kind is logged and not appended."""
         assert self.ledger is not None
-        self.ledger.append(rec)
+        raw = {k: v for k, v in dict(record).items() if k not in {"sha256", "prev-sha256"}}
+        try:
+            typed = parse_record(raw, f"reply-of-node-{node_id}")
+        except LedgerError as exc:
+            log(WARNING, "node %d sent a ledger record the server cannot read (%s); not recorded", node_id, exc)
+            return
+        write_record(self.ledger, typed, {"silo-sha256": str(record.get("sha256", "")), "node-id": int(node_id)})
 
     # --------------------------------------------------------------- evaluate
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -126,7 +126,7 @@ class RunConfig:
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
     grad_sample_mode: str = "hooks"
-    # privacy ledger and budget enforcement (fl_client/ledger.py)
+    # privacy ledger and budget enforcement (shared_model/privacy/)
     state_dir: str = ""
     silo_lifetime_epsilon: float = 0.0
     audit_broken_noise: bool = False

@@ -1,9 +1,13 @@
-"""Ranking and classification metrics on held-out users.
+"""Per-user ranking and classification metrics on held-out users; an aggregate is the mean
+of a per-user vector.
 
-Ranks are 0-based positions of the true next item among the candidates (0 = top).
-HR@k and NDCG@k with one relevant item follow the usual leave-one-out protocol
-(He et al., "Neural Collaborative Filtering", WWW 2017): NDCG@k = 1/log2(rank+2) if
-rank < k else 0; MRR = 1/(rank+1).
+Ranks are 0-based positions of the true next item among the candidates (0 = top; see
+:func:`shared_model.scoring.rank_of_target`). With one relevant item the usual
+leave-one-out protocol (He et al., "Neural Collaborative Filtering", WWW 2017) gives per
+user HR@k = [rank < k], NDCG@k = 1/log2(rank+2) if rank < k else 0, RR = 1/(rank+1).
+NaN marks a user for whom a metric is undefined (e.g. an unlabelled target category); it
+is left out of that metric's mean. The evaluation harness resamples these vectors
+(:mod:`simulations.evaluation.bootstrap`); per-silo evaluation reports their :func:`mean`.
 """
 
 from __future__ import annotations
@@ -11,27 +15,56 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
+import numpy as np
 
 
-def rank_of_target(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each row's target column; ties count against the target."""
-    target_score = scores.gather(1, target.view(-1, 1))
-    return (scores >= target_score).sum(1) - 1
+def hits(ranks: Sequence[int], k: int = 10) -> np.ndarray:
+    return (np.asarray(ranks) < k).astype(np.float64)
 
 
-def hit_rate(ranks: Sequence[int], k: int = 10) -> float:
-    return sum(1 for r in ranks if r < k) / len(ranks) if len(ranks) else math.nan
+def ndcgs(ranks: Sequence[int], k: int = 10) -> np.ndarray:
+    r = np.asarray(ranks, dtype=np.float64)
+    return np.where(r < k, 1.0 / np.log2(r + 2.0), 0.0)
 
 
-def ndcg(ranks: Sequence[int], k: int = 10) -> float:
-    return sum(1.0 / math.log2(r + 2) for r in ranks if r < k) / len(ranks) if len(ranks) else math.nan
+def reciprocal_ranks(ranks: Sequence[int]) -> np.ndarray:
+    return 1.0 / (np.asarray(ranks, dtype=np.float64) + 1.0)
 
 
-def mrr(ranks: Sequence[int]) -> float:
-    return sum(1.0 / (r + 1) for r in ranks) / len(ranks) if len(ranks) else math.nan
+def topk_correct(probs: np.ndarray, truth: Sequence[int], k: int) -> np.ndarray:
+    """``[B]`` 1.0 when the true class is among the ``k`` highest scores (probabilities or
+    logits; ties: lower index first), 0.0 when not, NaN when the truth is unknown (< 0)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    truth = np.asarray(truth)
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    correct = (order == truth[:, None]).any(1).astype(np.float64)
+    return np.where(truth >= 0, correct, np.nan)
 
 
-def accuracy(predicted: Sequence[int], truth: Sequence[int]) -> float:
-    pairs = [(p, t) for p, t in zip(predicted, truth) if t >= 0]
-    return sum(p == t for p, t in pairs) / len(pairs) if pairs else math.nan
+def mean(values: Sequence[float] | np.ndarray) -> float:
+    """Mean over the users where ``values`` is defined (not NaN), summed in user order; NaN
+    when there are none."""
+    defined = [float(v) for v in np.asarray(values, dtype=np.float64).tolist() if not math.isnan(v)]
+    return sum(defined) / len(defined) if defined else math.nan
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """ROC-AUC as the Mann–Whitney U statistic with mid-ranks for ties (Hanley & McNeil 1982):
+    P(score of a random positive > score of a random negative) + ½ P(tie). NaN when a class is empty."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    # mid-ranks: every member of a tie group gets the mean of the 1-based ranks it spans
+    boundaries = np.flatnonzero(np.diff(sorted_s)) + 1
+    starts = np.concatenate(([0], boundaries))
+    ends = np.concatenate((boundaries, [len(s)]))
+    for a, b in zip(starts, ends):
+        ranks[order[a:b]] = 0.5 * (a + 1 + b)
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))

@@ -5,7 +5,8 @@ case-insensitive, surrounding spaces ignored) becomes that item — an item of t
 requested platform is preferred when several share the title, else the first in
 catalogue order — and is serialised like any history event (``category | title``).
 An entry without an exact match is used as raw text, serialised as `` | <entry>`` (no
-category). Matched items of the requested platform are excluded from the results.
+category). Matched items of the requested platform are excluded from the results
+(:func:`shared_model.scoring.exclude_history`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from shared_model.migration import js_divergence, new_interest, recent_distribution
 from shared_model.schema import Catalogue, Event, Item
-from shared_model.scoring import Scorer
+from shared_model.scoring import Scorer, exclude_history, top_items
 
 
 class Recommender:
@@ -65,17 +65,16 @@ class Recommender:
         titles = [t for t in titles if t.strip()]
         events, cat, report = self.resolve(titles, platform)
         scores, probs = self.scorer.score([self.scorer.encode_history(events, cat)], platform)
-        scores, probs = scores[0].clone(), probs[0]
+        scores = scores.clone()  # an inference tensor is read-only outside inference mode
         col = self.platform_col[platform]
-        seen = [col[e.item_id] for e in events if e.item_id in col]
-        if seen:
-            scores[seen] = float("-inf")
-        top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
+        exclude_history(scores, [[col[e.item_id] for e in events if e.item_id in col]])
+        values, columns = top_items(scores[0], k)
+        probs = probs[0]
         cand = self.platform_ids[platform]
         items = self.scorer.catalogue.items
         out_items = [{"rank": r + 1, "item_id": cand[c], "title": items[cand[c]].title,
                       "category": items[cand[c]].interest, "score": round(float(s), 4)}
-                     for r, (s, c) in enumerate(zip(top.values.tolist(), top.indices.tolist()))]
+                     for r, (s, c) in enumerate(zip(values, columns))]
         p = probs.numpy().astype(np.float64)
         interests = [{"category": self.scorer.categories[i], "probability": round(float(p[i]), 4)}
                      for i in np.argsort(-p, kind="stable") if p[i] > 0]

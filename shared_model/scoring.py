@@ -1,29 +1,33 @@
-"""One scoring path for a saved checkpoint: histories → next-item scores over a platform's
-catalogue and a next-interest distribution.
+"""THE scoring path: histories → user vectors and platform-masked next-interest logits →
+scores of candidate items → history items excluded → rank of the target.
 
-It is the model's own path: ``history_text`` under the ``max-seq-len`` token budget (as
-:class:`fl_client.task.Encoder`), the LoRA user tower, ``mask_to_platform`` and
-``item_scores`` from :mod:`shared_model.model`. ``fedshift evaluate`` and ``fedshift
-recommend`` both use :class:`Scorer`.
+* :func:`user_vectors`: the LoRA user tower and next-interest head, logits restricted to the
+  target platform's categories (:func:`shared_model.model.mask_to_platform`).
+* :class:`ItemTower` and :func:`candidates`: the items a batch is scored against — frozen
+  item rows (the base encoder's index, or a checkpoint's cached index), the adapted tower
+  (the model's own LoRA encoder over the tokenised catalogue), or a seeded sample of
+  ``sample`` items drawn once (the same for every user) that always holds the target: each
+  user's own target is scored in column 0, and a target drawn into the sample too is ranked
+  once.
+* :func:`score_candidates`: :func:`shared_model.model.item_scores` over the candidates.
+* :func:`exclude_history`: the one history exclusion (score −inf; the target never is).
+* :func:`rank_of_target`: the one ranking (0-based; ties count against the target).
+* :func:`rank_examples`: all of it over a list of examples (per-silo evaluation).
+* :class:`Scorer`: a loaded checkpoint with its catalogue and cached item index
+  (:mod:`shared_model.checkpoint_index`): ``fedshift evaluate``, ``fedshift recommend``, the
+  evaluation harness and the experiment score through it.
 
-Item index beside the checkpoint: :func:`checkpoint_item_index` keeps the catalogue's item
-embeddings in ``<checkpoint>/item-index.pt`` with a key made of the checkpoint files'
-sha256, the catalogue hash, the base model's files and ``max-item-tokens``; a changed key rebuilds
-it (written atomically: temp file + rename). With the frozen item tower a
-rebuild reads :func:`shared_model.item_index.build_item_index`'s shared cache when present;
-with the adapted tower (``item-tower = adapted``) the checkpoint's LoRA encoder embeds the
-whole catalogue once and only this file caches it.
+Predictors that are not the model (the harness's baselines) produce their own scores and
+share :func:`exclude_history` and :func:`rank_of_target` through
+:func:`rank_targets`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -31,104 +35,185 @@ import numpy as np
 import torch
 
 from shared_model.adapters import HEADS_FILE, META_FILE, checkpoint_config, load_checkpoint, read_metadata
+from shared_model.batches import ExampleBatcher, collate, platform_category_mask, prior_index
+from shared_model.checkpoint_index import IndexInfo, checkpoint_item_index
 from shared_model.config import RunConfig
 from shared_model.dataset import load_catalogue
-from shared_model.encoder import resolve_base_model, shared_tokenizer
-from shared_model.item_index import ItemIndex, build_item_index, catalogue_hash, embed_items, tokenize_items
-from shared_model.interest_features import history_features
-from shared_model.model import InterestModel, item_scores, mask_to_platform
-from shared_model.schema import Catalogue, Event
-from shared_model.serialize import history_text
-
-INDEX_FILE = "item-index.pt"
-CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", HEADS_FILE, META_FILE)
+from shared_model.item_index import ItemIndex, ItemTokens, embed_items
+from shared_model.model import InterestModel, item_scores, mask_to_platform, own_item_scores
+from shared_model.schema import Catalogue, Event, Example
 
 
-def checkpoint_hash(folder: str | os.PathLike[str]) -> str:
-    """sha256 over the checkpoint's adapter, heads and metadata files."""
-    digest = hashlib.sha256()
-    for name in CHECKPOINT_FILES:
-        p = Path(folder) / name
-        if p.is_file():
-            digest.update(name.encode() + b"\0")
-            digest.update(p.read_bytes())
-    return digest.hexdigest()
-
-
-def base_model_stamp(base_model: str | None) -> str:
-    """Cheap identity of the base encoder: its folder and its weight/config files' sizes and
-    mtimes (a full :func:`shared_model.encoder.model_hash` reads ~90 MB on every load)."""
-    path = resolve_base_model(base_model or None)
-    digest = hashlib.sha256(str(path).encode())
-    for p in sorted(path.iterdir()):
-        if p.is_file() and (p.suffix in {".safetensors", ".bin"} or p.name == "config.json"):
-            st = p.stat()
-            digest.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return digest.hexdigest()[:24]
+def user_vectors(model: InterestModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 features: torch.Tensor, category_mask: torch.Tensor | None,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit user vectors ``[B, H]`` and next-interest logits ``[B, C]``, masked to the
+    platform's categories (``category_mask``; ``None`` leaves them unmasked)."""
+    user, logits = model(input_ids.to(device), attention_mask.to(device), features.to(device))
+    if category_mask is not None:
+        logits = mask_to_platform(logits, category_mask.to(device))
+    return user, logits
 
 
 @dataclass
-class IndexInfo:
-    """Where the item index came from, for the printed timing."""
+class ItemTower:
+    """Item vectors and each item row's category index (:func:`shared_model.batches.prior_index`):
+    fixed ``embeddings`` (frozen tower, or a checkpoint's cached index), or ``embed`` (the
+    model's adapted encoder, :meth:`InterestModel.embed`) over the tokenised catalogue."""
 
-    path: str
-    source: str  # "checkpoint-cache" | "rebuilt" | "global-cache"
-    seconds: float
+    prior_index: torch.Tensor
+    embeddings: torch.Tensor | None = None
+    embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    tokens: ItemTokens | None = None
+
+    def vectors(self, rows: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+        """``[len(rows), H]`` unit vectors of item ``rows``, on ``device``."""
+        if self.embeddings is not None:
+            return self.embeddings[rows].to(device)
+        if self.embed is None or self.tokens is None:
+            raise ValueError("an item tower needs embeddings or an encoder with the tokenised catalogue")
+        return embed_items(self.embed, self.tokens, rows, device, batch_size).to(device)
 
 
-def checkpoint_item_index(
-    folder: Path,
-    catalogue: Catalogue,
-    cfg: RunConfig,
-    cat_hash: str | None = None,
-    model: InterestModel | None = None,
-    device: torch.device = torch.device("cpu"),
-    progress: bool = True,
-) -> tuple[ItemIndex, IndexInfo]:
-    """The catalogue's item index cached beside the checkpoint (see module docstring).
+@dataclass
+class Candidates:
+    """The items every user of a batch is scored against, in item-row order.
 
-    ``item-tower = adapted`` embeds the catalogue with the checkpoint's own LoRA encoder
-    (``model``), ≈19k items per platform: minutes on a CPU, once per checkpoint."""
-    t0 = time.perf_counter()
-    folder = Path(folder)
-    ids = list(catalogue.items)
-    platforms = [catalogue.items[i].platform for i in ids]
-    key = "|".join((checkpoint_hash(folder)[:24], (cat_hash or catalogue_hash(catalogue))[:24],
-                    base_model_stamp(cfg.base_model), str(cfg.max_item_tokens), cfg.item_tower))
-    path = folder / INDEX_FILE
-    if path.is_file():
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if saved.get("key") == key and list(saved["ids"]) == ids:
-                return ItemIndex(ids, saved["emb"], platforms), IndexInfo(str(path), "checkpoint-cache", time.perf_counter() - t0)
-        except Exception:  # unreadable or stale cache: rebuild below
-            pass
-    if cfg.item_tower == "adapted":
-        if model is None:
-            raise ValueError(f"{folder / META_FILE}: config.item-tower 'adapted' needs the checkpoint's model to embed the catalogue")
-        tokens = tokenize_items(catalogue, ids, cfg.base_model or None, cfg.max_item_tokens)
-        emb = embed_items(model.to(device).eval().embed, tokens, torch.arange(len(ids)), device, progress=progress)
-        index = ItemIndex(ids, emb, platforms)
-    else:
-        index = build_item_index(catalogue, cfg.base_model or None, cfg.max_item_tokens, progress=progress)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".item-index-", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save({"key": key, "ids": ids, "emb": index.embeddings}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        source, where = "rebuilt", str(path)
-    except OSError:  # read-only checkpoint folder: the shared cache still serves it
-        source, where = "global-cache", "(shared item cache; checkpoint folder not writable)"
-    return index, IndexInfo(where, source, time.perf_counter() - t0)
+    With ``own_target`` (a sample), score column 0 is each user's own target through that
+    tower and candidate ``c`` is column ``c + 1``."""
+
+    rows: torch.Tensor
+    emb: torch.Tensor  # [N, H] on the scoring device
+    prior: torch.Tensor  # [N] category index, on the scoring device
+    own_target: ItemTower | None = None
+
+    def __post_init__(self) -> None:
+        shift = 1 if self.own_target is not None else 0
+        self.column = {int(r): c + shift for c, r in enumerate(self.rows.tolist())}
+
+    @property
+    def size(self) -> int:
+        """Items each target is ranked among (itself included)."""
+        return len(self.rows) + (1 if self.own_target is not None else 0)
+
+    def target_columns(self, target_rows: torch.Tensor) -> torch.Tensor:
+        if self.own_target is not None:
+            return torch.zeros(len(target_rows), dtype=torch.long)
+        return torch.tensor([self.column[int(r)] for r in target_rows])
+
+    def seen_columns(self, history_rows: Iterable[int | None], target_row: int) -> set[int]:
+        """Columns of a user's history items; in a sample also the target's second copy
+        (when it was drawn too), so that it is ranked once, at column 0."""
+        cols = {self.column[r] for r in history_rows if r in self.column}
+        if self.own_target is not None and target_row in self.column:
+            cols.add(self.column[target_row])
+        return cols
+
+
+def sample_rows(rows: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """``n`` of ``rows`` drawn with ``seed`` (the same draw for every user, round and silo),
+    kept in row order."""
+    pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:n]
+    return rows[pick.sort().values]
+
+
+def candidates(tower: ItemTower, rows: torch.Tensor, device: torch.device, batch_size: int = 256,
+               sample: int = 0, seed: int = 0) -> Candidates:
+    """All of ``rows``, or (``0 < sample < len(rows)``) a seeded sample of them that each
+    user's own target joins at column 0."""
+    sampled = 0 < sample < len(rows)
+    if sampled:
+        rows = sample_rows(rows, sample, seed)
+    emb = tower.vectors(rows, device, batch_size)
+    return Candidates(rows, emb, tower.prior_index[rows].to(device), tower if sampled else None)
+
+
+def score_candidates(user: torch.Tensor, category_logits: torch.Tensor, cands: Candidates, cfg: RunConfig,
+                     target_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, N]`` scores (on the CPU) of the candidates; with a sample ``[B, 1 + N]``, column 0
+    each user's own target (``target_rows``)."""
+    scores = item_scores(user, category_logits, cands.emb, cands.prior, cfg.logit_scale,
+                         cfg.category_prior_weight).cpu()
+    if cands.own_target is not None:
+        if target_rows is None:
+            raise ValueError("sampled candidates need the targets' item rows")
+        tower, device = cands.own_target, user.device
+        own = own_item_scores(user, category_logits, tower.vectors(target_rows, device),
+                              tower.prior_index[target_rows].to(device), cfg.logit_scale,
+                              cfg.category_prior_weight).cpu()
+        scores = torch.cat([own.unsqueeze(1), scores], dim=1)
+    return scores
+
+
+def exclude_history(scores: torch.Tensor, seen: Sequence[Iterable[int]],
+                    targets: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+    """In place: row ``r``'s score is −inf at every column of ``seen[r]`` (its history items)
+    except its target column ``targets[r]``, which is never excluded."""
+    for r, cols in enumerate(seen):
+        drop = {int(c) for c in cols}
+        if targets is not None:
+            drop.discard(int(targets[r]))
+        if drop:
+            scores[r, sorted(drop)] = float("-inf")
+    return scores
+
+
+def rank_of_target(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each row's target column; ties count against the target."""
+    target_score = scores.gather(1, target.view(-1, 1))
+    return (scores >= target_score).sum(1) - 1
+
+
+def rank_targets(scores: torch.Tensor, targets: torch.Tensor, seen: Sequence[Iterable[int]]) -> torch.Tensor:
+    """:func:`exclude_history` then :func:`rank_of_target`."""
+    return rank_of_target(exclude_history(scores, seen, targets), targets)
+
+
+def top_items(scores: torch.Tensor, k: int) -> tuple[list[float], list[int]]:
+    """The ``k`` best columns of one row of scores (excluded ones never), best first."""
+    top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
+    return top.values.tolist(), top.indices.tolist()
+
+
+@dataclass
+class Ranked:
+    """Per example: the target's rank, the masked next-interest logits and the true category."""
+
+    ranks: np.ndarray
+    category_logits: torch.Tensor
+    categories: torch.Tensor
+
+
+@torch.inference_mode()
+def rank_examples(model: InterestModel, batcher: ExampleBatcher, examples: Sequence[Example],
+                  cands: Candidates, category_mask: torch.Tensor, cfg: RunConfig,
+                  device: torch.device) -> Ranked:
+    """Each example's target ranked among ``cands`` (its history items excluded), in batches
+    of ``eval-batch-size``."""
+    model.to(device).eval()
+    ranks: list[int] = []
+    logits: list[torch.Tensor] = []
+    cats: list[torch.Tensor] = []
+    for s in range(0, len(examples), cfg.eval_batch_size):
+        chunk = examples[s : s + cfg.eval_batch_size]
+        input_ids, mask, target_rows, true_cats, feats = collate([batcher(ex) for ex in chunk], batcher.pad_id)
+        user, cat_logits = user_vectors(model, input_ids, mask, feats, category_mask, device)
+        scores = score_candidates(user, cat_logits, cands, cfg, target_rows)
+        seen = [cands.seen_columns({batcher.item_row.get(e.item_id) for e in ex.history}, int(target_rows[i]))
+                for i, ex in enumerate(chunk)]
+        ranks.extend(rank_targets(scores, cands.target_columns(target_rows), seen).tolist())
+        logits.append(cat_logits.cpu())
+        cats.append(true_cats)
+    width = len(batcher.category_index)
+    return Ranked(np.asarray(ranks, dtype=np.int64),
+                  torch.cat(logits) if logits else torch.zeros(0, width),
+                  torch.cat(cats) if cats else torch.zeros(0, dtype=torch.long))
 
 
 @dataclass
 class Scorer:
-    """A loaded checkpoint with its catalogue, item index and tokenizer."""
+    """A loaded checkpoint with its catalogue, item index (its rows are the item tower) and
+    batcher."""
 
     model: InterestModel
     cfg: RunConfig
@@ -142,14 +227,10 @@ class Scorer:
     timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.tokenizer = shared_tokenizer(self.cfg.base_model)
-        self._count = lru_cache(maxsize=65536)(lambda s: len(self.tokenizer.tokenize(s)))
-        cat_index = {c: i for i, c in enumerate(self.categories)}
-        self.category_index = cat_index
-        self.prior_index = torch.tensor(
-            [cat_index.get(self.catalogue.items[i].interest or "", len(self.categories)) for i in self.index.item_ids],
-            dtype=torch.long)
-        self._platform: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.batcher = ExampleBatcher(self.catalogue, self.categories, self.cfg, self.index.row)
+        self.tower = ItemTower(prior_index(self.catalogue, self.index.item_ids, self.categories),
+                               embeddings=self.index.embeddings)
+        self._platform: dict[str, tuple[Candidates, torch.Tensor]] = {}
         self.model.to(self.device).eval()
 
     @classmethod
@@ -192,41 +273,27 @@ class Scorer:
         scorer.dataset_dir = dataset_dir
         return scorer
 
-    def platform_tensors(self, platform: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(candidate rows, candidate embeddings, candidate category index, category mask) of a platform."""
+    def platform(self, platform: str) -> tuple[Candidates, torch.Tensor]:
+        """(the platform's whole catalogue as candidates, its category mask)."""
         if platform not in self._platform:
-            rows = self.index.platform_rows(platform)
-            present = {it.interest for it in self.catalogue.items.values() if it.platform == platform}
-            mask = torch.tensor([c in present for c in self.categories], dtype=torch.bool)
-            self._platform[platform] = (rows, self.index.embeddings[rows].to(self.device),
-                                        self.prior_index[rows].to(self.device), mask.to(self.device))
+            cands = candidates(self.tower, self.index.platform_rows(platform), self.device)
+            mask = platform_category_mask(self.catalogue, self.categories, platform).to(self.device)
+            self._platform[platform] = (cands, mask)
         return self._platform[platform]
 
-    def encode_history(self, history: Sequence[Event], catalogue: Catalogue | None = None) -> tuple[list[int], torch.Tensor]:
-        """Token ids and ``[C, F]`` history features, exactly as :class:`fl_client.task.Encoder` builds them."""
-        budget = self.cfg.max_seq_len - 2  # [CLS] and [SEP]
-        cat = catalogue or self.catalogue
-        text = history_text(history, cat, max_tokens=budget, count_tokens=self._count)
-        ids = self.tokenizer(text, truncation=True, max_length=self.cfg.max_seq_len)["input_ids"]
-        return ids, history_features(history, cat, self.category_index, self.cfg.migration_k)
+    def encode_history(self, history: Sequence[Event], catalogue: Catalogue | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and ``[C, F]`` history features (:meth:`ExampleBatcher.history`)."""
+        return self.batcher.history(history, catalogue)
 
     @torch.inference_mode()
-    def score(self, encoded: Sequence[tuple[Sequence[int], torch.Tensor]], platform: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(self, encoded: Sequence[tuple[torch.Tensor, torch.Tensor]], platform: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``([B, N_p] item scores over the platform's catalogue order, [B, C] next-interest probabilities)``
         for histories encoded by :meth:`encode_history`."""
-        rows, cand, cand_prior, mask = self.platform_tensors(platform)
-        pad = self.tokenizer.pad_token_id or 0
-        longest = max(len(t) for t, _ in encoded)
-        ids = torch.full((len(encoded), longest), pad, dtype=torch.long)
-        att = torch.zeros((len(encoded), longest), dtype=torch.long)
-        for r, (t, _) in enumerate(encoded):
-            ids[r, : len(t)] = torch.as_tensor(t, dtype=torch.long)
-            att[r, : len(t)] = 1
-        feats = torch.stack([f for _, f in encoded]).to(self.device)
-        user, logits = self.model(ids.to(self.device), att.to(self.device), feats)
-        logits = mask_to_platform(logits, mask)
-        scores = item_scores(user, logits, cand, cand_prior, self.cfg.logit_scale, self.cfg.category_prior_weight)
-        return scores.cpu(), torch.softmax(logits, -1).cpu()
+        cands, mask = self.platform(platform)
+        input_ids, att, _, _, feats = collate([(ids, 0, 0, f) for ids, f in encoded], self.batcher.pad_id)
+        user, logits = user_vectors(self.model, input_ids, att, feats, mask, self.device)
+        scores = score_candidates(user, logits, cands, self.cfg)
+        return scores, torch.softmax(logits, -1).cpu()
 
     def predict(self, histories: Sequence[Sequence[Event]], platform: str, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Batched :meth:`score` over event histories → numpy ``(scores, probabilities)``."""

@@ -14,12 +14,14 @@ from peft import get_peft_model_state_dict
 
 from fl_client import client_app
 from fl_client.dp_train import pick_device, train_round
-from fl_client.privacy import STATE_KEY, PrivacyState, sample_rate_for
+from fl_client.flower_edge import STATE_KEY, state_from_record, state_to_record
 from fl_client.task import open_silo
 from shared_model.adapters import get_trainable_state, to_arrays
 from shared_model.config import RunConfig
 from shared_model.examples import train_user_ids
 from shared_model.model import build_model
+from shared_model.privacy.budget import can_train
+from shared_model.privacy.state import PrivacyState, sample_rate_for
 
 
 def _cfg(dataset: Path, bert: Path, **kw: object) -> RunConfig:
@@ -48,6 +50,7 @@ def test_trainable_state_is_exactly_lora_and_heads(small_dataset: Path, tiny_ber
     assert all(torch.equal(state[k], again[k]) for k in state)
 
 
+@pytest.mark.slow  # trains with Opacus
 def test_dp_round_updates_lora_b_and_accounts_every_step(small_dataset: Path, tiny_bert: Path, cache_dir: Path) -> None:
     cfg = _cfg(small_dataset, tiny_bert)
     data = open_silo(cfg, {"partition-id": 0})
@@ -68,9 +71,10 @@ def test_dp_round_updates_lora_b_and_accounts_every_step(small_dataset: Path, ti
     assert cfg.epsilon * 0.97 <= full <= cfg.epsilon
     # once the planned steps are spent, one more round would exceed the budget
     privacy.history = [(privacy.noise_multiplier, privacy.sample_rate, privacy.planned_steps)]
-    assert not privacy.can_train(cfg.local_steps)
+    assert not can_train(privacy, cfg.local_steps)
 
 
+@pytest.mark.slow  # trains with Opacus
 def test_empty_poisson_batch_is_a_noise_only_step(small_dataset: Path, tiny_bert: Path, cache_dir: Path) -> None:
     # batch-size 1 over ~190 users: sample rate ≈ 0.005, so most steps draw nobody
     cfg = _cfg(small_dataset, tiny_bert, **{"batch-size": 1, "local-steps": 6})
@@ -91,11 +95,12 @@ def test_empty_poisson_batch_is_a_noise_only_step(small_dataset: Path, tiny_bert
 
 def test_privacy_state_round_trips_through_context_state() -> None:
     state = PrivacyState("s", "rdp", 8.0, 1e-5, 1.1, 0.01, 30, history=[(1.1, 0.01, 10), (1.1, 0.01, 10)], rounds=[1, 2])
-    back = PrivacyState.from_record(ConfigRecord(dict(state.to_record())))
+    back = state_from_record(ConfigRecord(dict(state_to_record(state))))
     assert back == state
     assert back.epsilon_spent == pytest.approx(state.epsilon_of([(1.1, 0.01, 20)]))
 
 
+@pytest.mark.slow  # trains with Opacus
 def test_train_reply_carries_only_trainable_tensors_and_no_user_data(
     small_dataset: Path, tiny_bert: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -130,6 +135,6 @@ def test_train_reply_carries_only_trainable_tensors_and_no_user_data(
     assert not any(u in strings.split() for u in users)
     assert not any(t in strings for t in titles)
     # the privacy state was kept on the node, ε composes from it next round
-    state = PrivacyState.from_record(context.state[STATE_KEY])
+    state = state_from_record(context.state[STATE_KEY])
     assert state.history[0][2] == 2 and state.rounds == [1]
     assert content["metrics"]["epsilon"] == pytest.approx(state.epsilon_spent)

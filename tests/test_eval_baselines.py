@@ -6,8 +6,19 @@ import numpy as np
 import pytest
 
 from shared_model.schema import Catalogue, Event, Item, Silo
-from simulations.baselines import CategoryMarkov, HistoryLogit, ItemCooccurrence, MostPopular, TrainStats
-from simulations.evaluation import Case, cross_cases, evaluate, new_interest_hit, per_user, platform_cases
+from simulations.evaluation import (
+    Case,
+    CategoryMarkov,
+    HistoryLogit,
+    ItemCooccurrence,
+    MostPopular,
+    TrainStats,
+    cross_cases,
+    evaluate,
+    new_interest_hit,
+    per_user,
+    platform_cases,
+)
 
 
 def _ev(u: str, seq: list[tuple[str, int]]) -> list[Event]:

@@ -1,6 +1,5 @@
 """`fedshift evaluate` and `fedshift recommend` on a tiny-BERT checkpoint of a generated
-dataset: one scoring path with the federated evaluation, the per-checkpoint item index,
-JSON outputs and exit-2 errors."""
+dataset: the per-checkpoint item index, JSON outputs and exit-2 errors."""
 
 from __future__ import annotations
 
@@ -13,10 +12,10 @@ import torch
 
 from fedshift.cli import main
 from shared_model.adapters import save_checkpoint
+from shared_model.checkpoint_index import INDEX_FILE
 from shared_model.config import RunConfig
 from shared_model.dataset import load_catalogue
 from shared_model.model import build_model
-from shared_model.scoring import INDEX_FILE, Scorer
 
 
 @pytest.fixture(scope="module")
@@ -32,28 +31,6 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, small_dataset: Path, ti
                 p.normal_(0, 0.05)
     meta = {"round": 1, "base-model": str(tiny_bert), "categories": categories, "config": cfg.to_run_config()}
     return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "round-001", meta)
-
-
-def test_scorer_agrees_with_federated_evaluation(checkpoint: Path, small_dataset: Path) -> None:
-    """Centralised harness on one silo's users == fl_client.evaluate on that silo (one scoring path)."""
-    from fl_client.evaluate import evaluate_silo
-    from fl_client.task import open_silo
-    from shared_model.dataset import load_silo
-    from simulations.evaluation import ModelPredictor, per_user, platform_cases
-    from simulations.stats import hits, ndcgs, reciprocal_ranks
-
-    scorer = Scorer.from_checkpoint(checkpoint)
-    silo_dir = small_dataset / "silos" / "p0-r0"
-    fed = evaluate_silo(scorer.model, open_silo(scorer.cfg, {"silo-dir": str(silo_dir)}), scorer.cfg,
-                        torch.device("cpu"), "valid")
-    silo = load_silo(silo_dir, scorer.catalogue)
-    cases = platform_cases(scorer.catalogue, {"p0-r0": silo}, silo.platform, "valid", scorer.cfg.migration_k)
-    u = per_user(ModelPredictor(scorer), cases, silo.platform, scorer.catalogue, scorer.categories)
-    assert len(cases) == fed.users
-    assert hits(u["rank"]).mean() == pytest.approx(fed.hr10)
-    assert ndcgs(u["rank"]).mean() == pytest.approx(fed.ndcg10)
-    assert reciprocal_ranks(u["rank"]).mean() == pytest.approx(fed.mrr)
-    assert float(u["acc1"][~torch.isnan(torch.as_tensor(u["acc1"])).numpy()].mean()) == pytest.approx(fed.category_accuracy)
 
 
 def test_evaluate_json(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:

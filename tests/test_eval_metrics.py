@@ -1,4 +1,6 @@
-"""Metric functions against hand-computed values: HR, NDCG, MRR, accuracy@k, ROC-AUC
+"""The scoring path's exclusion and ranking and the metric functions against hand-computed
+values: history exclusion (never the target), ranks with ties, a seeded candidate sample
+that holds the target, per-user HR, NDCG, MRR, accuracy@k and their means, ROC-AUC
 (Mann–Whitney, with ties), Jensen–Shannon migration score, and the paired bootstrap."""
 
 from __future__ import annotations
@@ -9,41 +11,117 @@ import numpy as np
 import pytest
 import torch
 
-from shared_model.metrics import hit_rate, mrr, ndcg, rank_of_target
+from shared_model.config import RunConfig
+from shared_model.metrics import hits, mean, ndcgs, reciprocal_ranks, roc_auc, topk_correct
 from shared_model.migration import js_divergence, migration_score, new_interest, recent_distribution
 from shared_model.schema import Catalogue, Event, Item
-from simulations.stats import (
-    bootstrap_indices,
-    bootstrap_mean_ci,
-    hits,
-    ndcgs,
-    paired_bootstrap,
-    paired_difference,
-    reciprocal_ranks,
-    roc_auc,
-    topk_correct,
+from shared_model.scoring import (
+    Candidates,
+    ItemTower,
+    candidates,
+    exclude_history,
+    rank_of_target,
+    rank_targets,
+    sample_rows,
+    score_candidates,
+    top_items,
 )
+from simulations.evaluation.bootstrap import bootstrap_indices, bootstrap_mean_ci, paired_bootstrap, paired_difference
 
 
 def test_ranking_metrics_hand_computed() -> None:
     ranks = [0, 2, 9, 10, 49]
     # HR@10: ranks 0, 2, 9 hit → 3/5
-    assert hits(ranks).mean() == pytest.approx(0.6)
-    assert hit_rate(ranks, 10) == pytest.approx(0.6)
+    assert hits(ranks).tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert mean(hits(ranks)) == pytest.approx(0.6)
     # NDCG@10: 1/log2(2) + 1/log2(4) + 1/log2(11) = 1 + 0.5 + 0.289064...
-    expected = (1.0 + 0.5 + 1 / math.log2(11)) / 5
-    assert ndcgs(ranks).mean() == pytest.approx(expected)
-    assert ndcg(ranks, 10) == pytest.approx(expected)
+    assert ndcgs(ranks)[:2].tolist() == [1.0, 0.5] and ndcgs(ranks)[3:].tolist() == [0.0, 0.0]
+    assert mean(ndcgs(ranks)) == pytest.approx((1.0 + 0.5 + 1 / math.log2(11)) / 5)
     # MRR: (1 + 1/3 + 1/10 + 1/11 + 1/50) / 5
-    expected_mrr = (1 + 1 / 3 + 1 / 10 + 1 / 11 + 1 / 50) / 5
-    assert reciprocal_ranks(ranks).mean() == pytest.approx(expected_mrr)
-    assert mrr(ranks) == pytest.approx(expected_mrr)
+    assert mean(reciprocal_ranks(ranks)) == pytest.approx((1 + 1 / 3 + 1 / 10 + 1 / 11 + 1 / 50) / 5)
+    # NaN users are left out of a mean; no defined user → NaN
+    assert mean([1.0, math.nan, 0.0, 0.0]) == pytest.approx(1 / 3)
+    assert math.isnan(mean([])) and math.isnan(mean([math.nan]))
+    # a mean is summed in user order, as a plain sum would be
+    v = [0.1, 0.2, 0.3, 1e16, -1e16]
+    assert mean(v) == sum(v) / 5
 
 
 def test_rank_of_target_ties_and_exclusion() -> None:
     scores = torch.tensor([[0.9, 0.5, 0.5, 0.1], [0.2, 0.8, 0.3, 0.8]])
     scores[0, 0] = float("-inf")  # an excluded history item
     assert rank_of_target(scores, torch.tensor([1, 3])).tolist() == [1, 1]  # ties count against the target
+    assert rank_of_target(torch.tensor([[0.1, 0.9, 0.5], [0.3, 0.3, 0.2], [0.0, 0.1, 0.2]]),
+                          torch.tensor([2, 1, 2])).tolist() == [1, 1, 0]
+
+
+def test_history_exclusion_never_drops_the_target() -> None:
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5],
+                           [0.1, 0.2, 0.3, 0.4, 0.5],
+                           [0.5, 0.5, 0.5, 0.5, 0.5]], dtype=torch.float64)
+    targets = torch.tensor([3, 4, 2])
+    # user 0 saw items 0 and 3 (3 is also its target: it stays); user 1 saw nothing;
+    # user 2 saw 0, 1, 2 (2 is its target) — its remaining ties count against it
+    seen = [{0, 3}, set(), [1, 0, 2, 1]]
+    ranks = rank_targets(scores.clone(), targets, seen)
+    assert ranks.tolist() == [2, 0, 2]  # [·, 0.8, 0.7, 0.6 ...] → 2; 0.5 is the best → 0; ties with 3, 4 → 2
+    out = exclude_history(scores.clone(), seen, targets)
+    inf = float("-inf")
+    assert out.tolist() == [[inf, 0.8, 0.7, 0.6, 0.5], [0.1, 0.2, 0.3, 0.4, 0.5], [inf, inf, 0.5, 0.5, 0.5]]
+    # without a target (recommend): every seen item goes, and the top items skip them
+    row = exclude_history(torch.tensor([[3.0, 1.0, 2.0, 0.0]]), [[0]])[0]
+    assert top_items(row, 2) == ([2.0, 1.0], [2, 1])
+    assert top_items(row, 10)[1] == [2, 1, 3]  # never an excluded item, even when k is larger
+
+
+def _tower() -> ItemTower:
+    # unit item vectors in 2-d; with user (1, 0) an item's cosine is its first coordinate
+    emb = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.8, 0.6], [1.0, 0.0], [-1.0, 0.0]])
+    return ItemTower(torch.zeros(6, dtype=torch.long), embeddings=emb)
+
+
+def test_sampled_candidates_hold_the_target_once() -> None:
+    cfg = RunConfig(logit_scale=1.0, category_prior_weight=0.0)
+    tower = _tower()
+    cands = Candidates(torch.tensor([1, 3, 4]), tower.vectors(torch.tensor([1, 3, 4]), torch.device("cpu")),
+                       torch.zeros(3, dtype=torch.long), own_target=tower)
+    assert cands.size == 4 and cands.column == {1: 1, 3: 2, 4: 3}
+    user = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    logits = torch.zeros(2, 2)
+    target_rows = torch.tensor([3, 0])  # user 0's target was drawn into the sample, user 1's was not
+    scores = score_candidates(user, logits, cands, cfg, target_rows)
+    # column 0: each user's own target (0.8, then 1.0); columns 1..3: rows 1, 3, 4
+    torch.testing.assert_close(scores, torch.tensor([[0.8, 0.6, 0.8, 1.0], [1.0, 0.6, 0.8, 1.0]]))
+    targets = cands.target_columns(target_rows)
+    assert targets.tolist() == [0, 0]
+    # user 0 saw row 4; the target's second copy (column 2) is excluded too: ranked once
+    seen = [cands.seen_columns({4, None}, 3), cands.seen_columns({1}, 0)]
+    assert seen == [{2, 3}, {1}]
+    # user 0: 0.8 vs [0.6] → 0; user 1: 1.0 vs [0.8, 1.0] → the tie with row 4 counts against it → 1
+    assert rank_targets(scores, targets, seen).tolist() == [0, 1]
+
+
+def test_full_candidates_rank_every_platform_item() -> None:
+    cfg = RunConfig(logit_scale=2.0, category_prior_weight=0.0)
+    cands = candidates(_tower(), torch.tensor([0, 2, 3, 5]), torch.device("cpu"))
+    assert cands.own_target is None and cands.size == 4 and cands.column == {0: 0, 2: 1, 3: 2, 5: 3}
+    scores = score_candidates(torch.tensor([[1.0, 0.0]]), torch.zeros(1, 2), cands, cfg)
+    torch.testing.assert_close(scores, torch.tensor([[2.0, 0.0, 1.6, -2.0]]))
+    targets = cands.target_columns(torch.tensor([3]))
+    # history rows 0 and 3 (3 is the target) and 1 (not a candidate): row 0 goes, the target stays
+    assert rank_targets(scores, targets, [cands.seen_columns({0, 3, 1}, 3)]).tolist() == [0]
+
+
+def test_seeded_sample_is_reproducible_sorted_and_only_when_smaller() -> None:
+    rows = torch.arange(10, 30)
+    a, b = sample_rows(rows, 5, seed=7), sample_rows(rows, 5, seed=7)
+    assert torch.equal(a, b) and len(a) == 5 and a.tolist() == sorted(a.tolist())
+    assert set(a.tolist()) <= set(rows.tolist())
+    assert not torch.equal(a, sample_rows(rows, 5, seed=8))
+    tower = ItemTower(torch.zeros(30, dtype=torch.long), embeddings=torch.eye(30))
+    assert candidates(tower, rows, torch.device("cpu"), sample=5, seed=7).rows.tolist() == a.tolist()
+    full = candidates(tower, rows, torch.device("cpu"), sample=20, seed=7)  # not smaller: every row, no own column
+    assert full.own_target is None and torch.equal(full.rows, rows)
 
 
 def test_topk_accuracy_hand_computed() -> None:
@@ -53,6 +131,10 @@ def test_topk_accuracy_hand_computed() -> None:
     assert np.array_equal(topk_correct(probs, truth, 2)[:2], [1.0, 0.0])
     assert np.array_equal(topk_correct(probs, truth, 4)[:2], [1.0, 1.0])
     assert math.isnan(topk_correct(probs, truth, 1)[2])  # unknown truth
+    # logits work as well (masked classes are -inf); the mean leaves the unknown truth out
+    logits = np.log(np.array([[0.5, 0.3, 0.2, 0.0], [0.1, 0.2, 0.3, 0.4], [0.1, 0.6, 0.3, 0.0]]))
+    assert mean(topk_correct(logits, [0, 3, -100], 1)) == 1.0
+    assert mean(topk_correct(logits, [1, 3, 1], 1)) == pytest.approx(2 / 3)
 
 
 def test_auc_mann_whitney_with_ties() -> None:

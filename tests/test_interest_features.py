@@ -41,9 +41,10 @@ def test_features_by_hand() -> None:
     assert history_features([], cat, index, k=3).abs().sum() == 0
 
 
+@pytest.mark.slow  # trains with Opacus
 def test_history_head_learns_under_dp(small_dataset: Path, tiny_bert: Path, cache_dir: Path) -> None:
     from fl_client.dp_train import pick_device, train_round
-    from fl_client.privacy import PrivacyState
+    from shared_model.privacy.state import PrivacyState
     from fl_client.task import open_silo
     from shared_model.config import RunConfig
     from shared_model.examples import train_user_ids

@@ -10,13 +10,18 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fl_client import client_app
-from fl_client.ledger import Ledger, LedgerError, record_hash
-from fl_client.privacy import epsilon_of_history
-from fl_server.audit.one_run import epsilon_lower_bound
-from fl_server.audit.report import audit_run, write_report
 from shared_model.adapters import to_arrays
 from shared_model.config import RunConfig
 from shared_model.model import build_model
+from shared_model.privacy import accountants
+from shared_model.privacy.audit_report import audit_run, write_report
+from shared_model.privacy.ledger import Ledger, LedgerError, record_hash
+from shared_model.privacy.one_run import epsilon_lower_bound
+from shared_model.privacy.records import DpSgdRound, Refusal, write_record
+
+
+def epsilon_of_history(accountant: str, history: list, delta: float) -> float:
+    return accountants.create(accountant).epsilon(history, delta)
 
 
 def test_lower_bound_matches_hand_computed_case() -> None:
@@ -57,6 +62,7 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(TaskIdentity, attr, value)
 
 
+@pytest.mark.slow  # trains with Opacus
 def test_restart_continues_epsilon_and_budget_refuses(
     small_dataset: Path, tiny_bert: Path, cache_dir: Path, tmp_path: Path, task_identity: None
 ) -> None:
@@ -80,14 +86,23 @@ def test_restart_continues_epsilon_and_budget_refuses(
     # the planned rounds spent the budget: a third round is refused, explicitly
     r3 = _train(cfg, node, 3, ctx2, ncat)
     assert r3.content["metrics"]["budget-exhausted"] == 1
-    assert r3.content["status"]["status"] == "budget-exhausted" and "ledger" not in r3.content
-    records = Ledger(tmp_path / "state" / "p0-r0" / "ledger.jsonl").read()
-    assert [r["round"] for r in records] == [1, 2] and records[-1]["epsilon-cumulative"] <= 2.0
+    assert r3.content["status"]["status"] == "budget-exhausted"
+    refusal = r3.content["ledger"]  # the refusal is recorded on the silo's ledger and sent to the server
+    assert refusal["kind"] == "refusal" and refusal["rule"] == "run-budget" and refusal["round"] == 3
+    assert refusal["reason"] == r3.content["status"]["reason"] and refusal["epsilon-requested"] > 2.0
+    on_ledger = Ledger(tmp_path / "state" / "p0-r0" / "ledger.jsonl").read()
+    assert [(r["kind"], r["round"]) for r in on_ledger] == [("dp-sgd-round", 1), ("dp-sgd-round", 2), ("refusal", 3)]
+    records = on_ledger[:2]
+    assert records[-1]["epsilon-cumulative"] <= 2.0
+    # a restart after the refusal: the refusal spends nothing, ε is the two rounds'
+    ctx4 = Context(run_id=11, node_id=7, node_config=node, state=RecordDict(), run_config=cfg.to_run_config())
+    r3b = _train(cfg, node, 3, ctx4, ncat)
+    assert r3b.content["ledger"]["epsilon-cumulative"] == pytest.approx(records[-1]["epsilon-cumulative"])
     # a new run on the same silo starts a new entry; lifetime spend covers both runs
     ctx3 = Context(run_id=12, node_id=7, node_config=node, state=RecordDict(), run_config=cfg.to_run_config())
     r4 = _train(cfg, node, 1, ctx3, ncat)
     assert float(r4.content["metrics"]["epsilon"]) == pytest.approx(eps1)
-    assert r4.content["ledger"]["runs-on-ledger"] == 2
+    assert r4.content["ledger"]["runs-on-ledger"] == 2  # runs that spent ε; refusals do not count
     assert r4.content["ledger"]["epsilon-lifetime"] > records[-1]["epsilon-cumulative"]
 
 
@@ -107,7 +122,10 @@ def test_strategy_ends_run_when_every_silo_is_exhausted(tmp_path: Path) -> None:
     strategy = RecordingFedAvg(RunRecords(tmp_path, {}))
     strategy.exhausted = {1, 2}
     result = strategy.start(grid=Grid(), initial_arrays=ArrayRecord(), num_rounds=3)  # type: ignore[arg-type]
-    assert strategy.ended_early == 1 and result is not None
+    assert strategy.ended_early == 1
+    # no round ran: no global model came back and no round's metrics were recorded
+    assert len(result.arrays) == 0 and result.train_metrics_clientapp == {} and result.evaluate_metrics_clientapp == {}
+    assert strategy.records.records == []
 
 
 def _fake_run(tmp_path: Path) -> Path:
@@ -120,9 +138,9 @@ def _fake_run(tmp_path: Path) -> Path:
         for rnd in (1, 2):
             hist.append((sigma, 0.25, 8))
             eps = epsilon_of_history("rdp", hist, 1e-5)
-            led.append({"run-id": "5", "silo": silo, "round": rnd, "steps": 8, "sample-rate": 0.25,
-                        "noise-multiplier": sigma, "max-grad-norm": 1.0, "delta": 1e-5, "accountant": "rdp",
-                        "epsilon-round": 0.0, "epsilon-cumulative": eps, "epsilon-budget": 20.0})
+            write_record(led, DpSgdRound(run_id="5", silo=silo, round=rnd, steps=8, sample_rate=0.25,
+                                         noise_multiplier=sigma, max_grad_norm=1.0, delta=1e-5, accountant="rdp",
+                                         epsilon_round=0.0, epsilon_cumulative=eps, epsilon_budget=20.0))
     return run
 
 
@@ -130,6 +148,7 @@ def test_audit_passes_then_corrupt_ledger_fails(tmp_path: Path) -> None:
     run = _fake_run(tmp_path)
     result = audit_run(run)
     assert result["passed"], result["checks"]
+    assert result["refusals"] == []
     cs = result["cross-silo"]["epsilon-user-on-every-silo-opacus-rdp"]
     assert cs > max(s["epsilon-reported"] for s in result["silos"].values())
     write_report(run, result)
@@ -158,11 +177,12 @@ CANARY = {"num-server-rounds": 5, "local-steps": 20, "batch-size": 128, "learnin
           "num-negatives": 63, "max-eval-users": 0}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("broken", [True, False])
 def test_canary_audit_fails_on_broken_noise_and_passes_when_honest(
     small_dataset: Path, tiny_bert: Path, cache_dir: Path, tmp_path: Path, broken: bool
 ) -> None:
-    from fl_server.audit.canary import run_canary_audit
+    from fl_client.canary_audit import run_canary_audit
 
     cfg = RunConfig.from_run_config({"dataset": str(small_dataset), "base-model": str(tiny_bert), **CANARY,
                                      "audit-broken-noise": broken})
@@ -173,3 +193,33 @@ def test_canary_audit_fails_on_broken_noise_and_passes_when_honest(
     assert res.passed is (not broken)
     if broken:
         assert res.epsilon_lower_bound > res.ledger_epsilon
+
+
+def test_audit_lists_refusals_and_ignores_them_for_epsilon(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path)
+    before = audit_run(run)
+    write_record(Ledger(run / "ledger.jsonl"), Refusal(
+        run_id="5", silo="a", round=3, rule="run-budget", reason="8 more steps would exceed the budget", steps=8,
+        sample_rate=0.25, noise_multiplier=1.2, delta=1e-5, accountant="rdp", epsilon_cumulative=1.0,
+        epsilon_requested=30.0, epsilon_limit=20.0, epsilon_budget=20.0))
+    after = audit_run(run)
+    assert after["passed"] and after["silos"] == before["silos"] and after["cross-silo"] == before["cross-silo"]
+    assert [(r["silo"], r["round"], r["rule"]) for r in after["refusals"]] == [("a", 3, "run-budget")]
+    write_report(run, after)
+    assert "## Refusals" in (run / "audit.md").read_text()
+
+
+def test_server_forwards_silo_records_to_the_federation_ledger(tmp_path: Path) -> None:
+    from fl_server.records import RunRecords
+    from fl_server.strategy import RecordingFedAvg
+
+    silo_line = write_record(Ledger(tmp_path / "silo.jsonl"), DpSgdRound(
+        run_id="5", silo="a", round=1, steps=8, sample_rate=0.25, noise_multiplier=1.2, max_grad_norm=1.0, delta=1e-5,
+        accountant="rdp", epsilon_round=0.1, epsilon_cumulative=0.1, epsilon_budget=8.0, time="t"))
+    strategy = RecordingFedAvg(RunRecords(tmp_path, {}), ledger=Ledger(tmp_path / "ledger.jsonl"))
+    strategy.append_ledger(ConfigRecord(silo_line), node_id=3)
+    strategy.append_ledger(ConfigRecord({"kind": "no-such-kind", "run-id": "5"}), node_id=4)  # logged, not recorded
+    (line,) = Ledger(tmp_path / "ledger.jsonl").read()
+    assert line["silo-sha256"] == silo_line["sha256"] and line["node-id"] == 3
+    assert {k: v for k, v in line.items() if k not in {"silo-sha256", "node-id", "sha256", "prev-sha256"}} == {
+        k: v for k, v in silo_line.items() if k not in {"sha256", "prev-sha256"}}

@@ -251,10 +251,10 @@ def test_run_ends_cleanly_when_every_silo_is_at_budget(
 ) -> None:
     """A lifetime cap between the 1st and 2nd round's ε: every silo trains round 1, refuses
     round 2 with an explicit status, and the server ends the run before round 3."""
-    from fl_client.privacy import PrivacyState
     from shared_model.config import RunConfig
     from shared_model.dataset import list_silos, load_catalogue, load_silo
     from shared_model.examples import train_user_ids
+    from shared_model.privacy.state import PrivacyState
 
     settings = {"local-steps": 2, "batch-size": 16, "num-server-rounds": 3, "max-eval-users": 8}
     cfg = RunConfig.from_run_config(settings)
@@ -276,7 +276,10 @@ def test_run_ends_cleanly_when_every_silo_is_at_budget(
     assert doc["run"]["ended-early"]["before-round"] == 3
     train = [r for r in doc["records"] if r["phase"] == "train"]
     assert sorted((r["round"], r["budget-exhausted"]) for r in train) == [(1, 0)] * 3 + [(2, 1)] * 3
-    ledger = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    ledger = [r for r in lines if r["kind"] == "dp-sgd-round"]
     assert len(ledger) == 3 and all(r["epsilon-lifetime"] <= cap for r in ledger)
+    refused = [r for r in lines if r["kind"] == "refusal"]
+    assert sorted((r["round"], r["rule"]) for r in refused) == [(2, "silo-lifetime-budget")] * 3
     assert not (tmp_path / "checkpoints" / "round-003").exists()
     assert _flower_processes() == []

@@ -15,7 +15,7 @@ import time
 import torch
 
 from fl_client.dp_train import pick_device, train_round
-from fl_client.privacy import PrivacyState
+from shared_model.privacy.state import PrivacyState
 from fl_client.task import open_silo
 from shared_model.config import RunConfig
 from shared_model.examples import train_user_ids

@@ -34,8 +34,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from fl_client.dp_train import adapted_interest_loss, interest_loss, parameter_groups
-from fl_client.task import TrainUsers, collate, open_silo
+from fl_client.task import TrainUsers, open_silo
 from shared_model.adapters import save_checkpoint
+from shared_model.batches import collate
 from shared_model.config import RunConfig
 from shared_model.dataset import list_silos
 from shared_model.encoder import model_hash, resolve_base_model

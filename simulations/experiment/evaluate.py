@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from simulations.experiment.plan import Plan
 from simulations.evaluation import (
     ModelPredictor,
+    all_baselines,
     concat,
     cross_cases,
     differences,
@@ -41,6 +41,7 @@ from simulations.evaluation import (
     platform_cases,
     summarise,
 )
+from simulations.experiment.plan import Plan
 
 REFERENCE = "most-popular"
 #: The next-interest reference: every method's category metrics also get a paired Δ to it.
@@ -211,7 +212,6 @@ def evaluate_plan(plan: Plan, out: Path, log: Callable[[str], None], clock: Call
     from shared_model.dataset import load_dataset, load_dataset_info
     from shared_model.examples import DEFAULT_K
     from shared_model.scoring import Scorer
-    from simulations.baselines import all_baselines
 
     preset, dataset = plan.preset, plan.dataset
     catalogue, silos = load_dataset(dataset)

@@ -4,7 +4,7 @@
 Methods:
 
 * ``most-popular``, ``category-markov``, ``history-logit``, ``item-cooccurrence``: the
-  non-learned baselines of :mod:`simulations.baselines` (fitted on the train split of every
+  non-learned baselines of :mod:`simulations.evaluation.baselines` (fitted on the train split of every
   silo; centralised, so not private: ε = ∞).
 * ``federated-dp-eps{ε}``: a federated simulation on every silo with total budget ε per silo.
 * ``federated-nonprivate``: the same without DP.

@@ -4,9 +4,9 @@ M canary users are made for ONE silo: each has a two-event history (one catalogu
 the silo's platform, then a unique target item), both items distinct from other canaries' and the
 least used by real users. Each canary is included in the silo's training users independently with
 probability ½ (seeded). The silo then trains ``num-server-rounds × local-steps`` DP-SGD
-steps through the ClientApp's own round function (:func:`fl_client.client_app.dp_round`:
-same calibration, same ``audit-broken-noise`` handling, same ledger records), carrying
-its model from round to round. This bypasses Flower's transport and FedAvg: with one
+steps through the ClientApp's own round function (:func:`fl_client.silo_round.train_silo`:
+same calibration, same budget rules, same ``audit-broken-noise`` handling, same ledger
+records), carrying its model from round to round. This bypasses Flower's transport and FedAvg: with one
 silo FedAvg is the identity, and other silos could only dilute the canaries' signal, so
 the bound measured here is for the silo's own mechanism, the strongest case.
 
@@ -14,7 +14,7 @@ Membership score (:func:`canary_scores`): how strongly the final model ties each
 target to that canary's own history (log-probability under the full catalogue softmax,
 contrasted with the other canaries' histories), minus the same under the initial model.
 The auditor guesses "in" for the K highest scores, "out" for the K lowest, abstains on the
-rest, and :func:`fl_server.audit.one_run.epsilon_lower_bound` turns (guesses, correct) into
+rest, and :func:`shared_model.privacy.one_run.epsilon_lower_bound` turns (guesses, correct) into
 an ε lower bound at 95 % confidence. The audit passes when that bound ≤ the ledger's ε.
 """
 
@@ -29,18 +29,20 @@ from typing import Any
 
 import torch
 
-from fl_client.client_app import dp_round, run_records, seed_for
 from fl_client.dp_train import pick_device
-from fl_client.ledger import Ledger, silo_ledger_path
-from fl_client.privacy import PrivacyState
-from fl_client.task import Encoder, SiloData, collate, open_silo
-from fl_server.audit.one_run import epsilon_lower_bound
+from fl_client.silo_round import SiloSetup, TrainRequest, seed_for, train_silo
+from fl_client.evaluate import item_tower
+from fl_client.task import SiloData, open_silo
 from shared_model.adapters import get_trainable_state, set_trainable_state
 from shared_model.config import RunConfig
-from shared_model.examples import train_user_ids, training_example
-from shared_model.item_index import embed_items
-from shared_model.model import InterestModel, build_model, item_scores
+from shared_model.examples import training_example
+from shared_model.batches import collate
+from shared_model.model import InterestModel, build_model
+from shared_model.privacy.ledger import Ledger, silo_ledger_path
+from shared_model.privacy.one_run import epsilon_lower_bound
+from shared_model.privacy.records import dp_rounds, of_run, read_records
 from shared_model.schema import Event, Silo
+from shared_model.scoring import candidates, score_candidates, user_vectors
 
 
 @dataclass
@@ -114,21 +116,13 @@ def canary_scores(model: InterestModel, data: SiloData, cfg: RunConfig, users: l
     how much it ties the target to this canary's own history.
     """
     model.eval()
-    encode = Encoder(data, cfg)
-    batch = collate([encode(training_example(data.silo, data.catalogue, u)) for u in users],
-                    encode.tokenizer.pad_token_id or 0)
-    input_ids, mask, rows, _, feats = batch
-    user, cat_logits = model(input_ids, mask, feats)
-    platform_rows = data.items.platform_rows(data.platform)
-    if cfg.item_tower == "adapted":
-        item_vectors = embed_items(model.embed, data.item_tokens, platform_rows, input_ids.device)
-    else:
-        item_vectors = data.items.embeddings[platform_rows]
-    scores = item_scores(user, cat_logits, item_vectors, data.item_prior_index[platform_rows],
-                         cfg.logit_scale, cfg.category_prior_weight)
-    logp = torch.log_softmax(scores.float(), dim=1)
-    position = {int(r): i for i, r in enumerate(platform_rows.tolist())}
-    target = torch.tensor([position[int(r)] for r in rows])
+    batcher = data.batcher(cfg)
+    input_ids, mask, rows, _, feats = collate(
+        [batcher(training_example(data.silo, data.catalogue, u)) for u in users], batcher.pad_id)
+    user, cat_logits = user_vectors(model, input_ids, mask, feats, None, input_ids.device)  # unmasked
+    cands = candidates(item_tower(model, data, cfg), data.items.platform_rows(data.platform), input_ids.device)
+    logp = torch.log_softmax(score_candidates(user, cat_logits, cands, cfg).float(), dim=1)
+    target = cands.target_columns(rows)
     matrix = logp[:, target]  # [history a, target b] = log p(t_b | h_a)
     n = len(users)
     own = matrix.diagonal()
@@ -150,19 +144,22 @@ def run_canary_audit(
     if device.type != "cpu":
         device = torch.device("cpu")  # small and deterministic; scoring runs on CPU too
     run_id = f"canary-audit-{seed}-{int(t0)}"
-    ledger = Ledger(silo_ledger_path(data.name, {}, str(out_dir / "silo-state")))
-    privacy = PrivacyState.calibrate(data.name, cfg, num_users=len(train_user_ids(data.silo)))
+    # A fresh one-run experiment: the real silo's lifetime cap (over its runs) does not apply.
+    cfg = dataclasses.replace(cfg, silo_lifetime_epsilon=0.0)
+    silo = SiloSetup(cfg, data, device, Ledger(silo_ledger_path(data.name, {}, str(out_dir / "silo-state"))))
     ncat = len(data.categories)
     initial = get_trainable_state(build_model(cfg, num_categories=ncat))
     state = initial
+    privacy = None
     for rnd in range(1, cfg.num_server_rounds + 1):
-        if not privacy.can_train(cfg.local_steps):
+        reply = train_silo(TrainRequest(silo, run_id=run_id, server_round=rnd, privacy=privacy,
+                                        load=lambda model, s=state: set_trainable_state(model, s),
+                                        seed=seed_for(cfg.seed + seed, data.name, rnd)))
+        privacy = reply.privacy
+        if reply.model is None:  # refused by a budget rule (recorded on the ledger)
             break
-        model = build_model(cfg, num_categories=ncat)  # fresh per round: Opacus hooks never stack
-        set_trainable_state(model, state)
-        dp_round(model, data, cfg, privacy, seed=seed_for(cfg.seed + seed, data.name, rnd), device=device,
-                 run_id=run_id, server_round=rnd, ledger=ledger)
-        state = {k2: v.detach().cpu().clone() for k2, v in get_trainable_state(model).items()}
+        state = {k2: v.detach().cpu().clone() for k2, v in get_trainable_state(reply.model).items()}
+    assert privacy is not None, "num-server-rounds must be ≥ 1"
     users = [u for u, _ in canaries]
     before = build_model(cfg, num_categories=ncat)
     set_trainable_state(before, initial)
@@ -176,14 +173,14 @@ def run_canary_audit(
     guess: dict[int, bool] = {i: True for i in order[:k]}
     guess.update({i: False for i in order[len(order) - k:]})
     correct = sum(1 for i, g in guess.items() if canaries[i][1] == g)
-    records = run_records(ledger.read(), run_id, data.name)
-    ledger_eps = float(records[-1]["epsilon-cumulative"]) if records else 0.0
+    records = of_run(dp_rounds(read_records(silo.ledger)), run_id, data.name)
+    ledger_eps = records[-1].epsilon_cumulative if records else 0.0
     return CanaryResult(
         silo=data.name, m=m, included=sum(1 for _, inside in canaries if inside), guesses=len(guess), correct=correct,
         k_in=k, k_out=k, epsilon_lower_bound=epsilon_lower_bound(len(guess), correct, confidence), confidence=confidence,
         ledger_epsilon=ledger_eps, delta=privacy.delta, accountant=privacy.accountant_label,
         noise_multiplier_recorded=privacy.noise_multiplier, broken_noise=cfg.audit_broken_noise,
-        seconds=round(time.time() - t0, 1), ledger=str(ledger.path),
+        seconds=round(time.time() - t0, 1), ledger=str(silo.ledger.path),
         scores=[{"canary": u, "included": inside, "gain": float(gain[i]), "guess": guess.get(i)}
                 for i, (u, inside) in enumerate(canaries)],
     )

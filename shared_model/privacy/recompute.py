@@ -1,6 +1,8 @@
 """Recompute ε from ledger mechanism parameters with two independent implementations.
 
-* Opacus (the accountant the ledger names; the training code's own library), and
+* Opacus (the accountant the ledger names; the training code's own library, but called
+  here through its own classes, never through the training bookkeeping in
+  ``shared_model.privacy.accountants`` / ``state``), and
 * Google's ``dp-accounting``: RDP (``RdpAccountant``) and PLD (``PLDAccountant``) over
   ``PoissonSampledDpEvent(q, GaussianDpEvent(σ))`` self-composed ``steps`` times.
 
@@ -19,11 +21,16 @@ from dataclasses import dataclass, field
 import dp_accounting
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
-from opacus.accountants import RDPAccountant
-
-from fl_client.privacy import epsilon_of_history
+from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
+from opacus.accountants.accountant import IAccountant
 
 History = list[tuple[float, float, int]]
+#: The accountants a ledger may name: (label, Opacus class).
+OPACUS: dict[str, tuple[str, type[IAccountant]]] = {
+    "rdp": ("Opacus RDP", RDPAccountant),
+    "prv": ("Opacus PRV", PRVAccountant),
+    "gdp": ("Opacus GDP", GaussianAccountant),
+}
 OPACUS_ALPHAS: list[float] = list(RDPAccountant.DEFAULT_ALPHAS)
 INTEGER_ORDERS: list[float] = sorted({float(a) for a in OPACUS_ALPHAS if float(a).is_integer()})
 
@@ -68,6 +75,23 @@ def opacus_rdp(history: History, delta: float, alphas: list[float] | None = None
         return float(acc.get_epsilon(delta, alphas=alphas))
 
 
+def opacus_epsilon(accountant: str, history: History, delta: float) -> float:
+    """ε(δ) by the Opacus accountant the ledger names (``rdp`` | ``prv`` | ``gdp``)."""
+    if accountant not in OPACUS:
+        raise ValueError(f"unknown accountant {accountant!r} (expected one of {', '.join(OPACUS)})")
+    if accountant == "rdp":
+        return opacus_rdp(history, delta)
+    if not history:
+        return 0.0
+    acc = OPACUS[accountant][1]()
+    acc.history = [tuple(h) for h in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def label(accountant: str) -> str:
+    return OPACUS[accountant][0] if accountant in OPACUS else accountant
+
+
 @dataclass
 class Recomputed:
     """ε(δ) of one history by every accountant, named."""
@@ -94,7 +118,7 @@ def recompute(history: History, delta: float, accountant: str) -> Recomputed:
     return Recomputed(
         delta=delta,
         ledger_accountant=accountant,
-        opacus_ledger_accountant=rdp_default if accountant == "rdp" else epsilon_of_history(accountant, history, delta),
+        opacus_ledger_accountant=rdp_default if accountant == "rdp" else opacus_epsilon(accountant, history, delta),
         opacus_rdp_int=opacus_rdp(history, delta, alphas=INTEGER_ORDERS),
         dpacc_rdp_int=dpacc_rdp(history, delta, orders=INTEGER_ORDERS),
         spread={

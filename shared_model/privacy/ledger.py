@@ -1,7 +1,8 @@
-"""The privacy ledger: an append-only, hash-chained JSON-lines file of privacy spends.
+"""The privacy ledger: an append-only, hash-chained JSON-lines file of privacy events.
 
-One line per DP-SGD round a silo ran. Each line is a flat JSON object carrying two extra
-fields: ``prev-sha256`` (the ``sha256`` of the line before, 64 zeros for the first) and
+One line per record (a DP-SGD round a silo ran, a refusal, …; the kinds and their
+fields are in :mod:`shared_model.privacy.records`, this file knows only lines). Each line
+is a flat JSON object carrying two extra fields: ``prev-sha256`` (the ``sha256`` of the line before, 64 zeros for the first) and
 ``sha256`` (SHA-256 of the line's canonical JSON without that field). A line that is
 truncated, not JSON, edited, reordered or removed is reported as ``ledger.jsonl:LINE:
 reason``. Appends are one ``write`` of a whole line followed by ``fsync``, so a crash can

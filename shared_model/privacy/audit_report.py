@@ -1,4 +1,12 @@
-"""Run every audit check on a run folder; write ``audit.md`` and ``audit-epsilon.png``."""
+"""The ledger audit: run every check on a folder holding a ``ledger.jsonl``; write
+``audit.md`` and ``audit-epsilon.png`` there.
+
+The folder is a run's results folder (the server's federation ledger; its
+``metrics.json`` names the run, whose records alone are audited) or a silo's state
+folder ``<state-dir>/<silo>`` (its own ledger, every run on it). ε is recomputed by
+:mod:`shared_model.privacy.recompute` from the DP-SGD round records only; refusals spend
+nothing and are listed.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +14,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fl_client.ledger import LEDGER_NAME, Ledger, LedgerError
-from fl_client.privacy import ACCOUNTANT_NAMES, ledger_history
-from fl_server.audit.accounting import opacus_rdp, recompute
 from shared_model.io_utils import write_bytes_atomic
+from shared_model.privacy.ledger import LEDGER_NAME, Ledger, LedgerError
+from shared_model.privacy.records import DpSgdRound, Record, dp_rounds, history_of, of_run, read_records, refusals
+from shared_model.privacy.recompute import label as accountant_label
+from shared_model.privacy.recompute import opacus_rdp, recompute
 
 TOLERANCE = 1e-3
 
@@ -23,42 +32,48 @@ def audit_run(run_dir: Path, canary: dict[str, Any] | None = None) -> dict[str, 
     info = json.loads((run_dir / "metrics.json").read_text())["run"] if (run_dir / "metrics.json").is_file() else {}
     checks: list[dict[str, Any]] = []
     result: dict[str, Any] = {"run-dir": str(run_dir), "run-id": info.get("run-id"), "checks": checks, "silos": {}}
+    records: list[Record]
     try:
-        records = Ledger(run_dir / LEDGER_NAME).read()
+        records = read_records(Ledger(run_dir / LEDGER_NAME))
         checks.append(_check("ledger-integrity", bool(records), f"{len(records)} records, hash chain verified"
                              if records else f"{run_dir / LEDGER_NAME}: no records (no DP training recorded)"))
     except LedgerError as exc:
         checks.append(_check("ledger-integrity", False, str(exc)))
         records = []
     if info.get("run-id") is not None:
-        records = [r for r in records if str(r.get("run-id")) == str(info["run-id"])]
-    per_silo: dict[str, list[dict[str, Any]]] = {}
-    for r in records:
-        per_silo.setdefault(str(r["silo"]), []).append(r)
+        records = of_run(records, info["run-id"])
+    rounds = dp_rounds(records)
+    result["refusals"] = [r.to_dict() for r in refusals(records)]
+    several_runs = len({r.run_id for r in rounds}) > 1  # a silo's own ledger: audit each run
+    result["several-runs"] = several_runs
+    per_silo: dict[str, list[DpSgdRound]] = {}
+    for r in rounds:
+        per_silo.setdefault(f"{r.silo} (run {r.run_id})" if several_runs else r.silo, []).append(r)
     all_history = []
     delta = None
     for silo, recs in sorted(per_silo.items()):
-        recs.sort(key=lambda r: int(r["round"]))
-        delta = float(recs[-1]["delta"])
-        accountant = str(recs[-1]["accountant"])
-        history = ledger_history(recs)
+        recs.sort(key=lambda r: r.round)
+        delta = recs[-1].delta
+        accountant = recs[-1].accountant
+        history = history_of(recs)
         all_history += history
         re = recompute(history, delta, accountant)
         # every record's cumulative ε against its own prefix
-        worst_prefix = max(abs(float(r["epsilon-cumulative"]) - (re.opacus_ledger_accountant if i == len(recs) - 1 else
+        worst_prefix = max(abs(r.epsilon_cumulative - (re.opacus_ledger_accountant if i == len(recs) - 1 else
                            recompute(history[: i + 1], delta, accountant).opacus_ledger_accountant)) for i, r in enumerate(recs))
-        reported = float(recs[-1]["epsilon-cumulative"])
-        label = ACCOUNTANT_NAMES.get(accountant, accountant)
+        reported = recs[-1].epsilon_cumulative
+        label = accountant_label(accountant)
+        lifetime, runs = recs[-1].epsilon_lifetime, recs[-1].runs_on_ledger
         result["silos"][silo] = {
-            "rounds": [int(r["round"]) for r in recs], "delta": delta, "accountant": label,
-            "epsilon-reported": reported, "epsilon-budget": float(recs[-1]["epsilon-budget"]),
+            "rounds": [r.round for r in recs], "delta": delta, "accountant": label,
+            "epsilon-reported": reported, "epsilon-budget": recs[-1].epsilon_budget,
             "epsilon-recomputed-opacus": re.opacus_ledger_accountant,
             "epsilon-opacus-rdp-integer-orders": re.opacus_rdp_int,
             "epsilon-dp-accounting-rdp-integer-orders": re.dpacc_rdp_int,
             "cross-accountant": re.spread, "cross-accountant-spread": re.cross_spread,
-            "epsilon-lifetime": float(recs[-1].get("epsilon-lifetime", reported)),
-            "runs-on-ledger": int(recs[-1].get("runs-on-ledger", 1)),
-            "epsilon-by-round": [float(r["epsilon-cumulative"]) for r in recs],
+            "epsilon-lifetime": reported if lifetime is None else lifetime,
+            "runs-on-ledger": 1 if runs is None else runs,
+            "epsilon-by-round": [r.epsilon_cumulative for r in recs],
         }
         checks.append(_check(f"recompute-opacus:{silo}", worst_prefix <= TOLERANCE,
                              f"ledger ε vs {label} recomputed from (σ, q, steps): max |Δ| {worst_prefix:.2e} over "
@@ -66,8 +81,8 @@ def audit_run(run_dir: Path, canary: dict[str, Any] | None = None) -> dict[str, 
         checks.append(_check(f"recompute-dp-accounting:{silo}", re.same_accountant_diff <= TOLERANCE,
                              f"Opacus RDP {re.opacus_rdp_int:.5f} vs dp-accounting RDP {re.dpacc_rdp_int:.5f} "
                              f"(same integer orders, δ={delta:g}): |Δ| {re.same_accountant_diff:.2e}"))
-        checks.append(_check(f"within-budget:{silo}", reported <= float(recs[-1]["epsilon-budget"]) + 1e-6,
-                             f"ε={reported:.4f} ≤ budget {float(recs[-1]['epsilon-budget']):g} (δ={delta:g}, {label})"))
+        checks.append(_check(f"within-budget:{silo}", reported <= recs[-1].epsilon_budget + 1e-6,
+                             f"ε={reported:.4f} ≤ budget {recs[-1].epsilon_budget:g} (δ={delta:g}, {label})"))
     if all_history and delta is not None:
         result["cross-silo"] = {
             "delta": delta, "silos": len(per_silo),
@@ -98,9 +113,15 @@ def write_report(run_dir: Path, result: dict[str, Any]) -> None:
                      f"{s['cross-accountant'].get('dp-accounting PLD', float('nan')):.4f} | {s['epsilon-lifetime']:.4f} ({s['runs-on-ledger']}) |")
     if "cross-silo" in result:
         cs = result["cross-silo"]
-        lines += ["", "## A user present on every silo", "",
+        lines += ["", "## Every run on the silo's ledger composed (its lifetime)", "",
+                  f"Every audited run's mechanisms composed (δ={cs['delta']:g}):", ""] if result.get("several-runs") else [
+                  "", "## A user present on every silo", "",
                   f"Worst case: the silos' mechanisms composed (δ={cs['delta']:g}):", ""]
         lines += [f"- {k}: {v:.4f}" for k, v in cs.items() if k.startswith("epsilon")]
+    if result.get("refusals"):
+        lines += ["", "## Refusals (budget rules; a refusal spends nothing)", "",
+                  "| silo | run | round | rule | reason |", "|---|---|---|---|---|"]
+        lines += [f"| {r['silo']} | {r['run-id']} | {r['round']} | {r['rule']} | {r['reason']} |" for r in result["refusals"]]
     if "canary" in result:
         c = result["canary"]
         lines += ["", "## Canary audit (Steinke, Nasr & Jagielski, NeurIPS 2023, one run)", "",

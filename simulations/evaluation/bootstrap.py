@@ -1,10 +1,8 @@
-"""Per-user evaluation metrics, ROC-AUC and the paired bootstrap over users.
+"""The paired bootstrap over users: a metric's value and 95 % interval from a per-user
+vector (:mod:`shared_model.metrics`) or from per-user scores and labels (ROC-AUC).
 
-Per-user values average to the aggregates of :mod:`shared_model.metrics` (ranks are
-0-based; HR@k = [rank < k], NDCG@k = 1/log2(rank+2) if rank < k, RR = 1/(rank+1)), so
-a metric is the mean of a per-user vector and a bootstrap can resample users. NaN marks
-a user for whom a metric is undefined (e.g. an unlabelled target category); it is left
-out of that metric's mean.
+A metric is the mean of a per-user vector, so a bootstrap can resample users; NaN marks a
+user for whom a metric is undefined and is left out of that metric's mean.
 """
 
 from __future__ import annotations
@@ -15,50 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-def hits(ranks: Sequence[int], k: int = 10) -> np.ndarray:
-    return (np.asarray(ranks) < k).astype(np.float64)
-
-
-def ndcgs(ranks: Sequence[int], k: int = 10) -> np.ndarray:
-    r = np.asarray(ranks, dtype=np.float64)
-    return np.where(r < k, 1.0 / np.log2(r + 2.0), 0.0)
-
-
-def reciprocal_ranks(ranks: Sequence[int]) -> np.ndarray:
-    return 1.0 / (np.asarray(ranks, dtype=np.float64) + 1.0)
-
-
-def topk_correct(probs: np.ndarray, truth: Sequence[int], k: int) -> np.ndarray:
-    """``[B]`` 1.0 when the true class is among the ``k`` most probable (ties: lower index
-    first), 0.0 when not, NaN when the truth is unknown (< 0)."""
-    probs = np.asarray(probs, dtype=np.float64)
-    truth = np.asarray(truth)
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    correct = (order == truth[:, None]).any(1).astype(np.float64)
-    return np.where(truth >= 0, correct, np.nan)
-
-
-def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
-    """ROC-AUC as the Mann–Whitney U statistic with mid-ranks for ties (Hanley & McNeil 1982):
-    P(score of a random positive > score of a random negative) + ½ P(tie). NaN when a class is empty."""
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels, dtype=bool)
-    n_pos = int(y.sum())
-    n_neg = len(y) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=np.float64)
-    sorted_s = s[order]
-    # mid-ranks: every member of a tie group gets the mean of the 1-based ranks it spans
-    boundaries = np.flatnonzero(np.diff(sorted_s)) + 1
-    starts = np.concatenate(([0], boundaries))
-    ends = np.concatenate((boundaries, [len(s)]))
-    for a, b in zip(starts, ends):
-        ranks[order[a:b]] = 0.5 * (a + 1 + b)
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+from shared_model.metrics import roc_auc
 
 
 @dataclass(frozen=True)

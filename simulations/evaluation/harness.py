@@ -5,7 +5,8 @@ of that platform's silos) with their last event as target (:func:`shared_model.e
 
 * next item: full ranking over the platform's catalogue; the user's history items on
   that platform are excluded from the candidates (the target never is); ties count
-  against the target; HR@10, NDCG@10, MRR.
+  against the target (:func:`shared_model.scoring.rank_targets`, for every predictor);
+  HR@10, NDCG@10, MRR.
 * next interest: level-2 category accuracy@1 and @3, for all users and the migrating
   subset (flag as in :mod:`shared_model.examples`, k = ``migration-k``).
 * new interest: on migrating users, whether the most probable category *outside* the user's
@@ -22,7 +23,7 @@ of that platform's silos) with their last event as target (:func:`shared_model.e
   left out. Ranking over B's catalogue, nothing excluded (the input has no B items).
 
 Every metric carries a 95 % paired-bootstrap interval over users
-(:func:`simulations.stats.paired_bootstrap`; same draws for every method of a group), and
+(:func:`simulations.evaluation.bootstrap.paired_bootstrap`; same draws for every method of a group), and
 ``differences`` gives each method minus a reference method (default ``most-popular``)
 per user, with its paired interval.
 """
@@ -39,18 +40,11 @@ import numpy as np
 import torch
 
 from shared_model.examples import DEFAULT_K, eval_examples, migration_defined
-from shared_model.metrics import rank_of_target
+from shared_model.metrics import hits, ndcgs, reciprocal_ranks, topk_correct
 from shared_model.migration import js_divergence, new_interest, recent_distribution
 from shared_model.schema import Catalogue, Event, Silo
-from simulations.stats import (
-    Estimate,
-    hits,
-    ndcgs,
-    paired_bootstrap,
-    paired_difference,
-    reciprocal_ranks,
-    topk_correct,
-)
+from shared_model.scoring import rank_targets
+from simulations.evaluation.bootstrap import Estimate, paired_bootstrap, paired_difference
 
 METRICS = ("hr10", "ndcg10", "mrr", "category-acc1", "category-acc3", "category-acc1-migrating",
            "category-acc3-migrating", "new-interest-acc1-migrating", "migration-auc", "migration-auc-mass")
@@ -122,11 +116,8 @@ def per_user(predictor: Predictor, cases: Sequence[Case], platform: str, catalog
         scores, probs = predictor.predict(chunk, platform)
         scores = torch.as_tensor(np.asarray(scores, dtype=np.float64)).clone()
         targets = torch.tensor([col[c.target.item_id] for c in chunk])
-        for r, c in enumerate(chunk):
-            seen = {col[e.item_id] for e in c.history if e.item_id in col} - {int(targets[r])}
-            if seen:
-                scores[r, sorted(seen)] = float("-inf")
-        ranks.extend(rank_of_target(scores, targets).tolist())
+        seen = [{col[e.item_id] for e in c.history if e.item_id in col} for c in chunk]
+        ranks.extend(rank_targets(scores, targets, seen).tolist())
         truth = [cat_index.get(c.target_category, -1) if c.target_category else -1 for c in chunk]
         acc1.append(topk_correct(probs, truth, 1))
         acc3.append(topk_correct(probs, truth, 3))

@@ -1,0 +1,228 @@
+"""One silo round, without Flower: what the ClientApp's handlers and the canary audit call.
+
+:func:`train_silo` takes a :class:`TrainRequest` (the opened silo, the run and round, how
+to load the global model) and returns a :class:`TrainReply`. It:
+
+1. takes the silo's accountant state for the run: the node's in-memory state if it has
+   one, else calibrated from the run config and restored from this run's DP-SGD round
+   records on the silo's ledger (a restarted silo continues its ε);
+2. applies the budget rules (:mod:`shared_model.privacy.budget`); a refusal is written to
+   the ledger as a ``refusal`` record and the silo does not touch its data;
+3. otherwise trains ``local-steps`` DP-SGD steps and writes the round's ``dp-sgd-round``
+   record (mechanism parameters and ε only, no user data).
+
+The written ledger line travels back in the reply, for the server's federation ledger.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+from fl_client.dp_train import RoundResult, pick_device, train_round
+from fl_client.evaluate import evaluate_silo
+from fl_client.task import SiloData, open_silo
+from shared_model.adapters import to_arrays
+from shared_model.config import RunConfig
+from shared_model.examples import train_user_ids
+from shared_model.model import InterestModel, build_model
+from shared_model.privacy import budget
+from shared_model.privacy.ledger import Ledger, silo_ledger_path
+from shared_model.privacy.records import DpSgdRound, Refusal, dp_rounds, of_run, read_records, write_record
+from shared_model.privacy.state import PrivacyState, merged_history
+
+log = logging.getLogger("fedshift.client")
+
+#: Puts the global model's trainable arrays into a freshly built model.
+Loader = Callable[[InterestModel], None]
+
+
+def seed_for(base: int, silo: str, server_round: int, purpose: str = "train") -> int:
+    """A reproducible per-(run seed, silo, round) seed."""
+    digest = hashlib.sha256(f"{base}/{silo}/{server_round}/{purpose}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def arrays_sha256(model: InterestModel) -> str:
+    """SHA-256 of the trainable arrays a silo sends (names and bytes, in order)."""
+    h = hashlib.sha256()
+    arrays = to_arrays(model)
+    for key in arrays.keys():
+        h.update(key.encode())
+        h.update(arrays[key].data)
+    return h.hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class SiloSetup:
+    """A silo opened for a round: its data, device and ledger."""
+
+    cfg: RunConfig
+    data: SiloData
+    device: torch.device
+    ledger: Ledger
+
+    @classmethod
+    def open(cls, cfg: RunConfig, node_config: dict[str, Any]) -> "SiloSetup":
+        data = open_silo(cfg, node_config)
+        return cls(cfg, data, pick_device(cfg), Ledger(silo_ledger_path(data.name, node_config, cfg.state_dir)))
+
+    @property
+    def num_users(self) -> int:
+        return len(train_user_ids(self.data.silo))
+
+    @property
+    def info(self) -> dict[str, str]:
+        """What the reply may say about the silo (no user data)."""
+        return {"silo": self.data.name, "platform": self.data.platform, "device": str(self.device)}
+
+    def model(self, load: Loader) -> InterestModel:
+        """A fresh model (so Opacus hooks never stack) holding the loaded arrays."""
+        model = build_model(self.cfg, num_categories=len(self.data.categories))
+        load(model)
+        return model
+
+
+@dataclass
+class TrainRequest:
+    silo: SiloSetup
+    run_id: int | str
+    server_round: int
+    load: Loader
+    privacy: PrivacyState | None = None  # the node's in-memory state for this run, if any
+    seed: int | None = None  # default: seed_for(cfg.seed, silo, round)
+
+
+@dataclass
+class TrainReply:
+    status: str  # "trained" | "budget-exhausted"
+    metrics: dict[str, float | int]
+    info: dict[str, str]
+    privacy: PrivacyState
+    model: InterestModel | None = None  # None when refused
+    result: RoundResult | None = None
+    record: dict[str, Any] | None = None  # the ledger line written (round or refusal)
+    refusal: budget.BudgetRefusal | None = None
+
+
+@dataclass
+class EvaluateReply:
+    metrics: dict[str, float | int]
+    info: dict[str, str]
+
+
+def privacy_for(silo: SiloSetup, run_id: int | str, cached: PrivacyState | None = None) -> PrivacyState:
+    """The silo's accountant state for ``run_id``: ``cached``, or calibrated and restored from the ledger."""
+    data, cfg = silo.data, silo.cfg
+    if cached is not None:
+        if cached.silo != data.name:
+            raise RuntimeError(f"node state belongs to silo {cached.silo}, not {data.name}")
+        return cached
+    state = PrivacyState.calibrate(data.name, cfg, num_users=silo.num_users)
+    if cfg.dp:
+        mine = of_run(dp_rounds(read_records(silo.ledger)), run_id, data.name)
+        if mine:
+            state.restore(mine)
+            log.warning("silo %s: restored run %s from %s: rounds %s, ε=%.4g so far",
+                        data.name, run_id, silo.ledger.path, state.rounds, state.epsilon_spent)
+    return state
+
+
+def train_silo(req: TrainRequest) -> TrainReply:
+    """One training round on a silo (see the module docstring)."""
+    silo, cfg, data = req.silo, req.silo.cfg, req.silo.data
+    num_users = silo.num_users
+    privacy = privacy_for(silo, req.run_id, req.privacy)
+    refusal = (budget.check(privacy, cfg.local_steps, cfg.silo_lifetime_epsilon, read_records(silo.ledger),
+                            silo.ledger.path) if cfg.dp else None)
+    if refusal is not None:
+        log.warning("silo %s: %s; refusing to train", data.name, refusal.reason)
+        record = write_record(silo.ledger, Refusal(
+            run_id=str(req.run_id), silo=data.name, round=int(req.server_round), rule=refusal.rule,
+            reason=refusal.reason, steps=int(cfg.local_steps), sample_rate=float(privacy.sample_rate),
+            noise_multiplier=float(privacy.noise_multiplier), delta=float(privacy.delta),
+            accountant=privacy.accountant, epsilon_cumulative=float(privacy.epsilon_spent),
+            epsilon_requested=float(refusal.epsilon_requested), epsilon_limit=float(refusal.epsilon_limit),
+            epsilon_budget=float(privacy.epsilon_budget), time=_now()))
+        metrics = _train_metrics(cfg, privacy, num_users=0, loss=0.0, steps=0, empty=0, seconds=0.0,
+                                 eps_round=0.0, exhausted=True)
+        return TrainReply("budget-exhausted", metrics, silo.info, privacy, record=record, refusal=refusal)
+
+    model = silo.model(req.load)
+    seed = seed_for(cfg.seed, data.name, req.server_round) if req.seed is None else req.seed
+    result, record = _dp_round(model, silo, privacy, seed=seed, run_id=req.run_id, server_round=req.server_round)
+    metrics = _train_metrics(cfg, privacy, num_users=num_users, loss=result.loss, steps=result.steps,
+                             empty=result.empty_steps, seconds=result.seconds, eps_round=result.epsilon_round,
+                             exhausted=False)
+    return TrainReply("trained", metrics, silo.info, privacy, model=model, result=result, record=record)
+
+
+def _dp_round(model: InterestModel, silo: SiloSetup, privacy: PrivacyState, *, seed: int, run_id: int | str,
+              server_round: int) -> tuple[RoundResult, dict[str, Any] | None]:
+    """Train one round, then (DP only) update ``privacy`` and append the round's ledger record."""
+    cfg, data, ledger = silo.cfg, silo.data, silo.ledger
+    used = privacy
+    if cfg.dp and cfg.audit_broken_noise:
+        log.error("AUDIT-BROKEN-NOISE: silo %s trains WITHOUT NOISE (σ=0) while its ledger records σ=%.4g. "
+                  "This deliberately breaks differential privacy; only the audit's own tests may set it.",
+                  data.name, privacy.noise_multiplier)
+        used = dataclasses.replace(privacy, noise_multiplier=0.0)
+    result = train_round(model, data, cfg, used, seed=seed, device=silo.device)
+    if not cfg.dp:
+        return result, None
+    step = (privacy.noise_multiplier, privacy.sample_rate, int(result.steps))
+    eps_round = privacy.epsilon_of([step])
+    privacy.record_round(server_round, int(result.steps))
+    if used is privacy and merged_history(result.history) != merged_history(privacy.history):
+        # The ledger must describe exactly what Opacus's accountant saw during training.
+        raise RuntimeError(f"silo {data.name}: accountant history {result.history} != ledger view {privacy.history}")
+    on_ledger = read_records(ledger)
+    written = write_record(ledger, DpSgdRound(
+        run_id=str(run_id), silo=data.name, round=int(server_round), steps=int(result.steps),
+        sample_rate=float(privacy.sample_rate), noise_multiplier=float(privacy.noise_multiplier),
+        max_grad_norm=float(cfg.max_grad_norm), delta=float(privacy.delta), accountant=privacy.accountant,
+        epsilon_round=float(eps_round), epsilon_cumulative=float(privacy.epsilon_spent),
+        epsilon_budget=float(privacy.epsilon_budget),
+        epsilon_lifetime=float(budget.lifetime_epsilon(privacy, on_ledger, [step])),
+        runs_on_ledger=len({r.run_id for r in dp_rounds(on_ledger)} | {str(run_id)}),
+        num_users=silo.num_users, model_sha256=arrays_sha256(model), time=_now()))
+    result.epsilon_round = eps_round
+    return result, written
+
+
+def _train_metrics(
+    cfg: RunConfig, privacy: PrivacyState, *, num_users: int, loss: float, steps: int, empty: int,
+    seconds: float, eps_round: float, exhausted: bool,
+) -> dict[str, float | int]:
+    return {
+        "num-examples": num_users,
+        "train-loss": float(loss),
+        "steps": steps,
+        "empty-steps": empty,
+        "train-seconds": float(seconds),
+        "epsilon": privacy.epsilon_spent if cfg.dp else float("inf"),
+        "epsilon-round": float(eps_round),
+        "epsilon-budget": privacy.epsilon_budget if cfg.dp else float("inf"),
+        "delta": privacy.delta,
+        "noise-multiplier": privacy.noise_multiplier if cfg.dp else 0.0,
+        "sample-rate": privacy.sample_rate,
+        "max-grad-norm": cfg.max_grad_norm,
+        "budget-exhausted": int(exhausted),
+    }
+
+
+def evaluate_silo_round(silo: SiloSetup, load: Loader) -> EvaluateReply:
+    """Evaluate the loaded global model on the silo's validation users."""
+    result = evaluate_silo(silo.model(load), silo.data, silo.cfg, silo.device, split="valid")
+    return EvaluateReply({"num-examples": result.users, **result.as_metrics()}, silo.info)

@@ -1,0 +1,67 @@
+"""The budget rules: may a silo run ``steps`` more DP-SGD steps?
+
+Two rules, checked in order; the first that fails refuses, as a :class:`BudgetRefusal`
+(rule name, reason, the ε it would have reached, the limit):
+
+``run-budget``            the run's cumulative ε (this run's accountant state) would exceed
+                          the run budget ``epsilon``;
+``silo-lifetime-budget``  the silo's ε over every run on its ledger would exceed
+                          ``silo-lifetime-epsilon`` (when that is > 0).
+
+Only DP-SGD round records spend ε; refusals and other kinds on the ledger are ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared_model.privacy.records import DpSgdRound, Record, dp_rounds, history_of
+from shared_model.privacy.state import PrivacyState
+
+TOLERANCE = 1e-6
+RUN_BUDGET = "run-budget"
+LIFETIME_BUDGET = "silo-lifetime-budget"
+
+
+@dataclass(frozen=True)
+class BudgetRefusal:
+    rule: str
+    reason: str
+    epsilon_requested: float  # what the rule's ε would have become
+    epsilon_limit: float
+
+
+def can_train(privacy: PrivacyState, steps: int, tolerance: float = TOLERANCE) -> bool:
+    """True when ``steps`` more steps keep this run's cumulative ε within its budget."""
+    return privacy.epsilon_after(steps) <= privacy.epsilon_budget + tolerance
+
+
+def lifetime_epsilon(privacy: PrivacyState, records: Iterable[Record],
+                     extra: Iterable[tuple[float, float, int]] = ()) -> float:
+    """ε(δ) over every run's DP-SGD rounds in ``records`` (plus ``extra`` steps), one accountant."""
+    rounds: list[DpSgdRound] = dp_rounds(records)
+    return privacy.epsilon_of(history_of(rounds) + list(extra))
+
+
+def check(privacy: PrivacyState, steps: int, lifetime_cap: float, records: Iterable[Record],
+          ledger: str | Path = "ledger") -> BudgetRefusal | None:
+    """The first rule that refuses ``steps`` more steps, or None when the silo may train.
+
+    ``records`` are every record on the silo's ledger (at ``ledger``, named in the reason)."""
+    if not can_train(privacy, steps):
+        after = privacy.epsilon_after(steps)
+        return BudgetRefusal(RUN_BUDGET,
+                             f"{steps} more steps would take ε from {privacy.epsilon_spent:.4g} to "
+                             f"{after:.4g} > budget {privacy.epsilon_budget:g} "
+                             f"(δ={privacy.delta:g}, {privacy.accountant_label})", after, privacy.epsilon_budget)
+    if lifetime_cap > 0:
+        step = (privacy.noise_multiplier, privacy.sample_rate, steps)
+        after = lifetime_epsilon(privacy, records, [step])
+        if after > lifetime_cap + TOLERANCE:
+            return BudgetRefusal(LIFETIME_BUDGET,
+                                 f"{steps} more steps would take the silo's lifetime ε over all runs on "
+                                 f"{ledger} to {after:.4g} > silo-lifetime-epsilon {lifetime_cap:g} "
+                                 f"(δ={privacy.delta:g}, {privacy.accountant_label})", after, lifetime_cap)
+    return None

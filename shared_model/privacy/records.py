@@ -1,0 +1,185 @@
+"""Typed ledger records: what each kind of ledger line holds.
+
+A record is a frozen dataclass registered under its ``kind``. On disk its fields are
+dashed (``epsilon_round`` is the key ``epsilon-round``) next to ``"kind"``; a field whose
+value is ``None`` is left off the line (optional fields, which older records may lack).
+
+* :func:`write_record` is the one place a record is written (silo and server alike).
+* :func:`parse_record` turns one line (a dict) back into its kind; an unknown kind, a
+  missing or unknown field, or a value of the wrong type is a
+  :class:`~shared_model.privacy.ledger.LedgerError` naming ``file:LINE``.
+
+Adding a kind (a histogram release, a metric release, …): subclass :class:`Record`, set
+``KIND``, decorate it with :func:`register`. Nothing else changes: the ledger stores
+lines, and ε is computed from :class:`DpSgdRound` records only (:func:`dp_rounds`), so a
+new kind spends nothing until the accounting is taught about it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from shared_model.privacy.ledger import Ledger, LedgerError
+
+#: Keys the ledger (hash chain) and the server (where a silo's record came from) put
+#: around a record; they are not the record's fields.
+ENVELOPE = ("prev-sha256", "sha256", "silo-sha256", "node-id")
+
+R = TypeVar("R", bound="Record")
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """Base of every record kind."""
+
+    KIND: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The line's fields: ``kind`` plus every non-None field, dashed."""
+        out: dict[str, Any] = {"kind": self.KIND}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name.replace("_", "-")] = value
+        return out
+
+
+KINDS: dict[str, type[Record]] = {}
+
+
+def register(cls: type[R]) -> type[R]:
+    """Class decorator: make ``cls`` (a :class:`Record` with a new ``KIND``) parseable."""
+    if not cls.KIND or cls.KIND in KINDS:
+        raise ValueError(f"record kind {cls.KIND!r} is empty or already registered")
+    KINDS[cls.KIND] = cls
+    return cls
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class DpSgdRound(Record):
+    """One round of DP-SGD on a silo: the mechanism (σ, q, steps) and the ε it spent."""
+
+    KIND: ClassVar[str] = "dp-sgd-round"
+    run_id: str
+    silo: str
+    round: int
+    steps: int
+    sample_rate: float
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+    accountant: str
+    epsilon_round: float
+    epsilon_cumulative: float  # this run, after this round
+    epsilon_budget: float
+    epsilon_lifetime: float | None = None  # every run on the silo's ledger
+    runs_on_ledger: int | None = None
+    num_users: int | None = None
+    model_sha256: str | None = None  # of the trainable arrays the silo sent
+    time: str | None = None
+
+    @property
+    def mechanism(self) -> tuple[float, float, int]:
+        """``(σ, q, steps)``: this round's entry in an accountant history."""
+        return (float(self.noise_multiplier), float(self.sample_rate), int(self.steps))
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Refusal(Record):
+    """A silo refused to train: what was asked, which budget rule refused it and why.
+
+    A refusal spends nothing (no data was touched)."""
+
+    KIND: ClassVar[str] = "refusal"
+    run_id: str
+    silo: str
+    round: int
+    rule: str  # the budget rule (shared_model.privacy.budget)
+    reason: str
+    steps: int  # requested
+    sample_rate: float
+    noise_multiplier: float
+    delta: float
+    accountant: str
+    epsilon_cumulative: float  # this run, before the request
+    epsilon_requested: float  # what the rule's ε would have become
+    epsilon_limit: float  # the rule's limit
+    epsilon_budget: float  # the run's budget
+    time: str | None = None
+
+
+def write_record(ledger: Ledger, record: Record, envelope: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Append ``record`` (plus ``envelope`` keys, see :data:`ENVELOPE`) to ``ledger``;
+    returns the line as written, chain fields included."""
+    extra = dict(envelope or {})
+    bad = set(extra) - set(ENVELOPE) | ({"prev-sha256", "sha256"} & set(extra))
+    if bad:
+        raise ValueError(f"not envelope keys a writer may set: {sorted(bad)}")
+    return ledger.append({**record.to_dict(), **extra})
+
+
+def parse_record(raw: Mapping[str, Any], path: str | Path = "record", line: int = 0) -> Record:
+    """The typed record of one ledger line; :class:`LedgerError` ``path:line: reason`` if it is not one."""
+    kind = raw.get("kind")
+    cls = KINDS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise LedgerError(Path(path), line, f"unknown record kind {kind!r} (known: {', '.join(sorted(KINDS))})")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields) - {"kind", *ENVELOPE})
+    if unknown:
+        raise LedgerError(Path(path), line, f"{kind} record has unknown field(s) {', '.join(unknown)}")
+    values: dict[str, Any] = {}
+    for key, f in fields.items():
+        if key not in raw or raw[key] is None:
+            if f.default is dataclasses.MISSING:
+                raise LedgerError(Path(path), line, f"{kind} record lacks field {key}")
+            continue
+        try:
+            values[f.name] = _typed(hints[f.name], raw[key])
+        except TypeError as exc:
+            raise LedgerError(Path(path), line, f"{kind} record field {key}: {exc}") from None
+    return cls(**values)
+
+
+def _typed(hint: Any, value: Any) -> Any:
+    kinds = [t for t in (typing.get_args(hint) or (hint,)) if t is not type(None)]
+    kind = kinds[0]
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is str and isinstance(value, str):
+        return value
+    raise TypeError(f"expected {kind.__name__}, got {value!r}")
+
+
+def read_records(ledger: Ledger) -> list[Record]:
+    """Every record on ``ledger``, verified and typed, in ledger order."""
+    return [parse_record(raw, ledger.path, number) for number, raw in enumerate(ledger.read(), start=1)]
+
+
+def dp_rounds(records: Iterable[Record]) -> list[DpSgdRound]:
+    """The DP-SGD round records, in order: the only records that spend ε."""
+    return [r for r in records if isinstance(r, DpSgdRound)]
+
+
+def refusals(records: Iterable[Record]) -> list[Refusal]:
+    return [r for r in records if isinstance(r, Refusal)]
+
+
+def of_run(records: Iterable[R], run_id: int | str, silo: str | None = None) -> list[R]:
+    """The records of one run (and one silo, when given), in order."""
+    return [r for r in records if str(getattr(r, "run_id", None)) == str(run_id)
+            and (silo is None or getattr(r, "silo", None) == silo)]
+
+
+def history_of(rounds: Iterable[DpSgdRound]) -> list[tuple[float, float, int]]:
+    """Accountant history ``[(σ, q, steps), …]`` of DP-SGD round records, in order."""
+    return [r.mechanism for r in rounds]
