@@ -2,8 +2,8 @@
 
 Next item, frozen item tower: full ranking over the silo platform's whole catalogue (the
 item tower is precomputed, so it is cheap). Adapted item tower: the catalogue would have to
-be re-encoded by the round's LoRA encoder on every silo every round (≈19k items, minutes on
-a CPU), so the target is ranked among ``eval-candidates`` platform items drawn once with the
+be re-encoded by the round's LoRA encoder on every silo every round (its cost:
+docs/item-tower.md), so the target is ranked among ``eval-candidates`` platform items drawn once with the
 run's seed (the same set for every user, round and silo of a platform), and the
 ``eval-candidates`` metric says how many items were ranked. Sampled metrics are higher than
 full-ranking ones and are not comparable to them; ``fedshift evaluate`` always ranks the

@@ -74,7 +74,7 @@ def checkpoint_item_index(
     """The catalogue's item index cached beside the checkpoint (see module docstring).
 
     ``item-tower = adapted`` embeds the catalogue with the checkpoint's own LoRA encoder
-    (``model``), ≈19k items per platform: minutes on a CPU, once per checkpoint."""
+    (``model``) once per checkpoint (its cost: docs/item-tower.md)."""
     t0 = time.perf_counter()
     folder = Path(folder)
     ids = list(catalogue.items)

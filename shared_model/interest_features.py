@@ -11,8 +11,8 @@ history and the public catalogue:
 * ``recency``: c's share with weights ``0.7^age`` (age 0 = newest event).
 
 θ has four coordinates shared by all categories, so DP-SGD learns it from a strong
-signal with little noise. What the features bring is measured in docs/results.md
-("History features").
+signal with little noise. What the features brought when they were added is in
+docs/model-notes.md.
 """
 
 from __future__ import annotations
