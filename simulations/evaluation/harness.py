@@ -4,8 +4,8 @@ A researcher with all silos locally: per platform, the held-out users of a split
 of that platform's silos) with their last event as target (:func:`shared_model.examples.eval_examples`).
 
 * next item: full ranking over the platform's catalogue; the user's history items on
-  that platform are excluded from the candidates (the target never is); ties count
-  against the target (:func:`shared_model.scoring.rank_targets`, for every predictor);
+  that platform are excluded from the candidates (the target never is); a tie is ordered at random in
+  expectation and a non-finite score is an error (:func:`shared_model.scoring.rank_targets`, for every predictor);
   HR@10, NDCG@10, MRR.
 * next interest: level-2 category accuracy@1 and @3, for all users and the migrating
   subset (flag as in :mod:`shared_model.examples`, k = ``migration-k``).
@@ -106,6 +106,7 @@ def per_user(predictor: Predictor, cases: Sequence[Case], platform: str, catalog
     col = {i: c for c, i in enumerate(cand)}
     cat_index = {c: i for i, c in enumerate(categories)}
     ranks: list[int] = []
+    tied: list[int] = []
     acc1: list[np.ndarray] = []
     acc3: list[np.ndarray] = []
     js: list[float] = []
@@ -117,7 +118,10 @@ def per_user(predictor: Predictor, cases: Sequence[Case], platform: str, catalog
         scores = torch.as_tensor(np.asarray(scores, dtype=np.float64)).clone()
         targets = torch.tensor([col[c.target.item_id] for c in chunk])
         seen = [{col[e.item_id] for e in c.history if e.item_id in col} for c in chunk]
-        ranks.extend(rank_targets(scores, targets, seen).tolist())
+        ranked = rank_targets(scores, targets, seen, f"{getattr(predictor, 'name', type(predictor).__name__)} "
+                                                     f"scores on {platform}")
+        ranks.extend(ranked.above.tolist())
+        tied.extend(ranked.tied.tolist())
         truth = [cat_index.get(c.target_category, -1) if c.target_category else -1 for c in chunk]
         acc1.append(topk_correct(probs, truth, 1))
         acc3.append(topk_correct(probs, truth, 3))
@@ -135,6 +139,7 @@ def per_user(predictor: Predictor, cases: Sequence[Case], platform: str, catalog
     n = len(cases)
     return {
         "rank": np.asarray(ranks, dtype=np.int64),
+        "tied": np.asarray(tied, dtype=np.int64),
         "acc1": np.concatenate(acc1) if acc1 else np.zeros(0),
         "acc3": np.concatenate(acc3) if acc3 else np.zeros(0),
         "migrating": np.array([c.migrating for c in cases], dtype=bool),
@@ -162,9 +167,9 @@ def summarise(u: dict[str, np.ndarray], reps: int, seed: int, migration: bool = 
     """The metrics of :data:`METRICS` with paired-bootstrap 95 % intervals."""
     mig = np.where(u["migrating"], 1.0, np.nan)
     specs: dict[str, Any] = {
-        "hr10": ("mean", hits(u["rank"], 10)),
-        "ndcg10": ("mean", ndcgs(u["rank"], 10)),
-        "mrr": ("mean", reciprocal_ranks(u["rank"])),
+        "hr10": ("mean", hits(u["rank"], 10, u["tied"])),
+        "ndcg10": ("mean", ndcgs(u["rank"], 10, u["tied"])),
+        "mrr": ("mean", reciprocal_ranks(u["rank"], u["tied"])),
         "category-acc1": ("mean", u["acc1"]),
         "category-acc3": ("mean", u["acc3"]),
     }
@@ -183,8 +188,9 @@ def group_seed(seed: int, group: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(group.encode())) % (2**32)
 
 
-DIFFERENCE_METRICS = {"hr10": lambda u: hits(u["rank"], 10), "ndcg10": lambda u: ndcgs(u["rank"], 10),
-                      "mrr": lambda u: reciprocal_ranks(u["rank"]), "category-acc1": lambda u: u["acc1"],
+DIFFERENCE_METRICS = {"hr10": lambda u: hits(u["rank"], 10, u["tied"]),
+                      "ndcg10": lambda u: ndcgs(u["rank"], 10, u["tied"]),
+                      "mrr": lambda u: reciprocal_ranks(u["rank"], u["tied"]), "category-acc1": lambda u: u["acc1"],
                       "category-acc3": lambda u: u["acc3"],
                       "new-interest-acc1-migrating": lambda u: u["new1"] * np.where(u["migrating"], 1.0, np.nan)}
 
