@@ -1,7 +1,8 @@
 """FedAvg over adapter+head arrays that also records every silo's metrics, gathers the
 silos' privacy-ledger records (rounds and refusals) into the run's federation ledger, skips silos whose privacy
-budget is exhausted, ends the run when no silo can train, and checkpoints the global
-model each round."""
+budget is exhausted, ends the run when no silo can train, refuses malformed or
+non-finite updates (:mod:`fl_server.update_checks`), records every failed reply in
+``metrics.json``, and checkpoints the global model each round."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
 from fl_server.records import RunRecords
+from fl_server.update_checks import cap_weights, update_problem
 from shared_model.privacy.ledger import Ledger, LedgerError
 from shared_model.privacy.records import parse_record, write_record
 
@@ -51,6 +53,8 @@ class RecordingFedAvg(FedAvg):
         self.ledger = ledger
         self.exhausted: set[int] = set()
         self.ended_early: int | None = None  # round at which no silo could train
+        self.sent: ArrayRecord | None = None  # the global arrays of the current round
+        self.silo_of: dict[int, str] = {}  # node id -> silo name, from replies that said it
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kwargs: object) -> Result:  # type: ignore[override]
         """Flower's round loop, ended cleanly when every silo's budget is exhausted."""
@@ -68,6 +72,7 @@ class RecordingFedAvg(FedAvg):
         if nodes and nodes <= self.exhausted:
             self.ended_early = server_round
             raise AllBudgetsExhausted(f"all {len(nodes)} silo(s) have exhausted their privacy budgets")
+        self.sent = arrays
         messages = list(super().configure_train(server_round, arrays, config, grid))
         kept = [m for m in messages if m.metadata.dst_node_id not in self.exhausted]
         if len(kept) < len(messages):
@@ -79,30 +84,71 @@ class RecordingFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         training: list[Message] = []
+        failed = declined = 0
         for msg in replies:
+            node = msg.metadata.src_node_id
             if msg.has_error():
-                log(WARNING, "round %d: node %d failed: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
+                log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
+                self.records.problem(server_round, "train", self._silo(msg), node, "error", str(msg.error.reason))
+                failed += 1
                 continue
-            metrics = dict(msg.content["metrics"])
-            silo = str(msg.content["info"]["silo"]) if "info" in msg.content else str(msg.metadata.src_node_id)
-            metrics["tensor-bytes"], metrics["payload-bytes"] = payload_bytes(msg.content["arrays"])
+            metrics = dict(msg.content["metrics"]) if "metrics" in msg.content else {}
+            silo = self._silo(msg)
+            status = dict(msg.content["status"]) if "status" in msg.content else {}
+            if "arrays" in msg.content:
+                metrics["tensor-bytes"], metrics["payload-bytes"] = payload_bytes(msg.content["arrays"])
             metrics["device"] = _device(msg)
-            self.records.add(server_round, "train", silo, msg.metadata.src_node_id, metrics)
+            self.records.add(server_round, "train", silo, node, metrics)
             if self.ledger is not None and "ledger" in msg.content:
-                self.append_ledger(msg.content["ledger"], msg.metadata.src_node_id)
-            if metrics.get("budget-exhausted"):
-                self.exhausted.add(msg.metadata.src_node_id)
-                reason = str(msg.content["status"].get("reason", "")) if "status" in msg.content else ""
+                self.append_ledger(msg.content["ledger"], node)
+            if status.get("status") == "failed":
+                reason = str(status.get("reason", "no reason given"))
+                log(WARNING, "round %d: silo %s failed and sent no update: %s", server_round, silo, reason)
+                self.records.problem(server_round, "train", silo, node, "failed", reason)
+                failed += 1
+            elif metrics.get("budget-exhausted"):
+                self.exhausted.add(node)
+                reason = str(status.get("reason", ""))
                 log(WARNING, "round %d: silo %s has exhausted its privacy budget (%s); it will not be sampled again",
                     server_round, silo, reason or "no reason given")
+                declined += 1
+            elif (problem := update_problem(msg.content["arrays"], self.sent, metrics.get("num-examples"))
+                  if "arrays" in msg.content else "no arrays in the reply"):
+                log(WARNING, "round %d: refusing silo %s's update: %s", server_round, silo, problem)
+                self.records.problem(server_round, "train", silo, node, "refused", problem)
+                failed += 1
             else:
                 training.append(msg)
+        self._cap_weights(server_round, training)
+        self.records.outcome(server_round, "train", len(training), failed, declined)
         arrays, metrics = (None, None)
         if training:
             arrays, metrics = super().aggregate_train(server_round, training)
+        else:
+            log(WARNING, "round %d: no silo's update was accepted; the global model is unchanged", server_round)
+        self.records.write()
         if arrays is not None and self.on_round_end is not None:
             self.on_round_end(server_round, arrays)
         return arrays, metrics
+
+    def _silo(self, msg: Message) -> str:
+        """The silo that sent ``msg`` (an error reply has no content: the name an earlier reply gave)."""
+        node = msg.metadata.src_node_id
+        if not msg.has_error() and "info" in msg.content:
+            self.silo_of[node] = str(msg.content["info"]["silo"])
+        return self.silo_of.get(node, f"node-{node}")
+
+    def _cap_weights(self, server_round: int, training: list[Message]) -> None:
+        """Cap each accepted reply's ``num-examples`` (:func:`fl_server.update_checks.cap_weights`)."""
+        claims = {i: int(m.content["metrics"]["num-examples"]) for i, m in enumerate(training)}
+        for i, weight in cap_weights(claims).items():
+            if weight < claims[i]:
+                msg = training[i]
+                silo = str(msg.content["info"]["silo"]) if "info" in msg.content else str(msg.metadata.src_node_id)
+                reason = f"num-examples {claims[i]} capped to {weight} (10 × the median of the other silos' claims)"
+                log(WARNING, "round %d: silo %s: %s", server_round, silo, reason)
+                self.records.problem(server_round, "train", silo, msg.metadata.src_node_id, "capped", reason)
+                msg.content["metrics"]["num-examples"] = weight
 
     def append_ledger(self, record: ConfigRecord, node_id: int) -> None:
         """Append a silo's ledger record (a round or a refusal) to the federation ledger; the
@@ -120,13 +166,18 @@ class RecordingFedAvg(FedAvg):
     # --------------------------------------------------------------- evaluate
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
+        ok = 0
         for msg in replies:
             if msg.has_error():
-                log(WARNING, "round %d: evaluation on node %d failed: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
+                node = msg.metadata.src_node_id
+                log(WARNING, "round %d: evaluation on node %d failed: %s", server_round, node, msg.error.reason)
+                self.records.problem(server_round, "evaluate", self._silo(msg), node, "error", str(msg.error.reason))
                 continue
-            silo = str(msg.content["info"]["silo"]) if "info" in msg.content else str(msg.metadata.src_node_id)
+            ok += 1
+            silo = self._silo(msg)
             self.records.add(server_round, "evaluate", silo, msg.metadata.src_node_id,
                              {**dict(msg.content["metrics"]), "device": _device(msg)})
+        self.records.outcome(server_round, "evaluate", ok, len(replies) - ok)
         aggregated = super().aggregate_evaluate(server_round, replies)
         if aggregated is not None:
             self.records.add(server_round, "evaluate", "ALL", 0, dict(aggregated))

@@ -284,6 +284,7 @@ def format_table(result: dict[str, Any]) -> str:
     order = [g for g in groups if "->" not in g and g != "overall"] + ["overall"] + [g for g in groups if "->" in g]
     width = max([len(m) for m in result["methods"]] + [18])
     lines = [f"split {result['split']}; 95% paired-bootstrap intervals over users ({result['bootstrap-reps']} resamples)"]
+    undefined: dict[str, str] = {}
     for g in order:
         lines.append("")
         lines.append(f"{g}  ({result['users'].get(g, 0)} users)")
@@ -295,13 +296,19 @@ def format_table(result: dict[str, Any]) -> str:
             cells = []
             for key, _ in cols:
                 e = row.get(key)
-                if not e or e["value"] is None:
+                if not e:
                     cells.append(f"{'-':>22}")
+                elif e["value"] is None:
+                    cells.append(f"{'n/a':>22}")
+                    undefined.setdefault(f"{dict(cols)[key]} ({g})", str(e.get("n/a", "undefined")))
                 else:
                     lo, hi = e["ci95"]
                     ci = f"[{lo:.3f},{hi:.3f}]" if lo is not None else "[-]"
                     cells.append(f"{e['value']:>7.3f} {ci:>14}")
             lines.append(f"{m:<{width}}  " + "".join(cells))
+    if undefined:
+        lines.append("")
+        lines.extend(f"n/a: {name}: {why}" for name, why in undefined.items())
     diffs = result.get("differences") or {}
     if diffs:
         lines.append("")
@@ -318,6 +325,8 @@ def format_table(result: dict[str, Any]) -> str:
 
 def _signed(e: dict[str, Any]) -> str:
     if e["value"] is None:
-        return "-"
+        return f"n/a ({e.get('n/a', 'undefined')})"
     lo, hi = e["ci95"]
+    if lo is None or hi is None:
+        return f"{e['value']:+.3f} [-]"
     return f"{e['value']:+.3f} [{lo:+.3f},{hi:+.3f}]"

@@ -104,6 +104,10 @@ def train(run: TrainRun, plan: Plan, out: Path, timeout: int) -> None:
     if not result.ok:
         raise RuntimeError(f"run {run.key}: the simulation ended with status {result.status!r}; see "
                            f"{run_dir / 'simulate.log'}")
+    from shared_model.run_health import run_problems
+
+    if problems := run_problems(result.metrics):
+        raise RuntimeError(f"run {run.key}: {len(problems)} problem(s), first: {problems[0]}; see {result.metrics}")
 
 
 def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = None, base_model: str | None = None,
