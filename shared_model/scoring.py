@@ -30,6 +30,7 @@ share :func:`exclude_history` and :func:`rank_of_target` through
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,13 +39,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from shared_model.adapters import HEADS_FILE, META_FILE, checkpoint_config, load_checkpoint, read_metadata
 from shared_model.batches import ExampleBatcher, collate, platform_category_mask, prior_index
 from shared_model.checkpoint_index import IndexInfo, checkpoint_item_index
 from shared_model.config import RunConfig
 from shared_model.dataset import load_catalogue
-from shared_model.item_index import ItemIndex, ItemTokens, embed_items
+from shared_model.item_index import ItemIndex, ItemTokens, catalogue_hash, embed_items
 from shared_model.model import InterestModel, item_scores, mask_to_platform, own_item_scores
 from shared_model.schema import Catalogue, Event, Example
 
@@ -212,7 +214,11 @@ def rank_targets(scores: torch.Tensor, targets: torch.Tensor, seen: Sequence[Ite
 
 
 def top_items(scores: torch.Tensor, k: int) -> tuple[list[float], list[int]]:
-    """The ``k`` best columns of one row of scores (excluded ones never), best first."""
+    """The ``k`` best columns of one row of scores (excluded ones never), best first.
+    Raises :class:`ScoringError` on a NaN or +inf score."""
+    if torch.isnan(scores).any() or torch.isposinf(scores).any():
+        raise ScoringError(f"recommendation scores: {int(torch.isnan(scores).sum())} NaN and "
+                           f"{int(torch.isposinf(scores).sum())} +inf of {scores.numel()}; a non-finite score cannot be ranked")
     top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
     return top.values.tolist(), top.indices.tolist()
 
@@ -301,7 +307,11 @@ class Scorer:
         for name in ("adapter_model.safetensors", HEADS_FILE):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder / name}: missing checkpoint file")
-        model, meta = load_checkpoint(folder, base_model)
+        try:
+            model, meta = load_checkpoint(folder, base_model)
+        except (SafetensorError, RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError) as e:
+            raise ValueError(f"{folder}: cannot load the checkpoint's arrays ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else 'truncated or corrupted'})") from None
         cfg = checkpoint_config(meta, base_model)
         t1 = time.perf_counter()
         dataset_dir = Path(dataset) if dataset else cfg.dataset_dir()
@@ -309,12 +319,17 @@ class Scorer:
             source = "--dataset" if dataset else f"{folder / META_FILE} config.dataset"
             raise FileNotFoundError(f"{dataset_dir}: dataset folder not found (from {source}; pass --dataset)")
         catalogue = load_catalogue(dataset_dir)
+        cat_hash = catalogue_hash(catalogue)
+        if meta.get("catalogue-sha256") and meta["catalogue-sha256"] != cat_hash:
+            raise ValueError(f"{dataset_dir}: its catalogue (sha256 {cat_hash[:12]}) is not the one the checkpoint "
+                             f"was trained on ({meta['catalogue-sha256'][:12]}, {folder / META_FILE}); "
+                             "score a checkpoint on its own catalogue")
         categories = catalogue.interest_vocab()
         if list(meta["categories"]) != categories:
             raise ValueError(f"{folder / META_FILE}: categories {meta['categories']} differ from the catalogue's "
                              f"level-2 categories {categories} in {dataset_dir}")
         t2 = time.perf_counter()
-        index, info = checkpoint_item_index(folder, catalogue, cfg, model=model, device=torch.device(device))
+        index, info = checkpoint_item_index(folder, catalogue, cfg, cat_hash, model=model, device=torch.device(device))
         scorer = cls(model, cfg, catalogue, index, categories, meta, torch.device(device), info)
         scorer.timings = {"load-model": t1 - t0, "load-catalogue": t2 - t1, "item-index": info.seconds}
         scorer.dataset_dir = dataset_dir
