@@ -30,6 +30,8 @@ per user, with its paired interval.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import zlib
 from collections.abc import Mapping, Sequence
@@ -181,7 +183,24 @@ def summarise(u: dict[str, np.ndarray], reps: int, seed: int, migration: bool = 
             "migration-auc": ("auc", (u["js"], u["migrating"], u["defined"])),
             "migration-auc-mass": ("auc", (u["mass"], u["migrating"], u["defined"])),
         }
-    return paired_bootstrap(specs, len(u["rank"]), reps, seed)
+    return {m: _explained(m, e) for m, e in paired_bootstrap(specs, len(u["rank"]), reps, seed).items()}
+
+
+def _explained(metric: str, e: Estimate) -> Estimate:
+    """``e`` with :data:`UNDEFINED_WHY`'s reason in front of its own when it is undefined."""
+    return dataclasses.replace(e, why=f"{UNDEFINED_WHY[metric]}: {e.why}") if e.why and metric in UNDEFINED_WHY else e
+
+
+#: why a metric can be undefined on a dataset (printed with its "n/a")
+UNDEFINED_WHY = {
+    "category-acc1": "no target item has an interest category",
+    "category-acc3": "no target item has an interest category",
+    "category-acc1-migrating": "no migrating user with a labelled target",
+    "category-acc3-migrating": "no migrating user with a labelled target",
+    "new-interest-acc1-migrating": "no migrating user with a labelled target and a category outside the recent ones",
+    "migration-auc": "migration is undefined without both migrating and non-migrating users",
+    "migration-auc-mass": "migration is undefined without both migrating and non-migrating users",
+}
 
 
 def group_seed(seed: int, group: str) -> int:
@@ -207,7 +226,7 @@ def differences(per: Mapping[str, Mapping[str, dict[str, np.ndarray]]], referenc
             if g not in ref:
                 continue
             out.setdefault(method, {})[g] = {
-                m: paired_difference(f(u), f(ref[g]), reps, group_seed(seed, g)).as_dict()
+                m: _explained(m, paired_difference(f(u), f(ref[g]), reps, group_seed(seed, g))).as_dict()
                 for m, f in DIFFERENCE_METRICS.items()}
     return out
 
