@@ -42,8 +42,8 @@ def update_problem(update: ArrayRecord, sent: ArrayRecord | None, num_examples: 
         got = _arrays(update)
     except Exception as exc:  # bytes that do not decode as the declared dtype/shape
         return f"arrays do not decode ({type(exc).__name__}: {exc})"
-    if sent is not None:
-        ref = _arrays(sent)
+    ref = _arrays(sent) if sent is not None else None
+    if ref is not None:
         missing, extra = sorted(set(ref) - set(got)), sorted(set(got) - set(ref))
         if missing or extra:
             return f"array keys differ from the global model's (missing {missing[:3]}, extra {extra[:3]})"
@@ -55,8 +55,7 @@ def update_problem(update: ArrayRecord, sent: ArrayRecord | None, num_examples: 
     for key, a in got.items():
         if np.issubdtype(a.dtype, np.number) and not np.isfinite(a).all():
             return f"array {key!r} is not finite ({int(np.isnan(a).sum())} NaN, {int(np.isinf(a).sum())} inf)"
-    if sent is not None:
-        ref = _arrays(sent)
+    if ref is not None:
         step = math.sqrt(sum(float(np.sum((got[k].astype(np.float64) - ref[k]) ** 2)) for k in ref))
         size = math.sqrt(sum(float(np.sum(ref[k].astype(np.float64) ** 2)) for k in ref))
         if step > MAX_UPDATE_RATIO * max(size, 1.0):

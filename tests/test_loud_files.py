@@ -160,3 +160,13 @@ def test_evaluate_on_another_catalogue_is_refused_and_keeps_the_index(ckpt: Path
     err = capsys.readouterr().err
     assert "is not the one the checkpoint was trained on" in err and len(err.strip().splitlines()) == 1
     assert (ckpt / INDEX_FILE).read_bytes() == before
+
+
+def test_an_experiment_view_opens_no_file_outside_itself(base: Path, tmp_path: Path) -> None:
+    from simulations.experiment.run import dataset_view
+
+    view = dataset_view(base, ["p0-r0"], tmp_path / "view")
+    assert validate_dataset(view) == []
+    files = [p for p in view.rglob("*") if p.is_file()]
+    assert files and not any(p.is_symlink() for p in view.rglob("*"))
+    assert (view / "items.csv").read_bytes() == (base / "items.csv").read_bytes()
