@@ -97,7 +97,7 @@ class RunRecords:
         delta = next((r.get("delta") for r in train.values()), self.run_info.get("delta"))
         head = f"{'silo':<14}{'loss':>9}{'ε':>9}{'ε budget':>10}{'cat acc':>9}{'NDCG@10':>9}{'HR@10':>8}"
         lines = [
-            f"round {server_round} — ε is cumulative, δ={delta:g}, accountant {self.run_info.get('accountant-label', '?')}",
+            f"round {server_round} — ε is cumulative, δ={_fmt_delta(delta)}, accountant {self.run_info.get('accountant-label', '?')}",
             head,
             "-" * len(head),
         ]
@@ -109,6 +109,10 @@ class RunRecords:
                 + ("  budget exhausted" if t.get("budget-exhausted") else "")
             )
         return "\n".join(lines)
+
+
+def _fmt_delta(delta: Any) -> str:
+    return f"{delta:g}" if isinstance(delta, (int, float)) else "n/a (no DP round reported)"
 
 
 def _fmt(value: Any, digits: int = 3) -> str:

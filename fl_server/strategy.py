@@ -29,6 +29,15 @@ def payload_bytes(arrays: ArrayRecord) -> tuple[int, int]:
     return sum(a.numpy().nbytes for a in arrays.values()), sum(len(a.data) for a in arrays.values())
 
 
+def error_reason(msg: Message) -> str:
+    """An error reply's reason in one line: the ClientApp exception's own message when Flower
+    wrapped it (``... Message: <text>``), else the reason as given, at most 300 characters."""
+    reason = str(msg.error.reason)
+    if "Message: " in reason:
+        reason = reason.rsplit("Message: ", 1)[1].rstrip("'>\n ")
+    return " ".join(reason.split())[:300]
+
+
 def _device(msg: Message) -> str:
     """The device a silo reported (``cpu``, ``cuda``, ``cuda:0``)."""
     return str(msg.content["info"].get("device", "")) if "info" in msg.content else ""
@@ -89,7 +98,7 @@ class RecordingFedAvg(FedAvg):
             node = msg.metadata.src_node_id
             if msg.has_error():
                 log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
-                self.records.problem(server_round, "train", self._silo(msg), node, "error", str(msg.error.reason))
+                self.records.problem(server_round, "train", self._silo(msg), node, "error", error_reason(msg))
                 failed += 1
                 continue
             metrics = dict(msg.content["metrics"]) if "metrics" in msg.content else {}
@@ -171,7 +180,7 @@ class RecordingFedAvg(FedAvg):
             if msg.has_error():
                 node = msg.metadata.src_node_id
                 log(WARNING, "round %d: evaluation on node %d failed: %s", server_round, node, msg.error.reason)
-                self.records.problem(server_round, "evaluate", self._silo(msg), node, "error", str(msg.error.reason))
+                self.records.problem(server_round, "evaluate", self._silo(msg), node, "error", error_reason(msg))
                 continue
             ok += 1
             silo = self._silo(msg)

@@ -121,3 +121,19 @@ def test_update_checks_accept_an_honest_update() -> None:
     step = {"lora_A": GLOBAL["lora_A"] + 0.01, "head": GLOBAL["head"] - 0.01}
     assert update_problem(_record(step), _record(GLOBAL), 250) is None
     assert num_examples_problem(True) is not None and num_examples_problem(float("nan")) is not None
+
+
+def test_an_error_reply_is_recorded_with_the_silos_own_message(tmp_path: Path) -> None:
+    from flwr.app import Error
+
+    s = _strategy(tmp_path)
+    s.aggregate_train(1, [_reply(11, "known", GLOBAL)])  # the server learns node 11's silo name
+    ins = Message(content=RecordDict({"arrays": _record(GLOBAL)}), dst_node_id=11, message_type="evaluate")
+    wrapped = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run()\nTraceback ...\n"
+               "Exception ClientAppException occurred. Message: silo known: model scores: 6 of 6 row(s) have "
+               "non-finite scores'>")
+    s.aggregate_evaluate(1, [Message(Error(code=0, reason=wrapped), reply_to=ins)])
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert doc["problems"][-1] == {"round": 1, "phase": "evaluate", "silo": "known", "node-id": 11, "kind": "error",
+                                   "reason": "silo known: model scores: 6 of 6 row(s) have non-finite scores"}
+    assert "round 1: no successful evaluate reply (1 failed, 0 declined)" in run_problems(tmp_path / "metrics.json")
