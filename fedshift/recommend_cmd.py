@@ -41,7 +41,8 @@ examples:
       --history "Prismacolor Premier Colored Pencils; Strathmore Sketch Pad"
   fedshift recommend --checkpoint DIR --platform arts --history-file h.txt -k 5 --json
   fedshift recommend --checkpoint DIR --platform arts --history "..." --bench 1000
-exit status: 0 ok; 2 unknown platform, empty history, missing checkpoint or file.
+exit status: 0 ok; 1 the model's scores are not finite; 2 unknown platform, empty
+history, missing or unloadable checkpoint or file.
 """
 
 

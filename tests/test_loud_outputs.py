@@ -113,3 +113,25 @@ def test_the_round_table_prints_na_for_an_undefined_metric(tmp_path: Path) -> No
     rec.add(1, "evaluate", "s", 1, {"category-accuracy": float("nan"), "ndcg10": 0.5, "hr10": 0.25})
     row = rec.table(1).splitlines()[-1]
     assert row.split()[1:] == ["-", "-", "-", "n/a", "0.5000", "0.250"]
+
+
+def test_a_checkpoint_with_nan_arrays_is_an_error_not_a_rank(small_dataset: Path, tiny_bert: Path, cache_dir: Path,
+                                                             tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = RunConfig(dataset=str(small_dataset), base_model=str(tiny_bert), max_eval_users=0, eval_batch_size=32)
+    categories = load_dataset(small_dataset)[0].interest_vocab()
+    model = build_model(cfg, len(categories), seed=3)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+    meta = {"round": 1, "base-model": str(tiny_bert), "categories": categories, "config": cfg.to_run_config()}
+    ckpt = save_checkpoint(model, tmp_path / "round-001", meta)
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--no-baselines", "--no-cross", "--bootstrap", "5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fedshift evaluate: checkpoint scores on p0:") and "non-finite" in err
+
+
+def test_recommendation_scores_that_are_not_finite_are_an_error() -> None:
+    from shared_model.scoring import ScoringError, top_items
+
+    assert top_items(torch.tensor([0.1, float("-inf"), 0.3]), 5) == ([0.30000001192092896, 0.10000000149011612], [2, 0])
+    with pytest.raises(ScoringError, match="recommendation scores: 2 NaN"):
+        top_items(torch.tensor([float("nan"), float("nan"), 0.3]), 5)
