@@ -49,8 +49,9 @@ EPILOG = """\
 examples:
   fedshift evaluate --checkpoint runs/quick/checkpoints/round-003 --split test
   fedshift evaluate --split test --json > baselines.json   # baselines only
-exit status: 0 ok; 2 bad input (missing checkpoint, bad data: the message names the
-file and field).
+exit status: 0 ok; 1 a predictor's scores are not finite (the message names it);
+2 bad input (missing checkpoint, bad data, a catalogue other than the checkpoint's: the
+message names the file and field).
 """
 
 
@@ -130,10 +131,16 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(f"bad data in {dataset or 'the checkpoint dataset'}:\n{e}")
     except (ValueError, KeyError) as e:
         return _fail(str(e))
-    result = evaluate(predictors, catalogue, silos, args.split, k=k, reps=args.bootstrap, seed=args.seed,
-                      max_users=args.max_users, cross=not args.no_cross,
-                      reference=None if args.reference == "none" else args.reference,
-                      progress=lambda s: print(f"  {s}", file=sys.stderr))
+    from shared_model.scoring import ScoringError
+
+    try:
+        result = evaluate(predictors, catalogue, silos, args.split, k=k, reps=args.bootstrap, seed=args.seed,
+                          max_users=args.max_users, cross=not args.no_cross,
+                          reference=None if args.reference == "none" else args.reference,
+                          progress=lambda s: print(f"  {s}", file=sys.stderr))
+    except ScoringError as e:  # a predictor produced non-finite scores: no figure for it
+        print(f"fedshift evaluate: {e}", file=sys.stderr)
+        return 1
     result["dataset"] = str(dataset)
     result["checkpoint"] = str(args.checkpoint) if args.checkpoint else None
     result["seconds"] = round(time.perf_counter() - t0, 2)

@@ -41,7 +41,8 @@ examples:
       --history "Prismacolor Premier Colored Pencils; Strathmore Sketch Pad"
   fedshift recommend --checkpoint DIR --platform arts --history-file h.txt -k 5 --json
   fedshift recommend --checkpoint DIR --platform arts --history "..." --bench 1000
-exit status: 0 ok; 2 unknown platform, empty history, missing checkpoint or file.
+exit status: 0 ok; 1 the model's scores are not finite; 2 unknown platform, empty
+history, missing or unloadable checkpoint or file.
 """
 
 
@@ -82,7 +83,7 @@ def read_history(args: argparse.Namespace) -> list[str]:
 
 def _run(args: argparse.Namespace) -> int:
     from shared_model.recommender import Recommender, percentile_ms
-    from shared_model.scoring import Scorer
+    from shared_model.scoring import Scorer, ScoringError
 
     import warnings
 
@@ -110,7 +111,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.platform not in scorer.catalogue.platforms:
         return _fail(f"unknown platform {args.platform!r}; known: {', '.join(scorer.catalogue.platforms)}")
     rec = Recommender(scorer)
-    result = rec.recommend(args.platform, titles, args.k)
+    try:
+        result = rec.recommend(args.platform, titles, args.k)
+    except ScoringError as e:
+        print(f"fedshift recommend: {e}", file=sys.stderr)
+        return 1
     timing = {name: round(v * 1000, 1) for name, v in scorer.timings.items()}
     timing["score"] = round(result.pop("score_seconds") * 1000, 2)
     result["timing_ms"] = timing

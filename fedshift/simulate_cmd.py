@@ -47,7 +47,9 @@ def simulate(args: argparse.Namespace) -> int:
     except ValueError as e:  # ConfigError (--set, flags), or no silos / min-nodes above them
         return refuse("simulate", e)
     if result.ok:
-        return 0
+        from shared_model.run_health import report_problems
+
+        return report_problems("simulate", result.metrics, sys.stderr)
     print(f"fedshift simulate: the run did not complete ({result.status}); see the log above and {result.log}",
           file=sys.stderr)
     return 1
@@ -69,8 +71,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "  checkpoints/round-NNN/      peft adapter folder + heads + fedshift.json\n"
             "  flwr.log                    Flower's full log\n\n"
             "This is `flwr run .` with a private FLWR_HOME; the local SuperLink it starts is\n"
-            "stopped at the end. Exit status: 0 when Flower reports the run completed; 1 when\n"
-            "not; 2 bad input (an unknown --set key or a bad value; nothing is created)."
+            "stopped at the end. Exit status: 0 when Flower reports the run completed and every\n"
+            "round had a successful training and evaluation reply, no silo's update failed or\n"
+            "was refused; 1 when not (each problem printed, naming the silo); 2 bad input (an\n"
+            "unknown --set key or a bad value; nothing is created)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -75,7 +75,8 @@ def evaluate_silo(
     sample = cfg.eval_candidates if cfg.item_tower == "adapted" else 0
     cands = candidates(item_tower(model, data, cfg), data.items.platform_rows(data.platform), device,
                        cfg.eval_batch_size, sample=sample, seed=cfg.seed)
-    ranked = rank_examples(model, data.batcher(cfg), examples, cands, data.category_mask, cfg, device)
+    ranked = rank_examples(model, data.batcher(cfg), examples, cands, data.category_mask, cfg, device,
+                          what=f"silo {data.name}: model scores")
     truth = ranked.categories.numpy()
     correct = topk_correct(ranked.category_logits.numpy(), truth, 1)
     migrating = np.array([ex.migrating for ex in examples], dtype=bool)
@@ -83,9 +84,9 @@ def evaluate_silo(
         users=len(examples),
         category_accuracy=mean(correct),
         category_accuracy_migrating=mean(correct[migrating]),
-        hr10=mean(hits(ranked.ranks, 10)),
-        ndcg10=mean(ndcgs(ranked.ranks, 10)),
-        mrr=mean(reciprocal_ranks(ranked.ranks)),
+        hr10=mean(hits(ranked.ranks, 10, ranked.tied)),
+        ndcg10=mean(ndcgs(ranked.ranks, 10, ranked.tied)),
+        mrr=mean(reciprocal_ranks(ranked.ranks, ranked.tied)),
         candidates=cands.size,
         migrating_users=int((migrating & (truth != IGNORE_INDEX)).sum()),
     )

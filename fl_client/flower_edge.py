@@ -3,18 +3,37 @@
 * the accountant state kept on the node between rounds (``Context.state[STATE_KEY]``,
   a ConfigRecord) <-> :class:`~shared_model.privacy.state.PrivacyState`;
 * a :class:`~fl_client.silo_round.TrainReply` / ``EvaluateReply`` -> the reply Message
-  (the written ledger line travels as ConfigRecord ``ledger``).
+  (the written ledger line travels as ConfigRecord ``ledger``); a ``failed`` reply carries
+  no arrays.
+
+Test hook: ``FEDSHIFT_TEST_CORRUPT_UPDATE=<silo>`` in a silo process's *environment* (never
+the run config, which the server chooses) makes that silo's outgoing arrays NaN after its
+own checks, as a faulty or hostile silo would, so that the server's refusal can be tested
+in a real simulation (``tests/test_loud_simulation.py``).
 """
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+import logging
+import os
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fl_client.silo_round import EvaluateReply, Loader, TrainReply
 from shared_model.adapters import from_arrays, to_arrays
 from shared_model.privacy.state import PrivacyState
 
 STATE_KEY = "fedshift-privacy"
+CORRUPT_ENV = "FEDSHIFT_TEST_CORRUPT_UPDATE"
+
+
+def _test_corruption(arrays: ArrayRecord, silo: str) -> ArrayRecord:
+    """The test hook above: every array NaN when this process's environment names ``silo``."""
+    if os.environ.get(CORRUPT_ENV) != silo:
+        return arrays
+    logging.getLogger("fedshift.client").error("%s=%s: sending NaN arrays (test hook)", CORRUPT_ENV, silo)
+    return ArrayRecord({k: Array(np.full_like(arrays[k].numpy(), np.nan)) for k in arrays.keys()})
 
 
 def loader(msg: Message) -> Loader:
@@ -70,10 +89,13 @@ def train_message(msg: Message, context: Context, reply: TrainReply, dp: bool) -
     """Keep the state on the node (DP rounds that trained) and pack the reply."""
     if dp and reply.model is not None and reply.privacy is not None:
         context.state[STATE_KEY] = state_to_record(reply.privacy)
-    arrays = to_arrays(reply.model) if reply.model is not None else msg.content["arrays"]
-    status = {"status": reply.status, **({"rule": reply.rule, "reason": reply.reason} if reply.rule else {})}
-    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(reply.metrics),
-                          "info": ConfigRecord(reply.info), "status": ConfigRecord(status)})
+    status = {"status": reply.status, **({"rule": reply.rule} if reply.rule else {}),
+              **({"reason": reply.reason} if reply.reason else {})}
+    content = RecordDict({"metrics": MetricRecord(reply.metrics), "info": ConfigRecord(reply.info),
+                          "status": ConfigRecord(status)})
+    if reply.status != "failed":  # a failed silo sends no arrays
+        arrays = to_arrays(reply.model) if reply.model is not None else msg.content["arrays"]
+        content["arrays"] = _test_corruption(arrays, reply.info.get("silo", "")) if reply.model is not None else arrays
     if reply.record is not None:
         content["ledger"] = ConfigRecord({k: v for k, v in reply.record.items() if isinstance(v, (str, int, float))})
     return Message(content=content, reply_to=msg)

@@ -20,6 +20,10 @@ Randomness: the round's training seed (Poisson sampling, noise, history cuts) is
 (:func:`shared_model.privacy.silo_secret.derive_seed`); the run's ``seed`` never enters it.
 
 The written ledger line travels back in the reply, for the server's federation ledger.
+
+4. checks what it would send (:func:`update_failure`): a non-finite loss or array stops
+   the silo with status ``failed`` and the reason; it sends no arrays and no weight (the
+   ε the round spent stays on the ledger: the data was touched).
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 import torch
 
 from fl_client.dp_train import RoundResult, pick_device, train_round
@@ -121,7 +127,7 @@ class TrainRequest:
 
 @dataclass
 class TrainReply:
-    status: str  # "trained" | "budget-exhausted" | "refused" (the silo's policy)
+    status: str  # "trained" | "budget-exhausted" | "refused" (the silo's policy) | "failed" (non-finite)
     metrics: dict[str, float | int]
     info: dict[str, str]
     privacy: PrivacyState | None
@@ -130,7 +136,7 @@ class TrainReply:
     record: dict[str, Any] | None = None  # the ledger line written (round or refusal)
     refusal: budget.BudgetRefusal | None = None
     rule: str = ""  # the rule that refused (budget or policy), when not trained
-    reason: str = ""  # why the silo did not train
+    reason: str = ""  # why the silo did not train, or failed
 
 
 @dataclass
@@ -205,10 +211,25 @@ def train_silo(req: TrainRequest) -> TrainReply:
     model = silo.model(req.load)
     seed = derive_seed(silo.secret, req.run_id, data.name, req.server_round, "train") if req.seed is None else req.seed
     result, record = _dp_round(model, silo, privacy, seed=seed, run_id=req.run_id, server_round=req.server_round)
-    metrics = _train_metrics(cfg, privacy, num_users=num_users, loss=result.loss, steps=result.steps,
-                             empty=result.empty_steps, seconds=result.seconds, eps_round=result.epsilon_round,
-                             exhausted=False)
+    failure = update_failure(model, result.loss)
+    metrics = _train_metrics(cfg, privacy, num_users=0 if failure else num_users, loss=result.loss,
+                             steps=result.steps, empty=result.empty_steps, seconds=result.seconds,
+                             eps_round=result.epsilon_round, exhausted=False)
+    if failure is not None:
+        log.error("silo %s: round %s: %s; sending no update", data.name, req.server_round, failure)
+        return TrainReply("failed", metrics, silo.info, privacy, result=result, record=record, reason=failure)
     return TrainReply("trained", metrics, silo.info, privacy, model=model, result=result, record=record)
+
+
+def update_failure(model: InterestModel, loss: float) -> str | None:
+    """Why a trained model must not be sent (a non-finite loss or trainable array), or ``None``."""
+    if not math.isfinite(loss):
+        return f"training loss is {loss} (not finite)"
+    arrays = to_arrays(model)
+    bad = [k for k in arrays.keys() if not np.isfinite(arrays[k].numpy()).all()]
+    if bad:
+        return f"{len(bad)} trainable array(s) are not finite after training (first: {bad[0]})"
+    return None
 
 
 def _dp_round(model: InterestModel, silo: SiloSetup, privacy: PrivacyState, *, seed: int, run_id: int | str,

@@ -1,5 +1,10 @@
 """What the server records of a run: every client metric per round and silo, written as
-``metrics.json`` and ``metrics.csv`` (atomically), and the per-round table it prints."""
+``metrics.json`` and ``metrics.csv`` (atomically), and the per-round table it prints.
+
+``metrics.json`` also holds ``problems`` (every failed reply and refused update, naming
+the silo and the reason) and ``outcomes`` (per round and phase: replies that succeeded,
+failed, or were refused by the silo's own policy); :mod:`shared_model.run_health` reads
+them to decide a CLI's exit status."""
 
 from __future__ import annotations
 
@@ -35,6 +40,20 @@ class RunRecords:
         self.out_dir = out_dir
         self.run_info = dict(run_info)
         self.records: list[dict[str, Any]] = []
+        self.problems: list[dict[str, Any]] = []
+        self.outcomes: list[dict[str, Any]] = []
+
+    def problem(self, server_round: int, phase: str, silo: str, node_id: int, kind: str, reason: str) -> None:
+        """A reply that failed or an update the server refused (``kind``: error, failed, refused, capped)."""
+        self.problems.append({"round": server_round, "phase": phase, "silo": silo, "node-id": node_id,
+                              "kind": kind, "reason": reason})
+
+    def outcome(self, server_round: int, phase: str, ok: int, failed: int, declined: int = 0) -> None:
+        """How a round's replies went: ``ok`` used, ``failed`` (error, non-finite, refused by the
+        server), ``declined`` (the silo's own policy, e.g. an exhausted privacy budget)."""
+        self.outcomes = [o for o in self.outcomes if (o["round"], o["phase"]) != (server_round, phase)]
+        self.outcomes.append({"round": server_round, "phase": phase, "ok": ok, "failed": failed,
+                              "declined": declined})
 
     def add(self, server_round: int, phase: str, silo: str, node_id: int, metrics: dict[str, Any]) -> None:
         self.records.append({"round": server_round, "phase": phase, "silo": silo, "node-id": node_id, **metrics})
@@ -58,7 +77,8 @@ class RunRecords:
         return out
 
     def write(self) -> None:
-        doc = {"run": self.run_info, "rounds": self.by_round(), "records": self.records}
+        doc = {"run": self.run_info, "rounds": self.by_round(), "records": self.records,
+               "problems": self.problems, "outcomes": self.outcomes}
         atomic_write_text(self.out_dir / "metrics.json", json.dumps(_json_safe(doc), indent=2, sort_keys=False))
         columns: list[str] = []
         for r in self.records:
@@ -77,7 +97,7 @@ class RunRecords:
         delta = next((r.get("delta") for r in train.values()), self.run_info.get("delta"))
         head = f"{'silo':<14}{'loss':>9}{'ε':>9}{'ε budget':>10}{'cat acc':>9}{'NDCG@10':>9}{'HR@10':>8}"
         lines = [
-            f"round {server_round} — ε is cumulative, δ={delta:g}, accountant {self.run_info.get('accountant-label', '?')}",
+            f"round {server_round} — ε is cumulative, δ={_fmt_delta(delta)}, accountant {self.run_info.get('accountant-label', '?')}",
             head,
             "-" * len(head),
         ]
@@ -91,9 +111,15 @@ class RunRecords:
         return "\n".join(lines)
 
 
+def _fmt_delta(delta: Any) -> str:
+    return f"{delta:g}" if isinstance(delta, (int, float)) else "n/a (no DP round reported)"
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None or value == "":
         return "-"
+    if isinstance(value, float) and math.isnan(value):
+        return "n/a"
     if isinstance(value, float) and not math.isfinite(value):
         return "∞"
     return f"{float(value):.{digits}f}"

@@ -1,8 +1,9 @@
 """FedAvg over adapter+head arrays that also records every silo's metrics, gathers the
 silos' privacy-ledger records (rounds and refusals) into the run's federation ledger, skips silos whose privacy
 budget is exhausted or whose own policy refused the run (printed with the silo and rule,
-kept in ``refusals`` for metrics.json, never aggregated: a refusal carries weight 0), ends
-the run when no silo can train, and checkpoints the global model each round."""
+kept in ``refusals`` for metrics.json, never aggregated), refuses malformed or non-finite
+updates (:mod:`fl_server.update_checks`), records every failed reply in ``metrics.json``,
+ends the run when no silo can train, and checkpoints the global model each round."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
 from fl_server.records import RunRecords
+from fl_server.update_checks import cap_weights, update_problem
 from shared_model.privacy.ledger import Ledger, LedgerError
 from shared_model.privacy.records import parse_record, write_record
 
@@ -26,6 +28,15 @@ class AllBudgetsExhausted(Exception):
 def payload_bytes(arrays: ArrayRecord) -> tuple[int, int]:
     """(raw tensor bytes, serialised array bytes incl. per-array headers, before gRPC framing)."""
     return sum(a.numpy().nbytes for a in arrays.values()), sum(len(a.data) for a in arrays.values())
+
+
+def error_reason(msg: Message) -> str:
+    """An error reply's reason in one line: the ClientApp exception's own message when Flower
+    wrapped it (``... Message: <text>``), else the reason as given, at most 300 characters."""
+    reason = str(msg.error.reason)
+    if "Message: " in reason:
+        reason = reason.rsplit("Message: ", 1)[1].rstrip("'>\n ")
+    return " ".join(reason.split())[:300]
 
 
 def _device(msg: Message) -> str:
@@ -62,6 +73,8 @@ class RecordingFedAvg(FedAvg):
         self.exhausted: set[int] = set()  # budget exhausted or refused by the silo's policy
         self.refusals: list[dict[str, object]] = []  # {round, phase, silo, node-id, status, reason}
         self.ended_early: int | None = None  # round at which no silo could train
+        self.sent: ArrayRecord | None = None  # the global arrays of the current round
+        self.silo_of: dict[int, str] = {}  # node id -> silo name, from replies that said it
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kwargs: object) -> Result:  # type: ignore[override]
         """Flower's round loop, ended cleanly when every silo's budget is exhausted."""
@@ -80,6 +93,7 @@ class RecordingFedAvg(FedAvg):
             self.ended_early = server_round
             raise AllBudgetsExhausted(f"all {len(nodes)} silo(s) have exhausted their privacy budgets "
                                       "or refused the run under their own privacy policy")
+        self.sent = arrays
         messages = list(super().configure_train(server_round, arrays, config, grid))
         kept = [m for m in messages if m.metadata.dst_node_id not in self.exhausted]
         if len(kept) < len(messages):
@@ -91,33 +105,54 @@ class RecordingFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         training: list[Message] = []
+        failed = declined = 0
         for msg in replies:
+            node = msg.metadata.src_node_id
             if msg.has_error():
-                log(WARNING, "round %d: node %d failed: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
+                log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
+                self.records.problem(server_round, "train", self._silo(msg), node, "error", error_reason(msg))
+                failed += 1
                 continue
-            metrics = dict(msg.content["metrics"])
-            silo = str(msg.content["info"]["silo"]) if "info" in msg.content else str(msg.metadata.src_node_id)
-            metrics["tensor-bytes"], metrics["payload-bytes"] = payload_bytes(msg.content["arrays"])
+            metrics = dict(msg.content["metrics"]) if "metrics" in msg.content else {}
+            silo = self._silo(msg)
+            if "arrays" in msg.content:
+                metrics["tensor-bytes"], metrics["payload-bytes"] = payload_bytes(msg.content["arrays"])
             metrics["device"] = _device(msg)
-            self.records.add(server_round, "train", silo, msg.metadata.src_node_id, metrics)
+            self.records.add(server_round, "train", silo, node, metrics)
             if self.ledger is not None and "ledger" in msg.content:
-                self.append_ledger(msg.content["ledger"], msg.metadata.src_node_id)
-            status, reason = _status(msg)
-            if status == "refused":
-                self.exhausted.add(msg.metadata.src_node_id)
-                self._note_refusal(server_round, "train", silo, msg.metadata.src_node_id, status, reason)
+                self.append_ledger(msg.content["ledger"], node)
+            kind, reason = _status(msg)
+            if kind == "refused":
+                self.exhausted.add(node)
+                self._note_refusal(server_round, "train", silo, node, kind, reason)
+                declined += 1
+            elif kind == "failed":
+                reason = reason or "no reason given"
+                log(WARNING, "round %d: silo %s failed and sent no update: %s", server_round, silo, reason)
+                self.records.problem(server_round, "train", silo, node, "failed", reason)
+                failed += 1
             elif metrics.get("budget-exhausted"):
-                self.exhausted.add(msg.metadata.src_node_id)
-                self.refusals.append({"round": server_round, "phase": "train", "silo": silo,
-                                      "node-id": msg.metadata.src_node_id, "status": "budget-exhausted",
-                                      "reason": reason})
+                self.exhausted.add(node)
+                self.refusals.append({"round": server_round, "phase": "train", "silo": silo, "node-id": node,
+                                      "status": "budget-exhausted", "reason": reason})
                 log(WARNING, "round %d: silo %s has exhausted its privacy budget (%s); it will not be sampled again",
                     server_round, silo, reason or "no reason given")
-            elif float(metrics.get("num-examples", 0)) > 0:
+                declined += 1
+            elif (problem := update_problem(msg.content["arrays"], self.sent, metrics.get("num-examples"))
+                  if "arrays" in msg.content else "no arrays in the reply"):
+                log(WARNING, "round %d: refusing silo %s's update: %s", server_round, silo, problem)
+                self.records.problem(server_round, "train", silo, node, "refused", problem)
+                failed += 1
+            else:
                 training.append(msg)
+        self._cap_weights(server_round, training)
+        self.records.outcome(server_round, "train", len(training), failed, declined)
         arrays, metrics = (None, None)
         if training:
             arrays, metrics = super().aggregate_train(server_round, training)
+        else:
+            log(WARNING, "round %d: no silo's update was accepted; the global model is unchanged", server_round)
+        self.records.write()
         if arrays is not None and self.on_round_end is not None:
             self.on_round_end(server_round, arrays)
         return arrays, metrics
@@ -130,6 +165,25 @@ class RecordingFedAvg(FedAvg):
                               "status": status, "reason": reason})
         log(WARNING, "fedshift: round %d: silo %s REFUSED to %s under its own privacy policy: %s; left out",
             server_round, silo, phase, reason or "no reason given")
+
+    def _silo(self, msg: Message) -> str:
+        """The silo that sent ``msg`` (an error reply has no content: the name an earlier reply gave)."""
+        node = msg.metadata.src_node_id
+        if not msg.has_error() and "info" in msg.content:
+            self.silo_of[node] = str(msg.content["info"]["silo"])
+        return self.silo_of.get(node, f"node-{node}")
+
+    def _cap_weights(self, server_round: int, training: list[Message]) -> None:
+        """Cap each accepted reply's ``num-examples`` (:func:`fl_server.update_checks.cap_weights`)."""
+        claims = {i: int(m.content["metrics"]["num-examples"]) for i, m in enumerate(training)}
+        for i, weight in cap_weights(claims).items():
+            if weight < claims[i]:
+                msg = training[i]
+                silo = str(msg.content["info"]["silo"]) if "info" in msg.content else str(msg.metadata.src_node_id)
+                reason = f"num-examples {claims[i]} capped to {weight} (10 × the median of the other silos' claims)"
+                log(WARNING, "round %d: silo %s: %s", server_round, silo, reason)
+                self.records.problem(server_round, "train", silo, msg.metadata.src_node_id, "capped", reason)
+                msg.content["metrics"]["num-examples"] = weight
 
     def append_ledger(self, record: ConfigRecord, node_id: int) -> None:
         """Append a silo's ledger record (a round or a refusal) to the federation ledger; the
@@ -150,17 +204,21 @@ class RecordingFedAvg(FedAvg):
         answered: list[Message] = []
         for msg in replies:
             if msg.has_error():
-                log(WARNING, "round %d: evaluation on node %d failed: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
+                node = msg.metadata.src_node_id
+                log(WARNING, "round %d: evaluation on node %d failed: %s", server_round, node, msg.error.reason)
+                self.records.problem(server_round, "evaluate", self._silo(msg), node, "error", error_reason(msg))
                 continue
-            silo = str(msg.content["info"]["silo"]) if "info" in msg.content else str(msg.metadata.src_node_id)
-            status, reason = _status(msg)
-            if status == "refused":
-                self._note_refusal(server_round, "evaluate", silo, msg.metadata.src_node_id, status, reason)
+            silo = self._silo(msg)
+            kind, reason = _status(msg)
+            if kind == "refused":
+                self._note_refusal(server_round, "evaluate", silo, msg.metadata.src_node_id, kind, reason)
                 continue
             self.records.add(server_round, "evaluate", silo, msg.metadata.src_node_id,
                              {**dict(msg.content["metrics"]), "device": _device(msg)})
             if float(msg.content["metrics"].get("num-examples", 0)) > 0:
                 answered.append(msg)
+        failed = sum(1 for m in replies if m.has_error())
+        self.records.outcome(server_round, "evaluate", len(answered), failed, len(replies) - failed - len(answered))
         aggregated = super().aggregate_evaluate(server_round, answered) if answered else None
         if aggregated is not None:
             self.records.add(server_round, "evaluate", "ALL", 0, dict(aggregated))

@@ -6,12 +6,17 @@ atomically: temp file + rename). With the frozen item tower a rebuild reads
 :func:`shared_model.item_index.build_item_index`'s shared cache when present; with the
 adapted tower (``item-tower = adapted``) the checkpoint's LoRA encoder embeds the whole
 catalogue once and only this file caches it.
+
+A cached index that does not load or fails :func:`shared_model.item_index.index_problem`
+(wrong shape, non-finite, corrupted bytes: a sha256 of the embeddings is stored beside
+them) is rebuilt, and a line on stderr says why.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,7 +27,8 @@ import torch
 from shared_model.adapters import HEADS_FILE, META_FILE
 from shared_model.config import RunConfig
 from shared_model.encoder import resolve_base_model
-from shared_model.item_index import ItemIndex, build_item_index, catalogue_hash, embed_items, tokenize_items
+from shared_model.item_index import (ItemIndex, build_item_index, catalogue_hash, embed_items, embeddings_sha256,
+                                     index_problem, tokenize_items)
 from shared_model.model import InterestModel
 from shared_model.schema import Catalogue
 
@@ -82,13 +88,17 @@ def checkpoint_item_index(
     key = "|".join((checkpoint_hash(folder)[:24], (cat_hash or catalogue_hash(catalogue))[:24],
                     base_model_stamp(cfg.base_model), str(cfg.max_item_tokens), cfg.item_tower))
     path = folder / INDEX_FILE
+    hidden = model.category_head.in_features if model is not None else None
     if path.is_file():
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
-            if saved.get("key") == key and list(saved["ids"]) == ids:
-                return ItemIndex(ids, saved["emb"], platforms), IndexInfo(str(path), "checkpoint-cache", time.perf_counter() - t0)
-        except Exception:  # unreadable or stale cache: rebuild below
-            pass
+            why = index_problem(saved, ids, hidden)
+        except Exception as e:  # a truncated or corrupted file: rebuilt below, saying so
+            saved, why = None, f"unreadable ({type(e).__name__}: {str(e)[:200]})"
+        if why is None and saved.get("key") == key:
+            return ItemIndex(ids, saved["emb"], platforms), IndexInfo(str(path), "checkpoint-cache", time.perf_counter() - t0)
+        if why is not None:
+            print(f"{path}: {why}; rebuilding it", file=sys.stderr, flush=True)
     if cfg.item_tower == "adapted":
         if model is None:
             raise ValueError(f"{folder / META_FILE}: config.item-tower 'adapted' needs the checkpoint's model to embed the catalogue")
@@ -101,7 +111,8 @@ def checkpoint_item_index(
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".item-index-", suffix=".tmp")
         os.close(fd)
         try:
-            torch.save({"key": key, "ids": ids, "emb": index.embeddings}, tmp)
+            torch.save({"key": key, "ids": ids, "emb": index.embeddings,
+                        "sha256": embeddings_sha256(index.embeddings)}, tmp)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

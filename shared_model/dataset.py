@@ -33,11 +33,24 @@ EVENT_COLUMNS = ("user_id", "item_id", "order")  # event_type is optional
 USER_COLUMNS = ("user_id", "split")
 
 
-def _find(folder: Path, stem: str) -> Path | None:
-    """``stem.csv`` or ``stem.csv.gz`` inside ``folder`` (plain file first)."""
+#: the longest CSV field accepted (bytes); a longer one is a one-line problem, not a traceback
+MAX_FIELD_BYTES = 1 << 20
+
+
+def outside(path: Path, root: Path) -> bool:
+    """Whether ``path`` (following symlinks) lies outside ``root``."""
+    return not Path(path).resolve().is_relative_to(Path(root).resolve())
+
+
+def _find(folder: Path, stem: str, label: str = "") -> Path | None:
+    """``stem.csv`` or ``stem.csv.gz`` inside ``folder`` (plain file first). A symlink
+    that leads outside ``folder`` is a :class:`DataError`: only files inside are opened."""
     for name in (f"{stem}.csv", f"{stem}.csv.gz"):
         p = folder / name
         if p.is_file():
+            if outside(p, folder):
+                raise DataError([Problem(f"{label}{name}", 0, "path",
+                                         f"a symlink to {p.resolve()}, outside {folder}: only files inside are opened")])
             return p
     return None
 
@@ -62,7 +75,16 @@ def _read_rows(path: Path, label: str, required: tuple[str, ...], problems: list
     if not text.strip():
         problems.append(Problem(label, 1, "file", "empty file (expected a header line)"))
         return None
+    csv.field_size_limit(MAX_FIELD_BYTES)
     reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        return _parse_rows(reader, label, required, problems)
+    except csv.Error as e:  # e.g. a field over MAX_FIELD_BYTES
+        problems.append(Problem(label, reader.line_num, "row", f"unreadable CSV: {e}"))
+        return None
+
+
+def _parse_rows(reader, label: str, required: tuple[str, ...], problems: list[Problem]) -> list[tuple[int, dict[str, str]]] | None:  # type: ignore[no-untyped-def]
     header = [h.strip() for h in next(reader)]
     if len(header) == 1 and len(required) > 1:
         for delim in (";", "\t", "|"):
@@ -100,6 +122,9 @@ def load_dataset_info(dataset_dir: Path) -> dict:
     p = Path(dataset_dir) / "dataset.json"
     if not p.is_file():
         return {}
+    if outside(p, dataset_dir):
+        raise DataError([Problem("dataset.json", 0, "path", f"a symlink to {p.resolve()}, outside {dataset_dir}: "
+                                 "only files inside the dataset are opened")])
     try:
         info = json.loads(p.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -153,11 +178,28 @@ def load_catalogue(dataset_dir: Path) -> Catalogue:
 
 
 def list_silos(dataset_dir: Path) -> list[str]:
-    """Names of the silo folders under ``dataset_dir/silos`` (sorted)."""
+    """Names of the silo folders under ``dataset_dir/silos`` (sorted). A folder whose name
+    starts with ``.`` or a symlink leading outside the dataset is a :class:`DataError`
+    (never silently skipped, never followed)."""
     root = Path(dataset_dir) / "silos"
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    problems = []
+    names = []
+    for p in sorted(root.iterdir()):
+        if not p.is_dir():
+            continue
+        if p.name.startswith("."):
+            problems.append(Problem(f"silos/{p.name}", 0, "path", "a silo folder name must not start with '.' "
+                                    "(hidden); rename or remove it"))
+        elif outside(p, dataset_dir):
+            problems.append(Problem(f"silos/{p.name}", 0, "path", f"a symlink to {p.resolve()}, outside "
+                                    f"{dataset_dir}: only files inside the dataset are opened"))
+        else:
+            names.append(p.name)
+    if problems:
+        raise DataError(problems)
+    return names
 
 
 def load_silo(silo_dir: Path, catalogue: Catalogue) -> Silo:
@@ -167,8 +209,8 @@ def load_silo(silo_dir: Path, catalogue: Catalogue) -> Silo:
     prefix = f"silos/{name}/"
     problems: list[Problem] = []
 
-    users_path = _find(silo_dir, "users")
-    events_path = _find(silo_dir, "events")
+    users_path = _find(silo_dir, "users", prefix)
+    events_path = _find(silo_dir, "events", prefix)
     for stem, p in (("users", users_path), ("events", events_path)):
         if p is None:
             problems.append(Problem(f"{prefix}{stem}.csv", 0, "file", "missing file (expected {0}.csv or {0}.csv.gz)".format(stem)))
@@ -195,6 +237,10 @@ def load_silo(silo_dir: Path, catalogue: Catalogue) -> Silo:
             continue
         splits[uid] = split
         user_line[uid] = line
+    if not splits and not problems:
+        problems.append(Problem(ulabel, 1, "user_id", "no users (the file has only a header); every user of "
+                                "events.csv must be listed"))
+        raise DataError(problems)
 
     elabel = prefix + events_path.name
     histories: dict[str, list[Event]] = {}
@@ -207,7 +253,7 @@ def load_silo(silo_dir: Path, catalogue: Catalogue) -> Silo:
         if not uid:
             problems.append(Problem(elabel, line, "user_id", "empty user id"))
             continue
-        if splits and uid not in splits:
+        if uid not in splits:
             problems.append(Problem(elabel, line, "user_id", f"user {uid!r} is not in {users_path.name}"))
             continue
         item = items.get(iid)
@@ -260,7 +306,10 @@ def validate_dataset(dataset_dir: Path) -> list[Problem]:
         catalogue = load_catalogue(dataset_dir)
     except DataError as e:
         return e.problems
-    silos = list_silos(dataset_dir)
+    try:
+        silos = list_silos(dataset_dir)
+    except DataError as e:
+        return e.problems
     if not silos:
         return [Problem("silos", 0, "path", "no silo folders under silos/")]
     problems: list[Problem] = []

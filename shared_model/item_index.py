@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import sys
 import os
 import tempfile
 from collections.abc import Callable
@@ -130,6 +131,32 @@ def embed_items(
     return out if out is not None else torch.zeros(0, 0)
 
 
+def embeddings_sha256(emb: torch.Tensor) -> str:
+    """sha256 of an index's embedding bytes (stored beside them, checked on load)."""
+    return hashlib.sha256(emb.detach().contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+def index_problem(saved: object, ids: list[str], hidden: int | None = None) -> str | None:
+    """Why a loaded item index cannot be used (one line), or ``None``: not an index, other
+    item ids, wrong shape or dtype, content hash mismatch (byte corruption), non-finite or
+    non-unit rows (every tower's rows are unit vectors)."""
+    if not isinstance(saved, dict) or "ids" not in saved or not isinstance(saved.get("emb"), torch.Tensor):
+        return "not an item index (expected ids and an emb tensor)"
+    emb = saved["emb"]
+    if list(saved["ids"]) != ids:
+        return "its item ids differ from the catalogue's"
+    if emb.dtype != torch.float32 or emb.ndim != 2 or emb.shape[0] != len(ids) or (hidden and emb.shape[1] != hidden):
+        want = f"[{len(ids)}, {hidden or 'H'}] float32"
+        return f"its embeddings are {list(emb.shape)} {str(emb.dtype).replace('torch.', '')}, expected {want}"
+    if "sha256" in saved and saved["sha256"] != embeddings_sha256(emb):
+        return "its embeddings do not match their stored sha256 (corrupted)"
+    if not torch.isfinite(emb).all():
+        return f"{int((~torch.isfinite(emb)).any(1).sum())} item row(s) are not finite"
+    if len(ids) and not torch.allclose(emb.norm(dim=1), torch.ones(len(ids)), atol=1e-3):
+        return "its rows are not unit vectors (corrupted)"
+    return None
+
+
 def build_item_index(
     catalogue: Catalogue, base_model: str | None, max_tokens: int, progress: bool = False
 ) -> ItemIndex:
@@ -143,13 +170,18 @@ def build_item_index(
     with open(folder / (key + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.is_file():
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if list(saved["ids"]) == ids:
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                why = index_problem(saved, ids)
+            except Exception as e:  # a truncated or corrupted file; rebuilt below
+                why = f"unreadable ({type(e).__name__}: {e})"
+            if why is None:
                 return ItemIndex(ids, saved["emb"], platforms)
+            print(f"{path}: {why}; rebuilding it", file=sys.stderr, flush=True)
         texts = [event_text(catalogue.items[i], DEFAULT_EVENT_TYPE) for i in ids]
         emb = encode_texts(texts, base_model, max_tokens, progress=progress)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".items-", suffix=".tmp")
         os.close(fd)
-        torch.save({"ids": ids, "emb": emb}, tmp)
+        torch.save({"ids": ids, "emb": emb, "sha256": embeddings_sha256(emb)}, tmp)
         os.replace(tmp, path)
     return ItemIndex(ids, emb, platforms)

@@ -11,7 +11,12 @@ scores of candidate items → history items excluded → rank of the target.
   once.
 * :func:`score_candidates`: :func:`shared_model.model.item_scores` over the candidates.
 * :func:`exclude_history`: the one history exclusion (score −inf; the target never is).
-* :func:`rank_of_target`: the one ranking (0-based; ties count against the target).
+* :func:`rank_of_target`: the one ranking (0-based): how many candidates score above the
+  target and how many tie with it. Ties are broken uniformly at random *in expectation*:
+  the metrics (:mod:`shared_model.metrics`) are the expected values over every order of a
+  tie, so a model whose scores are all equal scores chance level (HR@k = k/N), not 1.
+  A non-finite score (NaN, +inf, or −inf at a target) is a :class:`ScoringError`, never a
+  rank; −inf elsewhere marks an excluded history item.
 * :func:`rank_examples`: all of it over a list of examples (per-silo evaluation).
 * :class:`Scorer`: a loaded checkpoint with its catalogue and cached item index
   (:mod:`shared_model.checkpoint_index`): ``fedshift evaluate``, ``fedshift recommend``, the
@@ -25,6 +30,7 @@ share :func:`exclude_history` and :func:`rank_of_target` through
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -33,13 +39,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from shared_model.adapters import HEADS_FILE, META_FILE, checkpoint_config, load_checkpoint, read_metadata
 from shared_model.batches import ExampleBatcher, collate, platform_category_mask, prior_index
 from shared_model.checkpoint_index import IndexInfo, checkpoint_item_index
 from shared_model.config import RunConfig
 from shared_model.dataset import load_catalogue
-from shared_model.item_index import ItemIndex, ItemTokens, embed_items
+from shared_model.item_index import ItemIndex, ItemTokens, catalogue_hash, embed_items
 from shared_model.model import InterestModel, item_scores, mask_to_platform, own_item_scores
 from shared_model.schema import Catalogue, Event, Example
 
@@ -158,40 +165,84 @@ def exclude_history(scores: torch.Tensor, seen: Sequence[Iterable[int]],
     return scores
 
 
-def rank_of_target(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each row's target column; ties count against the target."""
+class ScoringError(ValueError):
+    """Scores that cannot be ranked (not finite); the message names what was scored."""
+
+
+@dataclass
+class TargetRanks:
+    """Per row: candidates scored strictly above the target (``above``, its best 0-based
+    rank) and other candidates tied with it (``tied``); its expected rank under a random
+    order of the tie is ``above + tied / 2`` (:attr:`mid`)."""
+
+    above: torch.Tensor
+    tied: torch.Tensor
+
+    @property
+    def mid(self) -> torch.Tensor:
+        return self.above.double() + self.tied.double() / 2
+
+    def tolist(self) -> list[tuple[int, int]]:
+        return list(zip(self.above.tolist(), self.tied.tolist()))
+
+
+def check_finite(scores: torch.Tensor, target: torch.Tensor, what: str = "scores") -> None:
+    """Raise :class:`ScoringError` naming ``what`` and the rows when a score is NaN or +inf,
+    or a target's score is −inf (−inf elsewhere is an excluded item)."""
+    bad = torch.isnan(scores) | torch.isposinf(scores)
+    target_score = scores.gather(1, target.view(-1, 1)).squeeze(1)
+    rows = (bad.any(1) | torch.isneginf(target_score)).nonzero().flatten().tolist()
+    if rows:
+        nans = int(torch.isnan(scores).sum())
+        raise ScoringError(f"{what}: {len(rows)} of {len(scores)} row(s) have non-finite scores "
+                           f"(first rows {rows[:5]}; {nans} NaN); a non-finite score cannot be ranked")
+
+
+def rank_of_target(scores: torch.Tensor, target: torch.Tensor, what: str = "scores") -> TargetRanks:
+    """Each row's target column: candidates above it and tied with it (see :class:`TargetRanks`).
+    Raises :class:`ScoringError` (naming ``what``) on a non-finite score."""
+    target = target.view(-1)
+    check_finite(scores, target, what)
     target_score = scores.gather(1, target.view(-1, 1))
-    return (scores >= target_score).sum(1) - 1
+    return TargetRanks((scores > target_score).sum(1), (scores == target_score).sum(1) - 1)
 
 
-def rank_targets(scores: torch.Tensor, targets: torch.Tensor, seen: Sequence[Iterable[int]]) -> torch.Tensor:
+def rank_targets(scores: torch.Tensor, targets: torch.Tensor, seen: Sequence[Iterable[int]],
+                 what: str = "scores") -> TargetRanks:
     """:func:`exclude_history` then :func:`rank_of_target`."""
-    return rank_of_target(exclude_history(scores, seen, targets), targets)
+    return rank_of_target(exclude_history(scores, seen, targets), targets, what)
 
 
 def top_items(scores: torch.Tensor, k: int) -> tuple[list[float], list[int]]:
-    """The ``k`` best columns of one row of scores (excluded ones never), best first."""
+    """The ``k`` best columns of one row of scores (excluded ones never), best first.
+    Raises :class:`ScoringError` on a NaN or +inf score."""
+    if torch.isnan(scores).any() or torch.isposinf(scores).any():
+        raise ScoringError(f"recommendation scores: {int(torch.isnan(scores).sum())} NaN and "
+                           f"{int(torch.isposinf(scores).sum())} +inf of {scores.numel()}; a non-finite score cannot be ranked")
     top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
     return top.values.tolist(), top.indices.tolist()
 
 
 @dataclass
 class Ranked:
-    """Per example: the target's rank, the masked next-interest logits and the true category."""
+    """Per example: the target's rank (candidates above it) and tie size, the masked
+    next-interest logits and the true category."""
 
     ranks: np.ndarray
     category_logits: torch.Tensor
     categories: torch.Tensor
+    tied: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 @torch.inference_mode()
 def rank_examples(model: InterestModel, batcher: ExampleBatcher, examples: Sequence[Example],
                   cands: Candidates, category_mask: torch.Tensor, cfg: RunConfig,
-                  device: torch.device) -> Ranked:
+                  device: torch.device, what: str = "model scores") -> Ranked:
     """Each example's target ranked among ``cands`` (its history items excluded), in batches
     of ``eval-batch-size``."""
     model.to(device).eval()
     ranks: list[int] = []
+    tied: list[int] = []
     logits: list[torch.Tensor] = []
     cats: list[torch.Tensor] = []
     for s in range(0, len(examples), cfg.eval_batch_size):
@@ -201,13 +252,15 @@ def rank_examples(model: InterestModel, batcher: ExampleBatcher, examples: Seque
         scores = score_candidates(user, cat_logits, cands, cfg, target_rows)
         seen = [cands.seen_columns({batcher.item_row.get(e.item_id) for e in ex.history}, int(target_rows[i]))
                 for i, ex in enumerate(chunk)]
-        ranks.extend(rank_targets(scores, cands.target_columns(target_rows), seen).tolist())
+        ranked = rank_targets(scores, cands.target_columns(target_rows), seen, what)
+        ranks.extend(ranked.above.tolist())
+        tied.extend(ranked.tied.tolist())
         logits.append(cat_logits.cpu())
         cats.append(true_cats)
     width = len(batcher.category_index)
     return Ranked(np.asarray(ranks, dtype=np.int64),
                   torch.cat(logits) if logits else torch.zeros(0, width),
-                  torch.cat(cats) if cats else torch.zeros(0, dtype=torch.long))
+                  torch.cat(cats) if cats else torch.zeros(0, dtype=torch.long), np.asarray(tied, dtype=np.int64))
 
 
 @dataclass
@@ -254,7 +307,11 @@ class Scorer:
         for name in ("adapter_model.safetensors", HEADS_FILE):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder / name}: missing checkpoint file")
-        model, meta = load_checkpoint(folder, base_model)
+        try:
+            model, meta = load_checkpoint(folder, base_model)
+        except (SafetensorError, RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError) as e:
+            raise ValueError(f"{folder}: cannot load the checkpoint's arrays ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else 'truncated or corrupted'})") from None
         cfg = checkpoint_config(meta, base_model)
         t1 = time.perf_counter()
         dataset_dir = Path(dataset) if dataset else cfg.dataset_dir()
@@ -262,12 +319,17 @@ class Scorer:
             source = "--dataset" if dataset else f"{folder / META_FILE} config.dataset"
             raise FileNotFoundError(f"{dataset_dir}: dataset folder not found (from {source}; pass --dataset)")
         catalogue = load_catalogue(dataset_dir)
+        cat_hash = catalogue_hash(catalogue)
+        if meta.get("catalogue-sha256") and meta["catalogue-sha256"] != cat_hash:
+            raise ValueError(f"{dataset_dir}: its catalogue (sha256 {cat_hash[:12]}) is not the one the checkpoint "
+                             f"was trained on ({meta['catalogue-sha256'][:12]}, {folder / META_FILE}); "
+                             "score a checkpoint on its own catalogue")
         categories = catalogue.interest_vocab()
         if list(meta["categories"]) != categories:
             raise ValueError(f"{folder / META_FILE}: categories {meta['categories']} differ from the catalogue's "
                              f"level-2 categories {categories} in {dataset_dir}")
         t2 = time.perf_counter()
-        index, info = checkpoint_item_index(folder, catalogue, cfg, model=model, device=torch.device(device))
+        index, info = checkpoint_item_index(folder, catalogue, cfg, cat_hash, model=model, device=torch.device(device))
         scorer = cls(model, cfg, catalogue, index, categories, meta, torch.device(device), info)
         scorer.timings = {"load-model": t1 - t0, "load-catalogue": t2 - t1, "item-index": info.seconds}
         scorer.dataset_dir = dataset_dir

@@ -67,9 +67,9 @@ def test_baseline_ranks_and_categories_hand_computed(toy) -> None:
     cases = platform_cases(cat, silos, "p", "test")
     assert [(c.user_id, [e.item_id for e in c.history], c.target.item_id) for c in cases] == [("t1", ["p1"], "p2")]
     cats = stats.categories
-    # most popular: p3 (3), then p2 and p4 tie at 1 (ties count against the target), p1 excluded → rank 2
+    # most popular: p3 (3), then p2 and p4 tie at 1 (a tie: ranks 1 and 2 equally likely), p1 excluded
     pop = per_user(MostPopular(stats), cases, "p", cat, cats)
-    assert pop["rank"].tolist() == [2]
+    assert pop["rank"].tolist() == [1] and pop["tied"].tolist() == [1]
     assert pop["acc1"].tolist() == [0.0] and pop["acc3"].tolist() == [1.0]  # majority class y; target x
     # Markov from x: counts (x 1, y 2) + platform frequency (3/7, 4/7) → y first: p3, p4, then p2
     mk = CategoryMarkov(stats)
@@ -109,8 +109,9 @@ def test_paired_differences_to_reference(toy) -> None:
     res = evaluate([MostPopular(stats), ItemCooccurrence(stats)], cat, silos, "test", reps=30)
     assert res["reference"] == "most-popular" and set(res["differences"]) == {"item-cooccurrence"}
     d = res["differences"]["item-cooccurrence"]["p"]["mrr"]
-    assert d["value"] == pytest.approx(1 / 2 - 1 / 3, abs=1e-6)  # rank 1 vs rank 2 (JSON rounds to 6 digits)
-    assert d["ci95"] == pytest.approx([1 / 6, 1 / 6], abs=1e-6)
+    # rank 1 vs ranks 1–2 tied (expected RR (1/2 + 1/3)/2; JSON rounds to 6 digits)
+    assert d["value"] == pytest.approx(1 / 2 - 5 / 12, abs=1e-6)
+    assert d["ci95"] == pytest.approx([1 / 12, 1 / 12], abs=1e-6)
 
 
 def test_new_interest_hit_hand_computed() -> None:

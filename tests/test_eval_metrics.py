@@ -50,9 +50,11 @@ def test_ranking_metrics_hand_computed() -> None:
 def test_rank_of_target_ties_and_exclusion() -> None:
     scores = torch.tensor([[0.9, 0.5, 0.5, 0.1], [0.2, 0.8, 0.3, 0.8]])
     scores[0, 0] = float("-inf")  # an excluded history item
-    assert rank_of_target(scores, torch.tensor([1, 3])).tolist() == [1, 1]  # ties count against the target
-    assert rank_of_target(torch.tensor([[0.1, 0.9, 0.5], [0.3, 0.3, 0.2], [0.0, 0.1, 0.2]]),
-                          torch.tensor([2, 1, 2])).tolist() == [1, 1, 0]
+    # (above, tied): row 0's target 0.5 ties with one other; row 1's 0.8 ties with one other
+    assert rank_of_target(scores, torch.tensor([1, 3])).tolist() == [(0, 1), (0, 1)]
+    ranked = rank_of_target(torch.tensor([[0.1, 0.9, 0.5], [0.3, 0.3, 0.2], [0.0, 0.1, 0.2]]), torch.tensor([2, 1, 2]))
+    assert ranked.tolist() == [(1, 0), (0, 1), (0, 0)]
+    assert ranked.mid.tolist() == [1.0, 0.5, 0.0]  # the expected rank under a random order of the tie
 
 
 def test_history_exclusion_never_drops_the_target() -> None:
@@ -61,10 +63,10 @@ def test_history_exclusion_never_drops_the_target() -> None:
                            [0.5, 0.5, 0.5, 0.5, 0.5]], dtype=torch.float64)
     targets = torch.tensor([3, 4, 2])
     # user 0 saw items 0 and 3 (3 is also its target: it stays); user 1 saw nothing;
-    # user 2 saw 0, 1, 2 (2 is its target) — its remaining ties count against it
+    # user 2 saw 0, 1, 2 (2 is its target) — it remains tied with 3 and 4
     seen = [{0, 3}, set(), [1, 0, 2, 1]]
     ranks = rank_targets(scores.clone(), targets, seen)
-    assert ranks.tolist() == [2, 0, 2]  # [·, 0.8, 0.7, 0.6 ...] → 2; 0.5 is the best → 0; ties with 3, 4 → 2
+    assert ranks.tolist() == [(2, 0), (0, 0), (0, 2)]  # [·, 0.8, 0.7, 0.6 ...] → 2; 0.5 is the best → 0; tie of 3
     out = exclude_history(scores.clone(), seen, targets)
     inf = float("-inf")
     assert out.tolist() == [[inf, 0.8, 0.7, 0.6, 0.5], [0.1, 0.2, 0.3, 0.4, 0.5], [inf, inf, 0.5, 0.5, 0.5]]
@@ -97,8 +99,8 @@ def test_sampled_candidates_hold_the_target_once() -> None:
     # user 0 saw row 4; the target's second copy (column 2) is excluded too: ranked once
     seen = [cands.seen_columns({4, None}, 3), cands.seen_columns({1}, 0)]
     assert seen == [{2, 3}, {1}]
-    # user 0: 0.8 vs [0.6] → 0; user 1: 1.0 vs [0.8, 1.0] → the tie with row 4 counts against it → 1
-    assert rank_targets(scores, targets, seen).tolist() == [0, 1]
+    # user 0: 0.8 vs [0.6] → 0; user 1: 1.0 vs [0.8, 1.0] → none above, tied with row 4
+    assert rank_targets(scores, targets, seen).tolist() == [(0, 0), (0, 1)]
 
 
 def test_full_candidates_rank_every_platform_item() -> None:
@@ -109,7 +111,7 @@ def test_full_candidates_rank_every_platform_item() -> None:
     torch.testing.assert_close(scores, torch.tensor([[2.0, 0.0, 1.6, -2.0]]))
     targets = cands.target_columns(torch.tensor([3]))
     # history rows 0 and 3 (3 is the target) and 1 (not a candidate): row 0 goes, the target stays
-    assert rank_targets(scores, targets, [cands.seen_columns({0, 3, 1}, 3)]).tolist() == [0]
+    assert rank_targets(scores, targets, [cands.seen_columns({0, 3, 1}, 3)]).above.tolist() == [0]
 
 
 def test_seeded_sample_is_reproducible_sorted_and_only_when_smaller() -> None:
@@ -215,3 +217,34 @@ def test_new_interest_is_the_best_category_outside_the_recent_ones() -> None:
     assert new_interest(p, np.array([1.0, 0.0, 0.0, 0.0])) == 2
     assert new_interest(p, np.array([0.0, 0.0, 1.0, 0.0])) == 0
     assert new_interest(p, np.array([0.2, 0.4, 0.4, 0.0])) is None  # the only category left has no mass
+
+
+def test_all_equal_scores_give_chance_level() -> None:
+    """A model whose scores are all equal ranks each target at chance: HR@10 = 10/N, not 1."""
+    n = 500
+    scores = torch.zeros(4, n)
+    ranked = rank_of_target(scores, torch.tensor([0, 7, 250, 499]))
+    assert ranked.above.tolist() == [0] * 4 and ranked.tied.tolist() == [n - 1] * 4
+    assert hits(ranked.above, 10, ranked.tied).tolist() == pytest.approx([10 / n] * 4)
+    assert ndcgs(ranked.above, 10, ranked.tied)[0] == pytest.approx(sum(1 / math.log2(r + 2) for r in range(10)) / n)
+    assert reciprocal_ranks(ranked.above, ranked.tied)[0] == pytest.approx(sum(1 / (r + 1) for r in range(n)) / n)
+    # a tie of 3 at ranks 8, 9, 10: HR@10 counts two of the three orders
+    assert hits([8], 10, [2]).tolist() == pytest.approx([2 / 3])
+    assert hits([3, 12], 10).tolist() == [1.0, 0.0]  # no tie: the plain definition
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_scores_are_an_error_naming_what_was_scored(bad: float) -> None:
+    from shared_model.scoring import ScoringError
+    scores = torch.tensor([[0.1, 0.2, 0.3], [0.3, 0.2, 0.1]])
+    scores[1, 2] = bad
+    with pytest.raises(ScoringError, match=r"silo office-1: model scores: 1 of 2 row\(s\).*first rows \[1\]"):
+        rank_of_target(scores, torch.tensor([0, 0]), "silo office-1: model scores")
+
+
+def test_a_target_scored_minus_inf_is_an_error() -> None:
+    from shared_model.scoring import ScoringError
+    scores = torch.tensor([[float("-inf"), 0.2, 0.3]])
+    with pytest.raises(ScoringError):
+        rank_of_target(scores, torch.tensor([0]))
+    assert rank_of_target(scores, torch.tensor([1])).tolist() == [(1, 0)]  # −inf elsewhere: excluded

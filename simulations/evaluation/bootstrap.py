@@ -24,11 +24,15 @@ class Estimate:
     low: float
     high: float
     n: int
+    why: str = ""  # why the metric is undefined (value NaN), for the "n/a" a reader sees
 
     def as_dict(self) -> dict[str, object]:
         def f(x: float) -> float | None:
             return None if math.isnan(x) else round(float(x), 6)
-        return {"value": f(self.value), "ci95": [f(self.low), f(self.high)], "n": self.n}
+        out: dict[str, object] = {"value": f(self.value), "ci95": [f(self.low), f(self.high)], "n": self.n}
+        if math.isnan(self.value):
+            out["n/a"] = self.why or "undefined"
+        return out
 
 
 #: a metric: either ("mean", values[B]) or ("auc", (scores[B], labels[B], defined[B]))
@@ -71,7 +75,8 @@ def paired_bootstrap(metrics: Mapping[str, MetricSpec], n: int, reps: int = 1000
             valid = v[~np.isnan(v)]
             value = float(valid.mean()) if len(valid) else math.nan
             lo, hi = _percentiles(_nanmean_rows(v[idx])) if reps and n else (math.nan, math.nan)
-            out[name] = Estimate(value, lo, hi, int(len(valid)))
+            why = "" if len(valid) else (f"defined for none of the {len(v)} users" if len(v) else "no users")
+            out[name] = Estimate(value, lo, hi, int(len(valid)), why)
         elif kind == "auc":
             scores, labels, defined = (np.asarray(a) for a in data)  # type: ignore[misc]
             scores = scores.astype(np.float64)
@@ -83,7 +88,9 @@ def paired_bootstrap(metrics: Mapping[str, MetricSpec], n: int, reps: int = 1000
                 sel = idx[r][defined[idx[r]]]
                 draws[r] = roc_auc(scores[sel], labels[sel])
             lo, hi = _percentiles(draws)
-            out[name] = Estimate(value, lo, hi, int(defined.sum()))
+            pos, neg = int(labels[defined].sum()), int((~labels[defined]).sum())
+            why = "" if pos and neg else f"needs both classes: {pos} positive, {neg} negative users"
+            out[name] = Estimate(value, lo, hi, int(defined.sum()), why)
         else:
             raise ValueError(f"metric {name!r}: unknown kind {kind!r}")
     return out

@@ -4,8 +4,8 @@ A researcher with all silos locally: per platform, the held-out users of a split
 of that platform's silos) with their last event as target (:func:`shared_model.examples.eval_examples`).
 
 * next item: full ranking over the platform's catalogue; the user's history items on
-  that platform are excluded from the candidates (the target never is); ties count
-  against the target (:func:`shared_model.scoring.rank_targets`, for every predictor);
+  that platform are excluded from the candidates (the target never is); a tie is ordered at random in
+  expectation and a non-finite score is an error (:func:`shared_model.scoring.rank_targets`, for every predictor);
   HR@10, NDCG@10, MRR.
 * next interest: level-2 category accuracy@1 and @3, for all users and the migrating
   subset (flag as in :mod:`shared_model.examples`, k = ``migration-k``).
@@ -29,6 +29,8 @@ per user, with its paired interval.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import math
 import zlib
@@ -106,6 +108,7 @@ def per_user(predictor: Predictor, cases: Sequence[Case], platform: str, catalog
     col = {i: c for c, i in enumerate(cand)}
     cat_index = {c: i for i, c in enumerate(categories)}
     ranks: list[int] = []
+    tied: list[int] = []
     acc1: list[np.ndarray] = []
     acc3: list[np.ndarray] = []
     js: list[float] = []
@@ -117,7 +120,10 @@ def per_user(predictor: Predictor, cases: Sequence[Case], platform: str, catalog
         scores = torch.as_tensor(np.asarray(scores, dtype=np.float64)).clone()
         targets = torch.tensor([col[c.target.item_id] for c in chunk])
         seen = [{col[e.item_id] for e in c.history if e.item_id in col} for c in chunk]
-        ranks.extend(rank_targets(scores, targets, seen).tolist())
+        ranked = rank_targets(scores, targets, seen, f"{getattr(predictor, 'name', type(predictor).__name__)} "
+                                                     f"scores on {platform}")
+        ranks.extend(ranked.above.tolist())
+        tied.extend(ranked.tied.tolist())
         truth = [cat_index.get(c.target_category, -1) if c.target_category else -1 for c in chunk]
         acc1.append(topk_correct(probs, truth, 1))
         acc3.append(topk_correct(probs, truth, 3))
@@ -135,6 +141,7 @@ def per_user(predictor: Predictor, cases: Sequence[Case], platform: str, catalog
     n = len(cases)
     return {
         "rank": np.asarray(ranks, dtype=np.int64),
+        "tied": np.asarray(tied, dtype=np.int64),
         "acc1": np.concatenate(acc1) if acc1 else np.zeros(0),
         "acc3": np.concatenate(acc3) if acc3 else np.zeros(0),
         "migrating": np.array([c.migrating for c in cases], dtype=bool),
@@ -162,9 +169,9 @@ def summarise(u: dict[str, np.ndarray], reps: int, seed: int, migration: bool = 
     """The metrics of :data:`METRICS` with paired-bootstrap 95 % intervals."""
     mig = np.where(u["migrating"], 1.0, np.nan)
     specs: dict[str, Any] = {
-        "hr10": ("mean", hits(u["rank"], 10)),
-        "ndcg10": ("mean", ndcgs(u["rank"], 10)),
-        "mrr": ("mean", reciprocal_ranks(u["rank"])),
+        "hr10": ("mean", hits(u["rank"], 10, u["tied"])),
+        "ndcg10": ("mean", ndcgs(u["rank"], 10, u["tied"])),
+        "mrr": ("mean", reciprocal_ranks(u["rank"], u["tied"])),
         "category-acc1": ("mean", u["acc1"]),
         "category-acc3": ("mean", u["acc3"]),
     }
@@ -176,15 +183,33 @@ def summarise(u: dict[str, np.ndarray], reps: int, seed: int, migration: bool = 
             "migration-auc": ("auc", (u["js"], u["migrating"], u["defined"])),
             "migration-auc-mass": ("auc", (u["mass"], u["migrating"], u["defined"])),
         }
-    return paired_bootstrap(specs, len(u["rank"]), reps, seed)
+    return {m: _explained(m, e) for m, e in paired_bootstrap(specs, len(u["rank"]), reps, seed).items()}
+
+
+def _explained(metric: str, e: Estimate) -> Estimate:
+    """``e`` with :data:`UNDEFINED_WHY`'s reason in front of its own when it is undefined."""
+    return dataclasses.replace(e, why=f"{UNDEFINED_WHY[metric]}: {e.why}") if e.why and metric in UNDEFINED_WHY else e
+
+
+#: why a metric can be undefined on a dataset (printed with its "n/a")
+UNDEFINED_WHY = {
+    "category-acc1": "no target item has an interest category",
+    "category-acc3": "no target item has an interest category",
+    "category-acc1-migrating": "no migrating user with a labelled target",
+    "category-acc3-migrating": "no migrating user with a labelled target",
+    "new-interest-acc1-migrating": "no migrating user with a labelled target and a category outside the recent ones",
+    "migration-auc": "migration is undefined without both migrating and non-migrating users",
+    "migration-auc-mass": "migration is undefined without both migrating and non-migrating users",
+}
 
 
 def group_seed(seed: int, group: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(group.encode())) % (2**32)
 
 
-DIFFERENCE_METRICS = {"hr10": lambda u: hits(u["rank"], 10), "ndcg10": lambda u: ndcgs(u["rank"], 10),
-                      "mrr": lambda u: reciprocal_ranks(u["rank"]), "category-acc1": lambda u: u["acc1"],
+DIFFERENCE_METRICS = {"hr10": lambda u: hits(u["rank"], 10, u["tied"]),
+                      "ndcg10": lambda u: ndcgs(u["rank"], 10, u["tied"]),
+                      "mrr": lambda u: reciprocal_ranks(u["rank"], u["tied"]), "category-acc1": lambda u: u["acc1"],
                       "category-acc3": lambda u: u["acc3"],
                       "new-interest-acc1-migrating": lambda u: u["new1"] * np.where(u["migrating"], 1.0, np.nan)}
 
@@ -201,7 +226,7 @@ def differences(per: Mapping[str, Mapping[str, dict[str, np.ndarray]]], referenc
             if g not in ref:
                 continue
             out.setdefault(method, {})[g] = {
-                m: paired_difference(f(u), f(ref[g]), reps, group_seed(seed, g)).as_dict()
+                m: _explained(m, paired_difference(f(u), f(ref[g]), reps, group_seed(seed, g))).as_dict()
                 for m, f in DIFFERENCE_METRICS.items()}
     return out
 
@@ -278,6 +303,7 @@ def format_table(result: dict[str, Any]) -> str:
     order = [g for g in groups if "->" not in g and g != "overall"] + ["overall"] + [g for g in groups if "->" in g]
     width = max([len(m) for m in result["methods"]] + [18])
     lines = [f"split {result['split']}; 95% paired-bootstrap intervals over users ({result['bootstrap-reps']} resamples)"]
+    undefined: dict[str, str] = {}
     for g in order:
         lines.append("")
         lines.append(f"{g}  ({result['users'].get(g, 0)} users)")
@@ -289,13 +315,19 @@ def format_table(result: dict[str, Any]) -> str:
             cells = []
             for key, _ in cols:
                 e = row.get(key)
-                if not e or e["value"] is None:
+                if not e:
                     cells.append(f"{'-':>22}")
+                elif e["value"] is None:
+                    cells.append(f"{'n/a':>22}")
+                    undefined.setdefault(f"{dict(cols)[key]} ({g})", str(e.get("n/a", "undefined")))
                 else:
                     lo, hi = e["ci95"]
                     ci = f"[{lo:.3f},{hi:.3f}]" if lo is not None else "[-]"
                     cells.append(f"{e['value']:>7.3f} {ci:>14}")
             lines.append(f"{m:<{width}}  " + "".join(cells))
+    if undefined:
+        lines.append("")
+        lines.extend(f"n/a: {name}: {why}" for name, why in undefined.items())
     diffs = result.get("differences") or {}
     if diffs:
         lines.append("")
@@ -312,6 +344,8 @@ def format_table(result: dict[str, Any]) -> str:
 
 def _signed(e: dict[str, Any]) -> str:
     if e["value"] is None:
-        return "-"
+        return f"n/a ({e.get('n/a', 'undefined')})"
     lo, hi = e["ci95"]
+    if lo is None or hi is None:
+        return f"{e['value']:+.3f} [-]"
     return f"{e['value']:+.3f} [{lo:+.3f},{hi:+.3f}]"

@@ -5,7 +5,7 @@ write the results (:func:`run_experiment`).
 
 A run's folder ``OUT/runs/<key>/`` holds its whole output (metrics.json, checkpoints/,
 ledgers, logs). A run on a subset of silos trains on a dataset *view* ``OUT/views/<key>/``
-(symlinks, nothing copied). A finished run records its settings in :data:`STAMP_FILE`, so
+(hard links, nothing copied). A finished run records its settings in :data:`STAMP_FILE`, so
 ``resume`` can reuse it instead of retraining.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform as platform_mod
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -32,18 +33,24 @@ PER_RUN_KEYS = ("dataset", "base-model", "out-dir", "min-nodes", "dp", "epsilon"
 
 
 def dataset_view(dataset: Path, silos: Sequence[str], folder: Path) -> Path:
-    """A dataset folder holding only ``silos``: symlinks to the catalogue, ``dataset.json``
-    and the chosen silo folders (nothing copied, so the catalogue hash and item cache match)."""
+    """A dataset folder holding only ``silos``: hard links to the catalogue, ``dataset.json``
+    and the chosen silo folders' files (a copy across file systems), so the catalogue hash
+    and item cache match. Not symlinks: a dataset opens no file outside itself."""
     folder.mkdir(parents=True, exist_ok=True)
+
+    def link(src: Path, dst: Path) -> None:
+        if src.is_file() and not dst.exists():
+            try:
+                os.link(src.resolve(), dst)
+            except OSError:
+                shutil.copy2(src, dst)
+
     for name in ("items.csv", "items.csv.gz", "dataset.json"):
-        src = dataset / name
-        if src.is_file() and not (folder / name).exists():
-            (folder / name).symlink_to(src.resolve())
-    (folder / "silos").mkdir(exist_ok=True)
+        link(dataset / name, folder / name)
     for s in silos:
-        link = folder / "silos" / s
-        if not link.exists():
-            link.symlink_to((dataset / "silos" / s).resolve(), target_is_directory=True)
+        (folder / "silos" / s).mkdir(parents=True, exist_ok=True)
+        for f in sorted((dataset / "silos" / s).iterdir()):
+            link(f, folder / "silos" / s / f.name)
     return folder
 
 
@@ -107,6 +114,10 @@ def train(run: TrainRun, plan: Plan, out: Path, timeout: int) -> None:
     if not result.ok:
         raise RuntimeError(f"run {run.key}: the simulation ended with status {result.status!r}; see "
                            f"{run_dir / 'simulate.log'}")
+    from shared_model.run_health import run_problems
+
+    if problems := run_problems(result.metrics):
+        raise RuntimeError(f"run {run.key}: {len(problems)} problem(s), first: {problems[0]}; see {result.metrics}")
 
 
 def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = None, base_model: str | None = None,
