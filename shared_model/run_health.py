@@ -31,7 +31,7 @@ def run_problems(metrics_json: str | Path) -> list[str]:
             lines.append(f"round {o['round']}: no successful {o['phase']} reply "
                          f"({o.get('failed', 0)} failed, {o.get('declined', 0)} declined)")
     train = [o for o in doc.get("outcomes", []) if o.get("phase") == "train"]
-    if train and not any(o.get("ok", 0) for o in train):
+    if train and not any(o.get("ok", 0) for o in train) and not any("train reply" in line for line in lines):
         lines.append(f"no silo trained in any of {len(train)} round(s): every reply failed or was declined "
                      "(see the refusals above and in metrics.json)")
     for p in doc.get("problems", []):
