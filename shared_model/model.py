@@ -1,7 +1,7 @@
 """The interest-migration model: a LoRA-adapted BERT user tower with two heads.
 
 * user tower: peft LoRA on the base encoder, mean pooling → user vector ``h`` (dim H);
-* next-interest head: ``Linear(H, C)`` over the level-2 categories of the public catalogue,
+* next-interest head: ``Linear(H, C)`` over the interest classes of the public catalogue,
   plus (``history-features``) :class:`HistoryFeatureHead`, a conditional logit over
   per-category features of the user's own history;
 * next-item head: ``score(u, i) = s·cos(h, e_i) + w·log p(category(i) | u)`` — scaled cosine
@@ -124,7 +124,7 @@ class InterestModel(nn.Module):
 def mask_to_platform(category_logits: torch.Tensor, platform_mask: torch.Tensor) -> torch.Tensor:
     """Restrict next-interest logits to the categories of the target platform.
 
-    The softmax is over the whole catalogue's level-2 categories, but a next event on
+    The softmax is over the whole catalogue's interest classes, but a next event on
     platform P can only be in P's categories (public: read from the catalogue), so the
     others get -inf. Without this, silos of a platform with one dominant category pull
     the shared head towards it for every platform after averaging.
