@@ -134,10 +134,13 @@ def mask_to_platform(category_logits: torch.Tensor, platform_mask: torch.Tensor)
 
 def category_prior(category_logits: torch.Tensor) -> torch.Tensor:
     """``[B, C+1]`` log p(category | user); column C (unlabelled items) is the mean of the
-    finite log-probabilities (categories masked out by :func:`mask_to_platform` excluded)."""
+    finite log-probabilities (categories masked out by :func:`mask_to_platform` excluded),
+    or 0 (no prior) when a row has none — no classes at all, or all masked out — rather
+    than 0/0 = NaN, which would make every item score NaN."""
     logp = F.log_softmax(category_logits.float(), dim=-1)
     finite = torch.isfinite(logp)
-    mean = logp.where(finite, torch.zeros_like(logp)).sum(-1, keepdim=True) / finite.sum(-1, keepdim=True)
+    count = finite.sum(-1, keepdim=True)
+    mean = logp.where(finite, torch.zeros_like(logp)).sum(-1, keepdim=True) / count.clamp_min(1)
     return torch.cat([logp, mean], dim=-1)
 
 
