@@ -270,9 +270,11 @@ def validate_dataset(dataset_dir: Path) -> list[Problem]:
         return [Problem(str(dataset_dir), 0, "path", "not a directory")]
     try:
         catalogue = read_catalogue(dataset_dir)
-        from shared_model.interests import declared_levels
+        from shared_model.interests import declared_levels, interest_seed
 
-        declared_levels(load_dataset_info(dataset_dir), catalogue.platforms)
+        info = load_dataset_info(dataset_dir)
+        declared_levels(info, catalogue.platforms)
+        interest_seed(info)
     except DataError as e:
         return e.problems
     silos = list_silos(dataset_dir)

@@ -105,6 +105,14 @@ def declared_levels(info: dict, platforms: tuple[str, ...]) -> dict[str, int | s
     return dict(raw)
 
 
+def interest_seed(info: dict) -> int:
+    """``dataset.json``'s ``interest_seed`` (default 0): seeds the clustering of derived interests."""
+    seed = info.get("interest_seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise DataError([Problem("dataset.json", 1, "interest_seed", f"expected a non-negative integer, got {seed!r}")])
+    return seed
+
+
 def choose(items: list[Item], declared: int | str | None) -> InterestChoice:
     """The interest choice of one platform from its items and its ``dataset.json`` override."""
     by_rule = rule_level(items)
@@ -131,6 +139,7 @@ def assign_interests(catalogue: Catalogue, info: dict, base_model: str | None = 
     and ``max_tokens`` select them and are not used when every platform has a taxonomy.
     """
     declared = declared_levels(info, catalogue.platforms)
+    seed = interest_seed(info)
     by_platform: dict[str, list[Item]] = {}
     for it in catalogue.items.values():
         by_platform.setdefault(it.platform, []).append(it)
@@ -141,7 +150,7 @@ def assign_interests(catalogue: Catalogue, info: dict, base_model: str | None = 
         if choice.source == DERIVED:
             from shared_model.derived_interests import derive_platform  # needs torch + the encoder
 
-            labels, meta = derive_platform(catalogue, plat, base_model, max_tokens, seed=int(info.get("interest_seed", 0)))
+            labels, meta = derive_platform(catalogue, plat, base_model, max_tokens, seed=seed)
             counts = Counter(labels.values())
             choice = replace(choice, classes=len(counts), largest_share=round(max(counts.values()) / len(labels), 4),
                              derived=meta)

@@ -94,6 +94,10 @@ def test_bad_interest_level_fails_validation(tmp_path: Path) -> None:
     (d / "dataset.json").write_text(json.dumps(info))
     problems = validate_dataset(d)
     assert len(problems) == 1 and problems[0].field == "interest_level" and "platform-9" in problems[0].reason
+    info["interest_level"] = 2
+    info["interest_seed"] = "zero"
+    (d / "dataset.json").write_text(json.dumps(info))
+    assert [p.field for p in validate_dataset(d)] == ["interest_seed"]
 
 
 def test_choose_k_scales_with_the_catalogue_within_bounds() -> None:
