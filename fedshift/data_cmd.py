@@ -65,9 +65,9 @@ def silo_summary(silo: Silo, catalogue: Catalogue, k: int = DEFAULT_K) -> dict[s
     }
 
 
-def describe(dataset_dir: Path, k: int | None = None) -> dict[str, Any]:
+def describe(dataset_dir: Path, k: int | None = None, base_model: str | None = None) -> dict[str, Any]:
     """The summary printed by ``fedshift data describe --json`` (raises DataError on bad data)."""
-    catalogue, silos = load_dataset(dataset_dir)
+    catalogue, silos = load_dataset(dataset_dir, base_model)
     info_k = k
     if info_k is None:
         from shared_model.dataset import load_dataset_info
@@ -76,11 +76,13 @@ def describe(dataset_dir: Path, k: int | None = None) -> dict[str, Any]:
     for plat in catalogue.platforms:
         its = [catalogue.items[i] for i in catalogue.platform_item_ids(plat)]
         counts = Counter(it.interest for it in its if it.interest)
+        labelled = sum(counts.values())
         platforms[plat] = {
             "items": len(its),
-            "level2_coverage": round(sum(counts.values()) / len(its), 4) if its else None,
+            "interest": catalogue.interest_choice.get(plat),
+            "interest_coverage": round(labelled / len(its), 4) if its else None,
+            "largest_class_share": round(max(counts.values()) / labelled, 4) if labelled else None,
             "classes": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
-            "level3_classes": len({(it.level(2), it.level(3)) for it in its if it.level(3)}),
         }
     users = set().union(*(s.splits for s in silos.values())) if silos else set()
     return {
@@ -92,11 +94,23 @@ def describe(dataset_dir: Path, k: int | None = None) -> dict[str, Any]:
     }
 
 
+def _choice_text(c: dict[str, Any] | None) -> str:
+    if not c:
+        return "no interest classes"
+    if c["level"] is None:
+        d = c.get("derived") or {}
+        why = "no category level reached by half the items" if c["rule_level"] is None else "dataset.json asks for it"
+        return f"derived interests (k-means k={d.get('k')}, seed {d.get('seed')}; {why})"
+    return f"interest level {c['level']} ({c['source']}; the rule gives {c['rule_level']})"
+
+
 def _text(d: dict[str, Any]) -> str:
     lines = [f"dataset {d['dataset']}: {len(d['silos'])} silos, {d['users']} users, migration k={d['migration_k']}"]
     for plat, p in d["platforms"].items():
-        lines.append(f"platform {plat}: {p['items']} items, {len(p['classes'])} level-2 classes, "
-                     f"level-2 coverage {p['level2_coverage']:.1%}")
+        share = "n/a (no labelled items)" if p["largest_class_share"] is None else f"{p['largest_class_share']:.1%}"
+        cover = "n/a" if p["interest_coverage"] is None else f"{p['interest_coverage']:.1%}"
+        lines.append(f"platform {plat}: {p['items']} items, {_choice_text(p['interest'])}: {len(p['classes'])} classes, "
+                     f"largest {share}, coverage {cover}")
         for c, n in p["classes"].items():
             lines.append(f"  {n:7d}  {c}")
     lines.append(f"{'silo':<14}{'platform':<10}{'users':>7}{'events':>9}{'items':>7}{'classes':>8}  {'hist min/med/max':<18}{'migration':>9}")
@@ -111,7 +125,7 @@ def _text(d: dict[str, Any]) -> str:
 def run_describe(args: argparse.Namespace) -> int:
     """Print the summary (text or JSON); exit 2 with problem lines on bad data."""
     try:
-        d = describe(Path(args.dir), args.k)
+        d = describe(Path(args.dir), args.k, args.base_model or None)
     except DataError as e:
         _print_problems(e.problems)
         return 2
@@ -129,11 +143,13 @@ splits, users in two splits, and silos that mix platforms."""
 
 DESCRIBE_HELP = """\
 Load a dataset (default: the bundled Amazon Arts-Office data) and print its silos and, per
-silo, users, events, distinct items, level-2 interest classes, history length
-(min/median/max) and the interest-migration rate of the users' next events (share whose
-level-2 category is not among their last k events; k from dataset.json, default 5).
-Also prints item counts, level-2 coverage and class counts per platform. Exits 2 with
-FILE:LINE: FIELD: REASON lines on bad data."""
+silo, users, events, distinct items, interest classes, history length (min/median/max) and
+the interest-migration rate of the users' next events (share whose interest class is not
+among their last k events; k from dataset.json, default 5). Per platform it prints how the
+interest classes were chosen (the category level by the rule of docs/data-format.md or
+dataset.json, or derived from item text when no level covers half the items), the class
+counts, the largest class's share and the coverage. Exits 2 with FILE:LINE: FIELD: REASON
+lines on bad data."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -151,6 +167,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     d.add_argument("dir", metavar="DIR", type=Path, nargs="?", default=DEFAULT_DATASET,
                    help=f"dataset folder (default: the bundled {DEFAULT_DATASET.name})")
     d.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    d.add_argument("--base-model", default="", metavar="DIR",
+                   help="BERT folder whose item embeddings derive interests (default: the bundled encoder)")
     d.add_argument("-k", type=int, default=None, help="migration window: last K events (default: dataset.json or 5)")
     d.set_defaults(func=run_describe)
     return p

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fedshift.torch_threads import restores_torch_threads
 from shared_model.config import RunConfig
-from shared_model.dataset import load_dataset, load_dataset_info
+from shared_model.dataset import list_silos, load_dataset, load_dataset_info, load_silo
 from shared_model.examples import DEFAULT_K
 from shared_model.schema import DataError
 
@@ -26,7 +26,7 @@ Metrics, each with a 95% paired-bootstrap interval over users:
   hr10, ndcg10, mrr     next item: rank of the held-out item in a full ranking over
                         the platform's catalogue; the user's history items are
                         excluded from the candidates (the target never is)
-  category-acc1/-acc3   next interest: level-2 category in the top 1 / top 3
+  category-acc1/-acc3   next interest: interest class in the top 1 / top 3
   ...-migrating         the same on users whose next category is not among their
                         last k categories (k = migration-k)
   new-interest-acc1-migrating
@@ -118,7 +118,11 @@ def _run(args: argparse.Namespace) -> int:
         dataset = dataset or RunConfig().dataset_dir()
         if not dataset.is_dir():
             return _fail(f"{dataset}: dataset folder not found")
-        catalogue, silos = load_dataset(dataset)
+        if predictors:  # the checkpoint's catalogue: derived interests come from its encoder
+            catalogue = scorer.catalogue
+            silos = {s: load_silo(dataset / "silos" / s, catalogue) for s in list_silos(dataset)}
+        else:
+            catalogue, silos = load_dataset(dataset, args.base_model or None)
         if not silos:
             return _fail(f"{dataset}/silos: no silo folders")
         if k is None:

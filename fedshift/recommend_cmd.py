@@ -13,7 +13,7 @@ from shared_model.schema import DataError
 
 DESCRIPTION = """\
 Recommend the next items on one platform for a history of item titles, with the
-predicted next interests (level-2 categories) and the migration score.
+predicted next interests (the platform's interest classes) and the migration score.
 
 History: --history "title; title; ..." (separated by ';', oldest first) or
 --history-file F (one title per line; blank lines and lines starting with '#' are

@@ -114,10 +114,10 @@ def run_status(flwr_home: Path, env: dict[str, str]) -> str:
 
 def prepare_item_index(cfg: RunConfig, progress: bool = True) -> None:
     """Embed the public catalogue once in this process (cached for every silo)."""
-    from shared_model.dataset import load_catalogue
+    from shared_model.dataset import read_catalogue
     from shared_model.item_index import build_item_index
 
-    build_item_index(load_catalogue(cfg.dataset_dir()), cfg.base_model or None, cfg.max_item_tokens, progress=progress)
+    build_item_index(read_catalogue(cfg.dataset_dir()), cfg.base_model or None, cfg.max_item_tokens, progress=progress)
 
 
 @dataclass(frozen=True)

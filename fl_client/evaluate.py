@@ -8,7 +8,7 @@ run's seed (the same set for every user, round and silo of a platform), and the
 ``eval-candidates`` metric says how many items were ranked. Sampled metrics are higher than
 full-ranking ones and are not comparable to them; ``fedshift evaluate`` always ranks the
 full catalogue. In both cases the user's history items are excluded from the candidates
-(the target itself never is). Next interest: top-1 accuracy of the level-2 category, for
+(the target itself never is). Next interest: top-1 accuracy of the interest class, for
 all users and the migrating subset.
 
 Scoring, exclusion and ranking are :mod:`shared_model.scoring`'s; each figure is the mean

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from shared_model.batches import ExampleBatcher, platform_category_mask, prior_index
 from shared_model.config import RunConfig
-from shared_model.dataset import list_silos, load_catalogue, load_silo
+from shared_model.dataset import list_silos, load_catalogue, load_silo, read_catalogue
 from shared_model.examples import eval_examples, train_user_ids, training_example
 from shared_model.item_index import ItemIndex, ItemTokens, build_item_index, tokenize_items
 from shared_model.schema import Catalogue, Example, Silo
@@ -49,24 +49,31 @@ def catalogue_dir_for(silo_dir: Path, node_config: dict[str, Any]) -> Path:
 
 
 @lru_cache(maxsize=4)
-def cached_catalogue(dataset_dir: Path) -> Catalogue:
-    return load_catalogue(dataset_dir)
+def cached_catalogue(dataset_dir: Path, base_model: str, max_tokens: int) -> Catalogue:
+    """The catalogue with its interest classes (derived ones from this encoder's embeddings)."""
+    return load_catalogue(dataset_dir, base_model or None, max_tokens)
+
+
+@lru_cache(maxsize=4)
+def cached_items(dataset_dir: Path) -> Catalogue:
+    """The catalogue as read (interests unset): enough for silo files and the item texts."""
+    return read_catalogue(dataset_dir)
 
 
 @lru_cache(maxsize=4)
 def cached_silo(silo_dir: Path, dataset_dir: Path) -> Silo:
-    return load_silo(silo_dir, cached_catalogue(dataset_dir))
+    return load_silo(silo_dir, cached_items(dataset_dir))
 
 
 @lru_cache(maxsize=4)
 def cached_item_index(dataset_dir: Path, base_model: str, max_tokens: int) -> ItemIndex:
-    return build_item_index(cached_catalogue(dataset_dir), base_model or None, max_tokens)
+    return build_item_index(cached_items(dataset_dir), base_model or None, max_tokens)
 
 
 @lru_cache(maxsize=2)
 def cached_item_tokens(dataset_dir: Path, base_model: str, max_tokens: int) -> ItemTokens:
     index = cached_item_index(dataset_dir, base_model, max_tokens)
-    return tokenize_items(cached_catalogue(dataset_dir), index.item_ids, base_model or None, max_tokens)
+    return tokenize_items(cached_items(dataset_dir), index.item_ids, base_model or None, max_tokens)
 
 
 @dataclass
@@ -103,7 +110,7 @@ class SiloData:
 def open_silo(cfg: RunConfig, node_config: dict[str, Any]) -> SiloData:
     silo_dir = resolve_silo_dir(cfg, node_config)
     dataset_dir = catalogue_dir_for(silo_dir, node_config)
-    catalogue = cached_catalogue(dataset_dir)
+    catalogue = cached_catalogue(dataset_dir, cfg.base_model, cfg.max_item_tokens)
     items = cached_item_index(dataset_dir, cfg.base_model, cfg.max_item_tokens)
     categories = catalogue.interest_vocab()
     silo = cached_silo(silo_dir, dataset_dir)

@@ -41,7 +41,7 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(cfg.out_dir).expanduser().resolve() if cfg.out_dir else default_out_dir()
     out.mkdir(parents=True, exist_ok=True)
     dataset = cfg.dataset_dir()
-    catalogue = load_catalogue(dataset)
+    catalogue = load_catalogue(dataset, cfg.base_model or None, cfg.max_item_tokens)
     categories = catalogue.interest_vocab()
     model = build_model(cfg, num_categories=len(categories))
     initial = to_arrays(model)
@@ -54,6 +54,7 @@ def main(grid: Grid, context: Context) -> None:
         "base-model-sha256": model_hash(cfg.base_model),
         "catalogue-sha256": catalogue_hash(catalogue),
         "num-categories": len(categories),
+        "interests": catalogue.interest_choice,
         "trainable-parameters": sum(a.numpy().size for a in initial.values()),
         "dp": cfg.dp,
         "delta": cfg.delta,
@@ -74,6 +75,7 @@ def main(grid: Grid, context: Context) -> None:
             "base-model-sha256": run_info["base-model-sha256"],
             "catalogue-sha256": run_info["catalogue-sha256"],
             "categories": categories,
+            "interests": catalogue.interest_choice,
             "config": cfg.to_run_config(),
             "run-id": context.run_id,
         }

@@ -137,8 +137,20 @@ def load_dataset_info(dataset_dir: Path) -> dict:
     return info
 
 
-def load_catalogue(dataset_dir: Path) -> Catalogue:
-    """Read ``items.csv[.gz]`` (and ``dataset.json`` for the declared platforms)."""
+def load_catalogue(dataset_dir: Path, base_model: str | None = None, max_tokens: int = 32) -> Catalogue:
+    """The catalogue with each platform's interest classes set (:mod:`shared_model.interests`).
+
+    ``base_model``/``max_tokens`` pick the frozen encoder whose item embeddings derive the
+    interests of a platform without a usable taxonomy (unused otherwise).
+    """
+    from shared_model.interests import assign_interests
+
+    dataset_dir = Path(dataset_dir)
+    return assign_interests(read_catalogue(dataset_dir), load_dataset_info(dataset_dir), base_model, max_tokens)
+
+
+def read_catalogue(dataset_dir: Path) -> Catalogue:
+    """Read ``items.csv[.gz]`` (and ``dataset.json`` for the declared platforms); interests unset."""
     dataset_dir = Path(dataset_dir)
     info = load_dataset_info(dataset_dir)
     declared = tuple(info.get("platforms") or ())
@@ -290,9 +302,9 @@ def load_silo(silo_dir: Path, catalogue: Catalogue) -> Silo:
     return Silo(name, platform, {u: splits[u] for u in splits}, histories)
 
 
-def load_dataset(dataset_dir: Path) -> tuple[Catalogue, dict[str, Silo]]:
+def load_dataset(dataset_dir: Path, base_model: str | None = None, max_tokens: int = 32) -> tuple[Catalogue, dict[str, Silo]]:
     """The catalogue and every silo of a dataset (raises DataError on any problem)."""
-    catalogue = load_catalogue(dataset_dir)
+    catalogue = load_catalogue(dataset_dir, base_model, max_tokens)
     silos = {s: load_silo(Path(dataset_dir) / "silos" / s, catalogue) for s in list_silos(dataset_dir)}
     return catalogue, silos
 
@@ -303,7 +315,12 @@ def validate_dataset(dataset_dir: Path) -> list[Problem]:
     if not dataset_dir.is_dir():
         return [Problem(str(dataset_dir), 0, "path", "not a directory")]
     try:
-        catalogue = load_catalogue(dataset_dir)
+        catalogue = read_catalogue(dataset_dir)
+        from shared_model.interests import declared_levels, interest_seed
+
+        info = load_dataset_info(dataset_dir)
+        declared_levels(info, catalogue.platforms)
+        interest_seed(info)
     except DataError as e:
         return e.problems
     try:

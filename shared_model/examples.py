@@ -1,8 +1,8 @@
 """Interest migration and the examples (history, next item, next category, flag) of a silo.
 
-*Migration*: a user's next event on a silo is migrating when its level-2 category is not
-among the level-2 categories of that user's last ``k`` events on the silo (k=5 default).
-It is only defined when the history is non-empty and the target has a level-2 label; where
+*Migration*: a user's next event on a silo is migrating when its interest class is not
+among the interest classes of that user's last ``k`` events on the silo (k=5 default).
+It is only defined when the history is non-empty and the target has an interest label; where
 undefined, :func:`is_migrating` returns False and :func:`migration_defined` tells the two
 apart (rates are reported over users where it is defined).
 
@@ -28,7 +28,7 @@ def migration_defined(history: Sequence[Event], target: Event, catalogue: Catalo
 
 
 def is_migrating(history: Sequence[Event], target: Event, catalogue: Catalogue, k: int = DEFAULT_K) -> bool:
-    """True when the target's level-2 category is not among those of the last ``k`` events."""
+    """True when the target's interest class is not among those of the last ``k`` events."""
     if not migration_defined(history, target, catalogue):
         return False
     recent = {catalogue.items[e.item_id].interest for e in history[-k:]}

@@ -1,7 +1,7 @@
 """The migration score: how far a predicted next-interest distribution moves away from
 the user's recent interests.
 
-``recent_distribution``: the empirical distribution of the level-2 categories of the
+``recent_distribution``: the empirical distribution of the interest classes (docs/data-format.md) of the
 user's last ``k`` events (unlabelled events ignored; k = ``migration-k``, 5 by default,
 the same window that defines the migration flag in :mod:`shared_model.examples`).
 
@@ -10,7 +10,7 @@ next-interest distribution ``p`` and that recent distribution ``q``:
 ``JS(p, q) = ½ KL(p ‖ m) + ½ KL(q ‖ m)`` with ``m = ½ (p + q)``. It lies in [0, 1]: 0 when
 the model expects the user to continue exactly their recent mix, 1 when it puts all mass
 on categories the user has not touched in the last k events. Undefined (NaN) when no
-recent event has a level-2 label.
+recent event has an interest label.
 
 ``new_interest``: *where* a user goes if they move — the most probable category outside
 the recent ones. The score says *whether*; an arg-max over all categories almost never
@@ -29,7 +29,7 @@ from shared_model.schema import Catalogue, Event
 
 def recent_distribution(history: Sequence[Event], catalogue: Catalogue, categories: Sequence[str],
                         k: int = DEFAULT_K) -> np.ndarray | None:
-    """``[C]`` distribution of the level-2 categories of the last ``k`` events; None if none labelled."""
+    """``[C]`` distribution of the interest classes of the last ``k`` events; None if none labelled."""
     index = {c: i for i, c in enumerate(categories)}
     q = np.zeros(len(categories), dtype=np.float64)
     for e in history[-k:] if k > 0 else ():

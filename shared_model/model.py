@@ -1,7 +1,7 @@
 """The interest-migration model: a LoRA-adapted BERT user tower with two heads.
 
 * user tower: peft LoRA on the base encoder, mean pooling → user vector ``h`` (dim H);
-* next-interest head: ``Linear(H, C)`` over the level-2 categories of the public catalogue,
+* next-interest head: ``Linear(H, C)`` over the interest classes of the public catalogue,
   plus (``history-features``) :class:`HistoryFeatureHead`, a conditional logit over
   per-category features of the user's own history;
 * next-item head: ``score(u, i) = s·cos(h, e_i) + w·log p(category(i) | u)`` — scaled cosine
@@ -124,7 +124,7 @@ class InterestModel(nn.Module):
 def mask_to_platform(category_logits: torch.Tensor, platform_mask: torch.Tensor) -> torch.Tensor:
     """Restrict next-interest logits to the categories of the target platform.
 
-    The softmax is over the whole catalogue's level-2 categories, but a next event on
+    The softmax is over the whole catalogue's interest classes, but a next event on
     platform P can only be in P's categories (public: read from the catalogue), so the
     others get -inf. Without this, silos of a platform with one dominant category pull
     the shared head towards it for every platform after averaging.
@@ -134,10 +134,13 @@ def mask_to_platform(category_logits: torch.Tensor, platform_mask: torch.Tensor)
 
 def category_prior(category_logits: torch.Tensor) -> torch.Tensor:
     """``[B, C+1]`` log p(category | user); column C (unlabelled items) is the mean of the
-    finite log-probabilities (categories masked out by :func:`mask_to_platform` excluded)."""
+    finite log-probabilities (categories masked out by :func:`mask_to_platform` excluded),
+    or 0 (no prior) when a row has none — no classes at all, or all masked out — rather
+    than 0/0 = NaN, which would make every item score NaN."""
     logp = F.log_softmax(category_logits.float(), dim=-1)
     finite = torch.isfinite(logp)
-    mean = logp.where(finite, torch.zeros_like(logp)).sum(-1, keepdim=True) / finite.sum(-1, keepdim=True)
+    count = finite.sum(-1, keepdim=True)
+    mean = logp.where(finite, torch.zeros_like(logp)).sum(-1, keepdim=True) / count.clamp_min(1)
     return torch.cat([logp, mean], dim=-1)
 
 

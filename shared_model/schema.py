@@ -6,6 +6,7 @@ The on-disk format these types are read from is documented in ``docs/data-format
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 EVENT_TYPES: tuple[str, ...] = ("view", "cart", "purchase", "review")
 DEFAULT_EVENT_TYPE = "purchase"
@@ -37,22 +38,35 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Item:
-    """A public catalogue item. ``categories`` is the category path, level 1 first."""
+    """A public catalogue item. ``categories`` is the category path, level 1 first.
+
+    ``interest_level`` is the platform's interest level and ``derived_interest`` the derived
+    class of a platform without a usable taxonomy; both are set once, by
+    :func:`shared_model.interests.assign_interests` when the catalogue is loaded.
+    """
 
     item_id: str
     platform: str
     title: str
     categories: tuple[str, ...] = ()
     brand: str = ""
+    interest_level: int = 2
+    derived_interest: str | None = None
 
     def level(self, n: int) -> str | None:
         """Category at level ``n`` (1-based), or None when the path is shorter."""
         return self.categories[n - 1] if len(self.categories) >= n else None
 
+    def path_label(self, n: int) -> str | None:
+        """The class at level ``n``: its path below the root (``"a > b"`` for level 3), or None."""
+        if len(self.categories) < n:
+            return None
+        return self.categories[0] if n == 1 else " > ".join(self.categories[1:n])
+
     @property
     def interest(self) -> str | None:
-        """The interest label: the level-2 category."""
-        return self.level(2)
+        """The interest label: the derived class, else the path label at the platform's level."""
+        return self.derived_interest if self.derived_interest is not None else self.path_label(self.interest_level)
 
 
 @dataclass(frozen=True)
@@ -82,6 +96,8 @@ class Catalogue:
 
     items: dict[str, Item]
     platforms: tuple[str, ...] = field(default=())
+    # per platform: how its interest classes were chosen (shared_model.interests.InterestChoice)
+    interest_choice: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.platforms:
@@ -92,7 +108,7 @@ class Catalogue:
         return [i for i, it in self.items.items() if it.platform == platform]
 
     def interest_vocab(self) -> list[str]:
-        """Sorted level-2 categories over the whole catalogue: the next-interest classes."""
+        """Sorted interest labels over the whole catalogue: the next-interest classes."""
         return sorted({it.interest for it in self.items.values() if it.interest})
 
 

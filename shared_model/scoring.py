@@ -318,7 +318,7 @@ class Scorer:
         if not dataset_dir.is_dir():
             source = "--dataset" if dataset else f"{folder / META_FILE} config.dataset"
             raise FileNotFoundError(f"{dataset_dir}: dataset folder not found (from {source}; pass --dataset)")
-        catalogue = load_catalogue(dataset_dir)
+        catalogue = load_catalogue(dataset_dir, cfg.base_model or None, cfg.max_item_tokens)
         cat_hash = catalogue_hash(catalogue)
         if meta.get("catalogue-sha256") and meta["catalogue-sha256"] != cat_hash:
             raise ValueError(f"{dataset_dir}: its catalogue (sha256 {cat_hash[:12]}) is not the one the checkpoint "
@@ -327,7 +327,7 @@ class Scorer:
         categories = catalogue.interest_vocab()
         if list(meta["categories"]) != categories:
             raise ValueError(f"{folder / META_FILE}: categories {meta['categories']} differ from the catalogue's "
-                             f"level-2 categories {categories} in {dataset_dir}")
+                             f"interest classes {categories} in {dataset_dir}")
         t2 = time.perf_counter()
         index, info = checkpoint_item_index(folder, catalogue, cfg, cat_hash, model=model, device=torch.device(device))
         scorer = cls(model, cfg, catalogue, index, categories, meta, torch.device(device), info)

@@ -1,7 +1,8 @@
 """Deterministic text serialisation of a behaviour history for the encoder.
 
-Each event reads ``category | title`` (category: the item's level-2 interest label, else its
-deepest known level, else empty), followed by `` (view)`` / `` (cart)`` / `` (review)`` when
+Each event reads ``category | title`` (category: the item's level-2 category, else its deepest
+known level, else empty — taken from the taxonomy, never from the chosen interest level or a
+derived class, so the item embeddings that derived interests cluster do not depend on them), followed by `` (view)`` / `` (cart)`` / `` (review)`` when
 the event is not a purchase. Events run oldest to newest, joined by :data:`SEPARATOR`. Under
 a token budget the newest events are kept; if even the newest event alone is over budget its
 text is cut word by word from the end.
@@ -23,7 +24,7 @@ def word_count(text: str) -> int:
 
 def event_text(item: Item, event_type: str = DEFAULT_EVENT_TYPE) -> str:
     """``category | title`` for one event, with `` (type)`` when not a purchase."""
-    category = item.interest or (item.categories[-1] if item.categories else "")
+    category = item.level(2) or (item.categories[-1] if item.categories else "")
     text = f"{category} | {item.title}"
     return text if event_type == DEFAULT_EVENT_TYPE else f"{text} ({event_type})"
 

@@ -33,3 +33,15 @@ def test_platform_mask_restricts_predictions_and_keeps_the_prior_finite() -> Non
     probs = prior[0, :4].exp()
     assert float(probs[0]) == 0.0 and math.isclose(float(probs[1:].sum()), 1.0, rel_tol=1e-6)
     assert math.isclose(float(prior[0, 4]), float(prior[0, 1:4].mean()), rel_tol=1e-6)
+
+
+def test_category_prior_without_classes_is_zero_not_nan() -> None:
+    # A platform with no interest classes (all masked out) or a catalogue with none:
+    # unlabelled items get no prior (0), never 0/0 = NaN, so item scores stay finite.
+    masked = mask_to_platform(torch.tensor([[1.0, 2.0]]), torch.tensor([False, False]))
+    assert category_prior(masked)[0, 2].item() == 0.0
+    empty = category_prior(torch.zeros(3, 0))
+    assert empty.shape == (3, 1) and torch.equal(empty, torch.zeros(3, 1))
+    scores = item_scores(torch.ones(3, 4) / 2, torch.zeros(3, 0), torch.ones(5, 4) / 2,
+                         torch.zeros(5, dtype=torch.long), 1.0, 1.0)
+    assert torch.isfinite(scores).all()

@@ -6,6 +6,7 @@ Flower process is left behind."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,31 @@ def test_epsilon_composes_over_rounds_like_one_accountant(tiny_run: Path) -> Non
         assert eps[-1] == pytest.approx(acc.get_epsilon(recs[-1]["delta"]), rel=1e-6)
         assert eps[-1] > recs[0]["epsilon-round"] > 0
         assert recs[0]["epsilon"] == pytest.approx(recs[0]["epsilon-round"], rel=1e-9)
+
+
+def test_every_checkpoint_records_the_interest_choice(tiny_run: Path) -> None:
+    for ckpt in sorted((tiny_run / "checkpoints").iterdir()):
+        meta = json.loads((ckpt / "fedshift.json").read_text())
+        assert set(meta["interests"]) == {"p0", "p1", "p2"}, ckpt
+        assert all(c["level"] == 2 and c["source"] == "dataset.json" for c in meta["interests"].values())
+
+
+def test_titles_only_dataset_trains_finite_with_derived_interests(tmp_path: Path, small_dataset: Path,
+                                                                   tiny_bert: Path, cache_dir: Path) -> None:
+    from simulations.datasets.titles_only import make_titles_only
+
+    titles = make_titles_only(small_dataset, tmp_path / "titles")
+    proc = _simulate(tmp_path / "run", "--dataset", str(titles), "--base-model", str(tiny_bert), "--rounds", "1",
+                     "--set", "local-steps=2", "--set", "batch-size=16", "--set", "max-eval-users=0")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    doc = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    train = [rec for rec in doc["records"] if rec["phase"] == "train"]
+    assert train and all(math.isfinite(rec["train-loss"]) for rec in train)
+    evals = [rec for rec in doc["records"] if rec["phase"] == "evaluate" and rec["round"] == 1]
+    assert len(evals) >= 3 and all(0 <= rec["category-accuracy"] <= 1 for rec in evals)
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "round-001" / "fedshift.json").read_text())
+    assert all(c["source"] == "derived" and c["classes"] >= 8 for c in meta["interests"].values())
+    assert len(meta["categories"]) == sum(c["classes"] for c in meta["interests"].values())
 
 
 def test_payload_is_exactly_the_trainable_tensors(tiny_run: Path) -> None:

@@ -21,6 +21,8 @@ Decisions (also in ``data/amazon-art-office/README.md``):
   without an office target are left out of the office silo (nothing to hold out), so the
   office test set matches the original benchmark's 950 users.
 * A user appears in a silo only with at least one event there.
+* ``dataset.json`` records each platform's interest level as the rule of
+  :mod:`shared_model.interests` picks it from the written items (arts 2, office 3).
 * Output is reproducible byte for byte: sorted rows, ``\\n`` line ends, gzip with mtime 0 and
   no embedded file name, every file written to a temp file and moved into place.
 """
@@ -36,7 +38,9 @@ from pathlib import Path
 
 from shared_model.categories import recover_platform
 from shared_model.dataset import PATH_SEPARATOR
+from shared_model.interests import rule_level
 from shared_model.io_utils import write_bytes_atomic, write_csv
+from shared_model.schema import Item
 
 RAW_ITEM_FILES = {"arts": "item_listA_F.csv", "office": "item_listO_AA_F.csv"}
 ROOTS = {"arts": "arts crafts sewing", "office": "office products"}
@@ -137,12 +141,27 @@ def convert(raw_dir: Path, out_dir: Path, regions: int = 2) -> dict[str, int]:
         "regions": regions,
         "source": "Amazon Review Data 2018 (McAuley lab), Arts Crafts & Sewing and Office Products, "
                   "as cut and re-indexed by TingJShen/URLLM (DG_Final/AO); research use only, no formal license",
-        "interest_level": 2,
+        "interest_level": _interest_levels(items),
         "migration_k": 5,
         "format_version": 1,
     }
     write_bytes_atomic(out_dir / "dataset.json", (json.dumps(info, indent=2) + "\n").encode("utf-8"))
     return {s: len(u) for s, u in sorted(silo_users.items())}
+
+
+def _interest_levels(items: list[tuple[int, str, str, str, str]]) -> dict[str, int]:
+    """Each platform's interest level by the rule (:func:`shared_model.interests.rule_level`)."""
+    by_platform: dict[str, list[Item]] = {}
+    for iid, plat, title, path, _brand in items:
+        cats = tuple(c.strip() for c in path.split(PATH_SEPARATOR.strip())) if path else ()
+        by_platform.setdefault(plat, []).append(Item(str(iid), plat, title, cats))
+    levels: dict[str, int] = {}
+    for plat, its in sorted(by_platform.items()):
+        chosen = rule_level(its)
+        if chosen is None:
+            raise ValueError(f"platform {plat}: no category level reached by half of its items")
+        levels[plat] = chosen.level
+    return levels
 
 
 def main(argv: list[str] | None = None) -> int:

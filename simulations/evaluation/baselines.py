@@ -2,7 +2,7 @@
 
 Each predictor answers ``predict(cases, platform) -> (scores [B, N], probabilities [B, C])``
 with candidates in the platform's catalogue order and probabilities over the catalogue's
-level-2 categories (zero outside the platform), the interface
+interest classes (zero outside the platform), the interface
 :mod:`simulations.evaluation.harness` scores a checkpoint through, so all share candidates,
 exclusions and metric code.
 

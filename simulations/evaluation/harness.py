@@ -7,7 +7,7 @@ of that platform's silos) with their last event as target (:func:`shared_model.e
   that platform are excluded from the candidates (the target never is); a tie is ordered at random in
   expectation and a non-finite score is an error (:func:`shared_model.scoring.rank_targets`, for every predictor);
   HR@10, NDCG@10, MRR.
-* next interest: level-2 category accuracy@1 and @3, for all users and the migrating
+* next interest: interest-class accuracy@1 and @3, for all users and the migrating
   subset (flag as in :mod:`shared_model.examples`, k = ``migration-k``).
 * new interest: on migrating users, whether the most probable category *outside* the user's
   last-k categories is the one they moved to (``new-interest-acc1-migrating``). The flag

@@ -214,7 +214,7 @@ def evaluate_plan(plan: Plan, out: Path, log: Callable[[str], None], clock: Call
     from shared_model.scoring import Scorer
 
     preset, dataset = plan.preset, plan.dataset
-    catalogue, silos = load_dataset(dataset)
+    catalogue, silos = load_dataset(dataset, plan.base_model, preset.config().max_item_tokens)
     k = int(load_dataset_info(dataset).get("migration_k", DEFAULT_K))
     platforms = [p for p in catalogue.platforms if p in plan.silos.values()]
     groups = build_groups(catalogue, silos, preset.split, k, preset.max_users, preset.seed)

@@ -186,9 +186,9 @@ def eps_label(eps: float) -> str:
 
 
 def make_plan(preset: ExperimentPreset, dataset: Path, base_model: str | None) -> Plan:
-    from shared_model.dataset import list_silos, load_catalogue, load_silo
+    from shared_model.dataset import list_silos, load_silo, read_catalogue
 
-    catalogue = load_catalogue(dataset)
+    catalogue = read_catalogue(dataset)  # platforms only: interests are not needed here
     silos = {s: load_silo(dataset / "silos" / s, catalogue).platform for s in list_silos(dataset)}
     platforms = [p for p in catalogue.platforms if p in silos.values()]
     cfg = preset.config()
