@@ -68,17 +68,25 @@ def titles_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def test_a_dataset_with_no_categories_prints_na_with_the_reason(titles_only: Path,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["evaluate", "--dataset", str(titles_only), "--bootstrap", "10", "--json"]) == 0
+def test_a_metric_undefined_for_a_dataset_prints_na_with_the_reason(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """No user migrates (planted rate 0), so every migration metric is undefined: n/a with the
+    reason in the JSON and in the table, never a number or a crash. (A titles-only catalogue
+    no longer lacks interests: it gets derived ones, tests/test_interests*.)"""
+    from simulations.datasets.generator import generate
+
+    d = tmp_path / "ds"
+    generate(d, users=60, platforms=2, regions=1, seed=2, migration_rate=0.0)
+    assert main(["evaluate", "--dataset", str(d), "--bootstrap", "10", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    acc = res["methods"]["most-popular"]["overall"]["category-acc1"]
-    assert acc["value"] is None and acc["n/a"].startswith("no target item has an interest category")
-    assert res["methods"]["most-popular"]["overall"]["hr10"]["value"] is not None
-    assert main(["evaluate", "--dataset", str(titles_only), "--bootstrap", "10"]) == 0
+    overall = res["methods"]["most-popular"]["overall"]
+    acc = overall["category-acc1-migrating"]
+    assert acc["value"] is None and acc["n/a"].startswith("no migrating user with a labelled target")
+    assert overall["migration-auc"]["value"] is None and "needs both classes" in overall["migration-auc"]["n/a"]
+    assert overall["hr10"]["value"] is not None and overall["category-acc1"]["value"] is not None
+    assert main(["evaluate", "--dataset", str(d), "--bootstrap", "10"]) == 0
     text = capsys.readouterr().out
-    assert "n/a: cat@1 (overall): no target item has an interest category" in text
-    assert "n/a (no target item has an interest category" in text  # the paired differences too
+    assert "n/a: cat@1 mig (overall): no migrating user with a labelled target" in text
 
 
 def test_a_silo_with_a_non_finite_loss_or_update_sends_nothing(small_dataset: Path, tiny_bert: Path) -> None:
