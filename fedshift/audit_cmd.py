@@ -32,7 +32,13 @@ def audit(args: argparse.Namespace) -> int:
             return refuse("audit", e)
         canary = run_canary_audit(cfg, args.canaries, run_dir / "audit-canaries", silo_index=args.canary_silo,
                                   seed=args.canary_seed, k=args.canary_guesses).as_dict()
-    result = audit_run(run_dir, canary)
+    from shared_model.privacy.policy import PolicyError
+
+    try:
+        result = audit_run(run_dir, canary)
+    except PolicyError as e:
+        print(f"fedshift audit: {e}", file=sys.stderr)
+        return 2
     write_report(run_dir, result)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
@@ -61,9 +67,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "                           bound (Steinke, Nasr & Jagielski 2023, 95 %) that must\n"
             "                           not exceed the ledger's ε\n"
             "It also reports the worst-case ε of a user present on every silo, and lists the\n"
-            "refusals on the ledger (a budget rule refused a round; a refusal spends no ε).\n\n"
+            "refusals on the ledger (the silo's own policy or a budget rule refused a round;\n"
+            "a refusal spends no ε) and each silo's policy (RUN_DIR/silo-state/<silo>/policy.toml).\n\n"
             "Writes RUN_DIR/audit.md and RUN_DIR/audit-epsilon.png. Exit status: 0 all checks\n"
-            "pass, 1 a check failed, 2 RUN_DIR is not a run folder."
+            "pass, 1 a check failed, 2 RUN_DIR is not a run folder or a silo policy is unreadable."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

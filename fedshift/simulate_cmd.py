@@ -41,7 +41,9 @@ def simulate(args: argparse.Namespace) -> int:
     try:
         cfg = simulate_config(args)
         print(f"fedshift simulate: preset {args.preset}", flush=True)
-        result = run_simulation(cfg, out, verbose=args.verbose, timeout=args.timeout)
+        result = run_simulation(cfg, out, verbose=args.verbose, timeout=args.timeout,
+                                state_dir=Path(args.state_dir) if args.state_dir else None,
+                                allow_non_private=args.no_dp, silo_seed=args.silo_seed)
     except ValueError as e:  # ConfigError (--set, flags), or no silos / min-nodes above them
         return refuse("simulate", e)
     if result.ok:
@@ -80,8 +82,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="results folder (default: runs/<timestamp>)")
     p.add_argument("--rounds", type=int, help="server rounds (overrides the preset)")
     p.add_argument("--epsilon", type=float, help="total ε budget per silo for the whole run")
-    p.add_argument("--seed", type=int, help="seed of the initial model, sampling and noise")
-    p.add_argument("--no-dp", action="store_true", help="train without DP-SGD (a non-private baseline)")
+    p.add_argument("--seed", type=int, help="run seed: initial model and evaluation samples (the silos' "
+                   "sampling and noise come from their own secrets, see --silo-seed)")
+    p.add_argument("--no-dp", action="store_true", help="train without DP-SGD (a non-private baseline); the "
+                   "silos' default policies then allow it (--set dp=false alone is refused by them)")
+    p.add_argument("--state-dir", metavar="DIR", help="the simulated silos' state root (ledgers, policy.toml, "
+                   "secret per silo; default OUT/silo-state); a stable folder accumulates lifetime ε across runs")
+    p.add_argument("--silo-seed", metavar="S", help="local seed of the simulated silos' secrets (sampling and "
+                   "noise); default fresh random. Never sent to the server")
     add_set_argument(p, "any [tool.flwr.app.config] key, e.g. --set local-steps=16 (repeatable)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds before the run is stopped (default 3600)")
     p.add_argument("-v", "--verbose", action="store_true", help="show Flower's whole log")

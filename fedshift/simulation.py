@@ -7,12 +7,19 @@ it embeds the public catalogue once (cached), so silos start training at once. A
 it reads Flower's status of the run (``finished:completed`` when it completed) and stops
 the local SuperLink it started, so no background process is left behind. ``fedshift
 simulate`` (:mod:`fedshift.simulate_cmd`) and ``fedshift experiment`` both call it.
+
+The simulated silos' side (:func:`prepare_silo_state`): their state root is
+``OUT/silo-state`` (or ``state_dir``), passed as ``$FEDSHIFT_STATE`` to the processes it
+starts (the run config cannot name it); there each silo gets a default privacy policy
+(``allow_non_private`` for ``--no-dp``) unless it already has one, and a secret derived from
+the local ``silo_seed`` (fresh random when None), never from the server's run config.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import re
 import shutil
 import signal
@@ -136,23 +143,36 @@ class SimulationResult:
 
 
 def simulation_config(cfg: RunConfig, out: Path) -> RunConfig:
-    """``cfg`` as a simulation into ``out`` runs it: ``out-dir`` = OUT and, when empty,
-    ``state-dir`` = OUT/silo-state (simulated silos keep their privacy ledgers inside the run
-    folder, so ``fedshift audit OUT`` finds them and tests never touch ~; a stable state-dir
-    accumulates a silo's lifetime spend across runs)."""
-    values: dict[str, Any] = {"out-dir": str(out)}
-    if not cfg.state_dir:
-        values["state-dir"] = str(out / "silo-state")
-    return cfg.replace(**values)
+    """``cfg`` as a simulation into ``out`` runs it: ``out-dir`` = OUT."""
+    return cfg.replace(**{"out-dir": str(out)})
+
+
+def prepare_silo_state(state_dir: Path, silos: list[str], *, allow_non_private: bool = False,
+                       silo_seed: int | str | None = None) -> None:
+    """Each simulated silo's own side under ``state_dir``: a default policy (an existing one
+    is kept) and a secret from ``silo_seed`` (an existing secret is kept). An existing policy
+    that cannot be read raises :class:`~shared_model.privacy.policy.PolicyError` (a
+    ``ValueError``: ``fedshift simulate`` exits 2 with its one line) before anything starts."""
+    from shared_model.privacy.policy import POLICY_NAME, load_policy, write_default_policy
+    from shared_model.privacy.silo_secret import secret_from_seed, secret_path, write_secret
+
+    seed = secrets.token_hex(16) if silo_seed is None else silo_seed
+    for silo in silos:
+        load_policy(write_default_policy(state_dir / silo / POLICY_NAME, allow_non_private=allow_non_private))
+        write_secret(secret_path(state_dir, silo), secret_from_seed(seed, silo))
 
 
 def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout: float | None = None,
-                   stream: TextIO | None = None) -> SimulationResult:
+                   stream: TextIO | None = None, state_dir: Path | None = None, allow_non_private: bool = False,
+                   silo_seed: int | str | None = None) -> SimulationResult:
     """Run the Flower app on ``cfg`` as a local simulation, one SuperNode per silo of
     ``cfg.dataset``, writing into ``out``; return Flower's final status.
 
     ``cfg`` is the whole run config (every key of ``[tool.flwr.app.config]`` is passed to
-    ``flwr run``), except ``out-dir`` and an empty ``state-dir`` (:func:`simulation_config`).
+    ``flwr run``), except ``out-dir`` (:func:`simulation_config`). The silos keep their
+    ledgers, policies and secrets in ``state_dir`` (default OUT/silo-state, so ``fedshift
+    audit OUT`` finds them; a stable folder accumulates lifetime spend across runs), made
+    ready by :func:`prepare_silo_state` with ``allow_non_private`` and ``silo_seed``.
     Raises ``ValueError`` before ``out`` is created when the dataset has no silos or
     ``min-nodes`` exceeds them (the server would wait forever). Progress goes to ``stream``
     (default stdout); Flower's whole log to OUT/flwr.log. After ``timeout`` seconds the run
@@ -170,6 +190,8 @@ def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout:
     if cfg.min_nodes > len(silos):
         raise ValueError(f"min-nodes = {cfg.min_nodes} but {dataset} has {len(silos)} silos: no round would start")
     out.mkdir(parents=True, exist_ok=True)
+    state_dir = Path(state_dir).expanduser().resolve() if state_dir else out / "silo-state"
+    prepare_silo_state(state_dir, silos, allow_non_private=allow_non_private, silo_seed=silo_seed)
     privacy = (f"ε={cfg.epsilon:g} per silo, δ={cfg.delta:g}, accountant {cfg.accountant}" if cfg.dp
                else "no DP (non-private)")
     print(f"{len(silos)} silos ({', '.join(silos)}), {cfg.num_server_rounds} rounds × {cfg.local_steps} local "
@@ -178,7 +200,7 @@ def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout:
     prepare_item_index(cfg, progress=stream is sys.stdout)
 
     flwr_home = Path(tempfile.mkdtemp(prefix="fedshift-flwr-"))
-    env = local_superlink_env(flwr_home)
+    env = {**local_superlink_env(flwr_home), "FEDSHIFT_STATE": str(state_dir)}
     config_file = flwr_home / "run-config.toml"
     config_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in sorted(cfg.to_run_config().items())))
     cmd = [

@@ -31,6 +31,7 @@ import torch
 
 from fl_client.dp_train import pick_device
 from fl_client.silo_round import SiloSetup, TrainRequest, seed_for, train_silo
+from shared_model.privacy.silo_secret import secret_from_seed
 from fl_client.evaluate import item_tower
 from fl_client.task import SiloData, open_silo
 from shared_model.adapters import get_trainable_state, set_trainable_state
@@ -145,8 +146,9 @@ def run_canary_audit(
         device = torch.device("cpu")  # small and deterministic; scoring runs on CPU too
     run_id = f"canary-audit-{seed}-{int(t0)}"
     # A fresh one-run experiment: the real silo's lifetime cap (over its runs) does not apply.
-    cfg = dataclasses.replace(cfg, silo_lifetime_epsilon=0.0)
-    silo = SiloSetup(cfg, data, device, Ledger(silo_ledger_path(data.name, {}, str(out_dir / "silo-state"))))
+    # The audit runs on the silo itself, with its own seed: no server request, no policy gate.
+    ledger = Ledger(silo_ledger_path(data.name, {"state-dir": str(out_dir / "silo-state")}))
+    silo = SiloSetup(cfg, data, device, ledger, secret=secret_from_seed(seed, data.name), lifetime_cap=0.0)
     ncat = len(data.categories)
     initial = get_trainable_state(build_model(cfg, num_categories=ncat))
     state = initial

@@ -6,10 +6,19 @@ each step Poisson-samples *users* (one example per user), clips each example's g
 to ``max-grad-norm`` and adds Gaussian noise ``σ·C``. An example's loss depends only on
 that example and public data: its own target item, and negatives drawn from the public
 catalogue of the silo's platform — never other users' items.
+
+Randomness: every random choice of a round comes from explicit generators seeded from the
+round's ``seed`` (:func:`sub_seed` per purpose): the Poisson sampling (the DataLoader's
+generator, which Opacus's DPDataLoader takes over), the Gaussian noise
+(``make_private(noise_generator=…)``), the history cuts of the training examples and the
+public negatives. A federated silo derives ``seed`` from its own secret
+(:mod:`shared_model.privacy.silo_secret`), so the server cannot know who was sampled or
+what noise was added.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -140,6 +149,11 @@ def parameter_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict[str, o
     return groups
 
 
+def sub_seed(seed: int, purpose: str) -> int:
+    """A 63-bit seed for one purpose (``sampling``, ``noise``, ``history``, ``negatives``) of a round."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{purpose}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
 def pick_device(cfg: RunConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -155,8 +169,8 @@ def train_round(
     device: torch.device,
 ) -> RoundResult:
     """Train ``local-steps`` DP-SGD steps; the accountant continues ``privacy.history``."""
-    torch.manual_seed(seed)
-    dataset = TrainUsers(data, cfg, seed=seed)
+    torch.manual_seed(sub_seed(seed, "torch"))  # dropout, if any; sampling and noise have their own generators
+    dataset = TrainUsers(data, cfg, seed=sub_seed(seed, "history"))
     if len(dataset) == 0:
         raise ValueError(f"silo {data.name}: no training users")
     pad_id = dataset.encode.tokenizer.pad_token_id or 0
@@ -166,6 +180,7 @@ def train_round(
         shuffle=not cfg.dp,
         collate_fn=lambda b: collate(b, pad_id, len(data.categories)),
         pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(sub_seed(seed, "sampling")),  # DPDataLoader's Poisson sampler
     )
     model.to(device).train()
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.learning_rate)
@@ -181,6 +196,7 @@ def train_round(
             max_grad_norm=cfg.max_grad_norm,
             poisson_sampling=True,
             grad_sample_mode=cfg.grad_sample_mode,
+            noise_generator=torch.Generator(device=device).manual_seed(sub_seed(seed, "noise")),
         )
     adapted = cfg.item_tower == "adapted"
     item_tokens = data.item_tokens if adapted else None
@@ -188,7 +204,7 @@ def train_round(
     prior_index = data.item_prior_index.to(device)
     category_mask = data.category_mask.to(device)
     platform_rows = data.items.platform_rows(data.platform).to(device)
-    neg_gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+    neg_gen = torch.Generator(device="cpu").manual_seed(sub_seed(seed, "negatives"))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
 
     t0 = time.perf_counter()

@@ -68,12 +68,12 @@ def kept_state(context: Context) -> PrivacyState | None:
 
 def train_message(msg: Message, context: Context, reply: TrainReply, dp: bool) -> Message:
     """Keep the state on the node (DP rounds that trained) and pack the reply."""
-    if dp and reply.model is not None:
+    if dp and reply.model is not None and reply.privacy is not None:
         context.state[STATE_KEY] = state_to_record(reply.privacy)
     arrays = to_arrays(reply.model) if reply.model is not None else msg.content["arrays"]
     status = {"status": reply.status}
-    if reply.refusal is not None:
-        status["reason"] = reply.refusal.reason
+    if reply.reason:
+        status["reason"] = reply.reason
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(reply.metrics),
                           "info": ConfigRecord(reply.info), "status": ConfigRecord(status)})
     if reply.record is not None:
@@ -82,5 +82,7 @@ def train_message(msg: Message, context: Context, reply: TrainReply, dp: bool) -
 
 
 def evaluate_message(msg: Message, reply: EvaluateReply) -> Message:
-    content = RecordDict({"metrics": MetricRecord(reply.metrics), "info": ConfigRecord(reply.info)})
+    status = {"status": reply.status, **({"reason": reply.reason} if reply.reason else {})}
+    content = RecordDict({"metrics": MetricRecord(reply.metrics), "info": ConfigRecord(reply.info),
+                          "status": ConfigRecord(status)})
     return Message(content=content, reply_to=msg)

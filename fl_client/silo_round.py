@@ -1,7 +1,11 @@
 """One silo round, without Flower: what the ClientApp's handlers and the canary audit call.
 
-:func:`train_silo` takes a :class:`TrainRequest` (the opened silo, the run and round, how
-to load the global model) and returns a :class:`TrainReply`. It:
+The ClientApp first passes the run config through the silo's gate
+(:mod:`fl_client.silo_gate`: the silo's own policy admits or refuses the request; a refusal
+is answered by :func:`refused_reply` without touching data). An admitted request opens the
+silo (:meth:`SiloSetup.admitted`). :func:`train_silo` takes a :class:`TrainRequest` (the
+opened silo, the run and round, how to load the global model) and returns a
+:class:`TrainReply`. It:
 
 1. takes the silo's accountant state for the run: the node's in-memory state if it has
    one, else calibrated from the run config and restored from this run's DP-SGD round
@@ -10,6 +14,10 @@ to load the global model) and returns a :class:`TrainReply`. It:
    the ledger as a ``refusal`` record and the silo does not touch its data;
 3. otherwise trains ``local-steps`` DP-SGD steps and writes the round's ``dp-sgd-round``
    record (mechanism parameters and ε only, no user data).
+
+Randomness: the round's training seed (Poisson sampling, noise, history cuts) is
+``HMAC-SHA256(silo secret, run-id/silo/round/train)``
+(:func:`shared_model.privacy.silo_secret.derive_seed`); the run's ``seed`` never enters it.
 
 The written ledger line travels back in the reply, for the server's federation ledger.
 """
@@ -28,14 +36,16 @@ import torch
 
 from fl_client.dp_train import RoundResult, pick_device, train_round
 from fl_client.evaluate import evaluate_silo
-from fl_client.task import SiloData, open_silo
+from fl_client.silo_gate import Gate, refuse_round
+from fl_client.task import SiloData, cached_silo, catalogue_dir_for, open_silo, resolve_silo_dir
 from shared_model.adapters import to_arrays
 from shared_model.config import RunConfig
 from shared_model.examples import train_user_ids
 from shared_model.model import InterestModel, build_model
 from shared_model.privacy import budget
-from shared_model.privacy.ledger import Ledger, silo_ledger_path
+from shared_model.privacy.ledger import Ledger
 from shared_model.privacy.records import DpSgdRound, Refusal, dp_rounds, of_run, read_records, write_record
+from shared_model.privacy.silo_secret import derive_seed
 from shared_model.privacy.state import PrivacyState, merged_history
 
 log = logging.getLogger("fedshift.client")
@@ -45,7 +55,8 @@ Loader = Callable[[InterestModel], None]
 
 
 def seed_for(base: int, silo: str, server_round: int, purpose: str = "train") -> int:
-    """A reproducible per-(run seed, silo, round) seed."""
+    """A reproducible per-(seed, silo, round) seed, for silo-local tools (the canary audit)
+    that choose their own seed; federated rounds use the silo secret instead."""
     digest = hashlib.sha256(f"{base}/{silo}/{server_round}/{purpose}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
@@ -72,11 +83,15 @@ class SiloSetup:
     data: SiloData
     device: torch.device
     ledger: Ledger
+    secret: bytes  # the silo's own randomness (shared_model.privacy.silo_secret)
+    lifetime_cap: float = 0.0  # ε over every run on the ledger; 0 = none (policy ∧ request)
 
     @classmethod
-    def open(cls, cfg: RunConfig, node_config: dict[str, Any]) -> "SiloSetup":
-        data = open_silo(cfg, node_config)
-        return cls(cfg, data, pick_device(cfg), Ledger(silo_ledger_path(data.name, node_config, cfg.state_dir)))
+    def admitted(cls, gate: Gate, node_config: dict[str, Any]) -> "SiloSetup":
+        """Open the silo for a request its policy admitted."""
+        assert gate.cfg is not None and gate.secret is not None, "the gate refused this request"
+        data = open_silo(gate.cfg, node_config)
+        return cls(gate.cfg, data, pick_device(gate.cfg), gate.ledger, gate.secret, gate.lifetime_cap)
 
     @property
     def num_users(self) -> int:
@@ -101,25 +116,50 @@ class TrainRequest:
     server_round: int
     load: Loader
     privacy: PrivacyState | None = None  # the node's in-memory state for this run, if any
-    seed: int | None = None  # default: seed_for(cfg.seed, silo, round)
+    seed: int | None = None  # default: derive_seed(silo secret, run id, silo, round, "train")
 
 
 @dataclass
 class TrainReply:
-    status: str  # "trained" | "budget-exhausted"
+    status: str  # "trained" | "budget-exhausted" | "refused" (the silo's policy)
     metrics: dict[str, float | int]
     info: dict[str, str]
-    privacy: PrivacyState
+    privacy: PrivacyState | None
     model: InterestModel | None = None  # None when refused
     result: RoundResult | None = None
     record: dict[str, Any] | None = None  # the ledger line written (round or refusal)
     refusal: budget.BudgetRefusal | None = None
+    reason: str = ""  # why the silo did not train (budget or policy refusal)
 
 
 @dataclass
 class EvaluateReply:
     metrics: dict[str, float | int]
     info: dict[str, str]
+    status: str = "evaluated"  # | "refused"
+    reason: str = ""
+
+
+def count_train_users(cfg: RunConfig, node_config: dict[str, Any]) -> int:
+    """The silo's number of training users (for the policy's δ < 1/n rule)."""
+    silo_dir = resolve_silo_dir(cfg, node_config)
+    return len(train_user_ids(cached_silo(silo_dir, catalogue_dir_for(silo_dir, node_config))))
+
+
+def refused_reply(gate: Gate, run_id: int | str, server_round: int) -> TrainReply:
+    """The policy refused the request: write the refusal record, train nothing."""
+    assert gate.refusal is not None
+    record = refuse_round(gate, run_id, server_round)
+    metrics: dict[str, float | int] = {"num-examples": 0, "steps": 0, "refused": 1, "budget-exhausted": 0}
+    return TrainReply("refused", metrics, {"silo": gate.silo}, None, record=record,
+                      reason=f"{gate.refusal.rule}: {gate.refusal.reason}")
+
+
+def refused_evaluation(gate: Gate) -> EvaluateReply:
+    """The policy refused the request: evaluate nothing (no record; the train round records it)."""
+    assert gate.refusal is not None
+    return EvaluateReply({"num-examples": 0, "refused": 1}, {"silo": gate.silo}, "refused",
+                         f"{gate.refusal.rule}: {gate.refusal.reason}")
 
 
 def privacy_for(silo: SiloSetup, run_id: int | str, cached: PrivacyState | None = None) -> PrivacyState:
@@ -144,7 +184,7 @@ def train_silo(req: TrainRequest) -> TrainReply:
     silo, cfg, data = req.silo, req.silo.cfg, req.silo.data
     num_users = silo.num_users
     privacy = privacy_for(silo, req.run_id, req.privacy)
-    refusal = (budget.check(privacy, cfg.local_steps, cfg.silo_lifetime_epsilon, read_records(silo.ledger),
+    refusal = (budget.check(privacy, cfg.local_steps, silo.lifetime_cap, read_records(silo.ledger),
                             silo.ledger.path) if cfg.dp else None)
     if refusal is not None:
         log.warning("silo %s: %s; refusing to train", data.name, refusal.reason)
@@ -157,10 +197,11 @@ def train_silo(req: TrainRequest) -> TrainReply:
             epsilon_budget=float(privacy.epsilon_budget), time=_now()))
         metrics = _train_metrics(cfg, privacy, num_users=0, loss=0.0, steps=0, empty=0, seconds=0.0,
                                  eps_round=0.0, exhausted=True)
-        return TrainReply("budget-exhausted", metrics, silo.info, privacy, record=record, refusal=refusal)
+        return TrainReply("budget-exhausted", metrics, silo.info, privacy, record=record, refusal=refusal,
+                          reason=f"{refusal.rule}: {refusal.reason}")
 
     model = silo.model(req.load)
-    seed = seed_for(cfg.seed, data.name, req.server_round) if req.seed is None else req.seed
+    seed = derive_seed(silo.secret, req.run_id, data.name, req.server_round, "train") if req.seed is None else req.seed
     result, record = _dp_round(model, silo, privacy, seed=seed, run_id=req.run_id, server_round=req.server_round)
     metrics = _train_metrics(cfg, privacy, num_users=num_users, loss=result.loss, steps=result.steps,
                              empty=result.empty_steps, seconds=result.seconds, eps_round=result.epsilon_round,

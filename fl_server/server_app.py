@@ -93,9 +93,13 @@ def main(grid: Grid, context: Context) -> None:
     )
     strategy.evaluate_initial(grid, initial, timeout=3600)
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds)
+    records.run_info["refusals"] = strategy.refusals
     if strategy.ended_early is not None:
-        records.run_info["ended-early"] = {"before-round": strategy.ended_early, "reason": "all-budgets-exhausted"}
-        log(INFO, "fedshift: every silo's privacy budget is exhausted; run ended before round %d", strategy.ended_early)
+        refused = any(r["status"] == "refused" for r in strategy.refusals)
+        records.run_info["ended-early"] = {"before-round": strategy.ended_early,
+                                           "reason": "silos-refused" if refused else "all-budgets-exhausted"}
+        log(INFO, "fedshift: no silo may train (budgets exhausted or refused by their policies); run ended before "
+            "round %d", strategy.ended_early)
     records.run_info["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     records.run_info["wall-seconds"] = round(time.time() - started, 1)
     records.write()

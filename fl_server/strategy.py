@@ -1,7 +1,8 @@
 """FedAvg over adapter+head arrays that also records every silo's metrics, gathers the
 silos' privacy-ledger records (rounds and refusals) into the run's federation ledger, skips silos whose privacy
-budget is exhausted, ends the run when no silo can train, and checkpoints the global
-model each round."""
+budget is exhausted or whose own policy refused the run (printed with the silo and rule,
+kept in ``refusals`` for metrics.json, never aggregated: a refusal carries weight 0), ends
+the run when no silo can train, and checkpoints the global model each round."""
 
 from __future__ import annotations
 
@@ -32,6 +33,14 @@ def _device(msg: Message) -> str:
     return str(msg.content["info"].get("device", "")) if "info" in msg.content else ""
 
 
+def _status(msg: Message) -> tuple[str, str]:
+    """A reply's ``status`` ConfigRecord: (status, reason); ("", "") when absent."""
+    if "status" not in msg.content:
+        return "", ""
+    rec = msg.content["status"]
+    return str(rec.get("status", "")), str(rec.get("reason", ""))
+
+
 class RecordingFedAvg(FedAvg):
     """Flower's FedAvg (weighted by ``num-examples``) plus per-silo records.
 
@@ -49,7 +58,8 @@ class RecordingFedAvg(FedAvg):
         self.records = records
         self.on_round_end = on_round_end
         self.ledger = ledger
-        self.exhausted: set[int] = set()
+        self.exhausted: set[int] = set()  # budget exhausted or refused by the silo's policy
+        self.refusals: list[dict[str, object]] = []  # {round, phase, silo, node-id, status, reason}
         self.ended_early: int | None = None  # round at which no silo could train
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kwargs: object) -> Result:  # type: ignore[override]
@@ -67,7 +77,8 @@ class RecordingFedAvg(FedAvg):
         nodes = set(grid.get_node_ids())
         if nodes and nodes <= self.exhausted:
             self.ended_early = server_round
-            raise AllBudgetsExhausted(f"all {len(nodes)} silo(s) have exhausted their privacy budgets")
+            raise AllBudgetsExhausted(f"all {len(nodes)} silo(s) have exhausted their privacy budgets "
+                                      "or refused the run under their own privacy policy")
         messages = list(super().configure_train(server_round, arrays, config, grid))
         kept = [m for m in messages if m.metadata.dst_node_id not in self.exhausted]
         if len(kept) < len(messages):
@@ -90,12 +101,18 @@ class RecordingFedAvg(FedAvg):
             self.records.add(server_round, "train", silo, msg.metadata.src_node_id, metrics)
             if self.ledger is not None and "ledger" in msg.content:
                 self.append_ledger(msg.content["ledger"], msg.metadata.src_node_id)
-            if metrics.get("budget-exhausted"):
+            status, reason = _status(msg)
+            if status == "refused":
                 self.exhausted.add(msg.metadata.src_node_id)
-                reason = str(msg.content["status"].get("reason", "")) if "status" in msg.content else ""
+                self._note_refusal(server_round, "train", silo, msg.metadata.src_node_id, status, reason)
+            elif metrics.get("budget-exhausted"):
+                self.exhausted.add(msg.metadata.src_node_id)
+                self.refusals.append({"round": server_round, "phase": "train", "silo": silo,
+                                      "node-id": msg.metadata.src_node_id, "status": "budget-exhausted",
+                                      "reason": reason})
                 log(WARNING, "round %d: silo %s has exhausted its privacy budget (%s); it will not be sampled again",
                     server_round, silo, reason or "no reason given")
-            else:
+            elif float(metrics.get("num-examples", 0)) > 0:
                 training.append(msg)
         arrays, metrics = (None, None)
         if training:
@@ -103,6 +120,15 @@ class RecordingFedAvg(FedAvg):
         if arrays is not None and self.on_round_end is not None:
             self.on_round_end(server_round, arrays)
         return arrays, metrics
+
+    def _note_refusal(self, server_round: int, phase: str, silo: str, node_id: int, status: str, reason: str) -> None:
+        """Print and keep a silo's policy refusal (once per silo and phase)."""
+        if any(r["silo"] == silo and r["phase"] == phase and r["status"] == status for r in self.refusals):
+            return
+        self.refusals.append({"round": server_round, "phase": phase, "silo": silo, "node-id": node_id,
+                              "status": status, "reason": reason})
+        log(WARNING, "round %d: silo %s REFUSED to %s under its own privacy policy: %s; left out of aggregation",
+            server_round, silo, phase, reason or "no reason given")
 
     def append_ledger(self, record: ConfigRecord, node_id: int) -> None:
         """Append a silo's ledger record (a round or a refusal) to the federation ledger; the
@@ -120,14 +146,21 @@ class RecordingFedAvg(FedAvg):
     # --------------------------------------------------------------- evaluate
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
+        answered: list[Message] = []
         for msg in replies:
             if msg.has_error():
                 log(WARNING, "round %d: evaluation on node %d failed: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
                 continue
             silo = str(msg.content["info"]["silo"]) if "info" in msg.content else str(msg.metadata.src_node_id)
+            status, reason = _status(msg)
+            if status == "refused":
+                self._note_refusal(server_round, "evaluate", silo, msg.metadata.src_node_id, status, reason)
+                continue
             self.records.add(server_round, "evaluate", silo, msg.metadata.src_node_id,
                              {**dict(msg.content["metrics"]), "device": _device(msg)})
-        aggregated = super().aggregate_evaluate(server_round, replies)
+            if float(msg.content["metrics"].get("num-examples", 0)) > 0:
+                answered.append(msg)
+        aggregated = super().aggregate_evaluate(server_round, answered) if answered else None
         if aggregated is not None:
             self.records.add(server_round, "evaluate", "ALL", 0, dict(aggregated))
         self.records.write()

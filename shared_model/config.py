@@ -126,8 +126,8 @@ class RunConfig:
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
     grad_sample_mode: str = "hooks"
-    # privacy ledger and budget enforcement (shared_model/privacy/)
-    state_dir: str = ""
+    # privacy requests a silo's own policy must allow (shared_model/privacy/policy.py);
+    # where a silo keeps its ledger is node config state-dir, never the run config
     silo_lifetime_epsilon: float = 0.0
     audit_broken_noise: bool = False
     # evaluation

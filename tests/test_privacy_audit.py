@@ -69,9 +69,8 @@ def test_restart_continues_epsilon_and_budget_refuses(
     from fl_client.task import open_silo
 
     cfg = RunConfig.from_run_config({"dataset": str(small_dataset), "base-model": str(tiny_bert), "local-steps": 2,
-                                     "batch-size": 16, "num-server-rounds": 2, "epsilon": 2.0,
-                                     "state-dir": str(tmp_path / "state")})
-    node = {"partition-id": 0}
+                                     "batch-size": 16, "num-server-rounds": 2, "epsilon": 2.0})
+    node = {"partition-id": 0, "state-dir": str(tmp_path / "state")}  # the silo's own state root
     ncat = len(open_silo(cfg, node).categories)
     ctx = Context(run_id=11, node_id=7, node_config=node, state=RecordDict(), run_config=cfg.to_run_config())
     r1 = _train(cfg, node, 1, ctx, ncat)

@@ -164,11 +164,15 @@ def test_budget_rules_refuse_by_name() -> None:
 def test_restart_restores_from_rounds_and_ignores_refusals(
     small_dataset: Path, tiny_bert: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
+    from fl_client.silo_gate import open_gate
     from fl_client.silo_round import SiloSetup, privacy_for
 
     cfg = RunConfig.from_run_config({"dataset": str(small_dataset), "base-model": str(tiny_bert), "local-steps": 2,
-                                     "batch-size": 16, "num-server-rounds": 2, "state-dir": str(tmp_path)})
-    silo = SiloSetup.open(cfg, {"partition-id": 0})
+                                     "batch-size": 16, "num-server-rounds": 2})
+    node = {"partition-id": 0, "state-dir": str(tmp_path)}
+    gate = open_gate(cfg.to_run_config(), node)
+    assert gate.admitted, gate.refusal
+    silo = SiloSetup.admitted(gate, node)
     fresh = privacy_for(silo, run_id=9)
     assert fresh.history == [] and fresh.rounds == []
     sigma, q = fresh.noise_multiplier, fresh.sample_rate

@@ -5,7 +5,13 @@ The folder is a run's results folder (the server's federation ledger; its
 ``metrics.json`` names the run, whose records alone are audited) or a silo's state
 folder ``<state-dir>/<silo>`` (its own ledger, every run on it). ε is recomputed by
 :mod:`shared_model.privacy.recompute` from the DP-SGD round records only; refusals spend
-nothing and are listed.
+nothing and are listed (the policy or budget rule, what was asked).
+
+Each silo's privacy policy is shown (:func:`silo_policies`): a silo folder's own
+``policy.toml``, or for a run folder every ``silo-state/<silo>/policy.toml`` (where
+``fedshift simulate`` keeps the simulated silos' side), with the refusals on that silo's own
+ledger. A policy that cannot be read raises :class:`~shared_model.privacy.policy.PolicyError`
+(bad input: ``fedshift audit`` exits 2 with its one line).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 
 from shared_model.io_utils import write_bytes_atomic
 from shared_model.privacy.ledger import LEDGER_NAME, Ledger, LedgerError
+from shared_model.privacy.policy import POLICY_NAME, load_policy
 from shared_model.privacy.records import DpSgdRound, Record, dp_rounds, history_of, of_run, read_records, refusals
 from shared_model.privacy.recompute import label as accountant_label
 from shared_model.privacy.recompute import opacus_rdp, recompute
@@ -25,6 +32,29 @@ TOLERANCE = 1e-3
 
 def _check(name: str, ok: bool, detail: str) -> dict[str, Any]:
     return {"check": name, "passed": bool(ok), "detail": detail}
+
+
+def silo_policies(run_dir: Path, run_id: Any = None) -> dict[str, dict[str, Any]]:
+    """Each silo's policy (dashed keys, file, sha256) and the refusals on its own ledger
+    (of ``run_id`` when given), for a silo folder or a run folder's ``silo-state/*``."""
+    run_dir = Path(run_dir)
+    folders = [run_dir] if (run_dir / POLICY_NAME).is_file() else sorted(
+        p.parent for p in (run_dir / "silo-state").glob(f"*/{POLICY_NAME}"))
+    out: dict[str, dict[str, Any]] = {}
+    for folder in folders:
+        policy = load_policy(folder / POLICY_NAME)
+        try:
+            own = refusals(read_records(Ledger(folder / LEDGER_NAME)))
+        except LedgerError as exc:
+            own, error = [], str(exc)
+        else:
+            error = ""
+        if run_id is not None:
+            own = of_run(own, run_id)
+        out[folder.name] = {"file": str(folder / POLICY_NAME), "policy": policy.to_dict(), "sha256": policy.sha256,
+                            "describe": policy.describe(), "refusals-on-own-ledger": len(own),
+                            "rules": sorted({r.rule for r in own}), **({"ledger-error": error} if error else {})}
+    return out
 
 
 def audit_run(run_dir: Path, canary: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -44,6 +74,7 @@ def audit_run(run_dir: Path, canary: dict[str, Any] | None = None) -> dict[str, 
         records = of_run(records, info["run-id"])
     rounds = dp_rounds(records)
     result["refusals"] = [r.to_dict() for r in refusals(records)]
+    result["policies"] = silo_policies(run_dir, info.get("run-id"))
     several_runs = len({r.run_id for r in rounds}) > 1  # a silo's own ledger: audit each run
     result["several-runs"] = several_runs
     per_silo: dict[str, list[DpSgdRound]] = {}
@@ -118,8 +149,13 @@ def write_report(run_dir: Path, result: dict[str, Any]) -> None:
                   "", "## A user present on every silo", "",
                   f"Worst case: the silos' mechanisms composed (δ={cs['delta']:g}):", ""]
         lines += [f"- {k}: {v:.4f}" for k, v in cs.items() if k.startswith("epsilon")]
+    if result.get("policies"):
+        lines += ["", "## Each silo's own privacy policy (the run config is only a request)", "",
+                  "| silo | policy | refusals on its own ledger (rules) | file |", "|---|---|---|---|"]
+        lines += [f"| {silo} | {p['describe']} | {p['refusals-on-own-ledger']} ({', '.join(p['rules']) or '-'}) | "
+                  f"{p['file']} |" for silo, p in result["policies"].items()]
     if result.get("refusals"):
-        lines += ["", "## Refusals (budget rules; a refusal spends nothing)", "",
+        lines += ["", "## Refusals (the silo's policy or budget rules; a refusal spends nothing)", "",
                   "| silo | run | round | rule | reason |", "|---|---|---|---|---|"]
         lines += [f"| {r['silo']} | {r['run-id']} | {r['round']} | {r['rule']} | {r['reason']} |" for r in result["refusals"]]
     if "canary" in result:

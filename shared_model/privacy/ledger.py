@@ -116,9 +116,15 @@ def default_state_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".local" / "share" / "fedshift"
 
 
-def silo_ledger_path(silo: str, node_config: Mapping[str, Any], run_state_dir: str = "") -> Path:
-    """Where a silo keeps its ledger: node config ``state-dir`` (deployment), else run
-    config ``state-dir``, else :func:`default_state_root`; then ``<silo>/ledger.jsonl``."""
-    root = str(node_config.get("state-dir") or "") or run_state_dir
-    base = Path(root).expanduser() if root else default_state_root()
-    return base.resolve() / silo / LEDGER_NAME
+def state_root(node_config: Mapping[str, Any]) -> Path:
+    """A silo's state root: node config ``state-dir``, else :func:`default_state_root`.
+
+    Never the run config: the server must not be able to point a silo's ledger, policy or
+    secret at another folder (an empty ledger would reset the silo's lifetime spend)."""
+    root = str(node_config.get("state-dir") or "")
+    return (Path(root).expanduser() if root else default_state_root()).resolve()
+
+
+def silo_ledger_path(silo: str, node_config: Mapping[str, Any]) -> Path:
+    """Where a silo keeps its ledger: ``<state root>/<silo>/ledger.jsonl`` (:func:`state_root`)."""
+    return state_root(node_config) / silo / LEDGER_NAME

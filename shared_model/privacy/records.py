@@ -92,25 +92,34 @@ class DpSgdRound(Record):
 @register
 @dataclasses.dataclass(frozen=True)
 class Refusal(Record):
-    """A silo refused to train: what was asked, which budget rule refused it and why.
+    """A silo refused to train: what was asked, which rule refused it and why.
 
-    A refusal spends nothing (no data was touched)."""
+    ``rule`` names a policy rule (:mod:`shared_model.privacy.admission`: the request broke
+    the silo's own policy, or did not parse) or a budget rule
+    (:mod:`shared_model.privacy.budget`: the run or lifetime ε would be exceeded).
+    ``request`` is the privacy-relevant part of the run config as JSON; ``policy`` and
+    ``policy-sha256`` name the policy that decided. The mechanism fields are present for
+    budget refusals only (a policy refusal comes before any calibration). A refusal spends
+    nothing (no data was touched)."""
 
     KIND: ClassVar[str] = "refusal"
     run_id: str
     silo: str
     round: int
-    rule: str  # the budget rule (shared_model.privacy.budget)
+    rule: str
     reason: str
-    steps: int  # requested
-    sample_rate: float
-    noise_multiplier: float
-    delta: float
-    accountant: str
-    epsilon_cumulative: float  # this run, before the request
-    epsilon_requested: float  # what the rule's ε would have become
-    epsilon_limit: float  # the rule's limit
-    epsilon_budget: float  # the run's budget
+    steps: int | None = None  # requested
+    sample_rate: float | None = None
+    noise_multiplier: float | None = None
+    delta: float | None = None
+    accountant: str | None = None
+    epsilon_cumulative: float | None = None  # this run, before the request
+    epsilon_requested: float | None = None  # what the rule's ε would have become
+    epsilon_limit: float | None = None  # the rule's limit
+    epsilon_budget: float | None = None  # the run's budget
+    request: str | None = None  # JSON: what the run config asked (shared_model.privacy.admission.requested)
+    policy: str | None = None  # the policy file that decided
+    policy_sha256: str | None = None
     time: str | None = None
 
 

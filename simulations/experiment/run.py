@@ -28,7 +28,7 @@ from simulations.experiment.report import write_outputs
 #: Written into a run's folder when it finished: its settings (:func:`run_stamp`) and seconds.
 STAMP_FILE = "experiment-run.json"
 #: Run-config keys the experiment sets for each run itself (not settable with --set).
-PER_RUN_KEYS = ("dataset", "base-model", "out-dir", "state-dir", "min-nodes", "dp", "epsilon")
+PER_RUN_KEYS = ("dataset", "base-model", "out-dir", "min-nodes", "dp", "epsilon")
 
 
 def dataset_view(dataset: Path, silos: Sequence[str], folder: Path) -> Path:
@@ -100,7 +100,10 @@ def train(run: TrainRun, plan: Plan, out: Path, timeout: int) -> None:
         changed = {k: v for k, v in cfg.to_run_config().items() if v != getattr(RunConfig(), k.replace("-", "_"))}
         log.write(f"run_simulation {run.key}: {json.dumps(changed)}\n")
         log.flush()
-        result = run_simulation(cfg, run_dir, timeout=timeout, stream=log)
+        # The experiment is local and owns the silos' side too: their policies allow its
+        # non-private baselines, and their secrets come from the run seed so figures reproduce.
+        result = run_simulation(cfg, run_dir, timeout=timeout, stream=log, allow_non_private=not cfg.dp,
+                                silo_seed=f"experiment-{cfg.seed}")
     if not result.ok:
         raise RuntimeError(f"run {run.key}: the simulation ended with status {result.status!r}; see "
                            f"{run_dir / 'simulate.log'}")
