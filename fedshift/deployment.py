@@ -181,7 +181,7 @@ class LocalDeployment:
         self.procs.clear()
 
     # ------------------------------------------------------------- the run
-    def submit(self, cfg: RunConfig, stream: TextIO, verbose: bool = False, timeout: float | None = None) -> str:
+    def submit(self, cfg: RunConfig, stream: TextIO, verbose: bool = False) -> str:
         """``flwr run`` the app with ``cfg``, relaying the per-round table; return Flower's status."""
         config_file = self.folder / "run-config.toml"
         write_bytes_atomic(config_file, "".join(f"{k} = {_toml_value(v)}\n"
@@ -195,7 +195,7 @@ class LocalDeployment:
             self.procs["flwr-run"] = proc
             assert proc.stdout is not None
             _relay(proc.stdout, log, verbose=verbose, started=started, stream=stream)
-            proc.wait(timeout=timeout)
+            proc.wait()
             self.procs.pop("flwr-run", None)
         return self.wait_finished()
 

@@ -74,7 +74,7 @@ class RunRecords:
         """Per-silo table of one round: loss and ε from training, accuracy and NDCG@10 from evaluation."""
         train = {r["silo"]: r for r in self.rows(server_round, "train")}
         evals = {r["silo"]: r for r in self.rows(server_round, "evaluate")}
-        delta = next((r.get("delta") for r in train.values()), self.run_info.get("delta"))
+        delta = next((r["delta"] for r in train.values() if r.get("delta") is not None), self.run_info.get("delta"))
         head = f"{'silo':<14}{'loss':>9}{'ε':>9}{'ε budget':>10}{'cat acc':>9}{'NDCG@10':>9}{'HR@10':>8}"
         lines = [
             f"round {server_round} — ε is cumulative, δ={delta:g}, accountant {self.run_info.get('accountant-label', '?')}",

@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
 from fl_server.records import RunRecords
+from shared_model.dataset import FEDERATION_MISMATCH
 from shared_model.privacy.ledger import Ledger, LedgerError
 from shared_model.privacy.records import parse_record, write_record
 
@@ -26,6 +27,18 @@ class AllBudgetsExhausted(Exception):
 def payload_bytes(arrays: ArrayRecord) -> tuple[int, int]:
     """(raw tensor bytes, serialised array bytes incl. per-array headers, before gRPC framing)."""
     return sum(a.numpy().nbytes for a in arrays.values()), sum(len(a.data) for a in arrays.values())
+
+
+class FederationMismatch(RuntimeError):
+    """A silo reported that the federation does not have one SuperNode per silo of the dataset."""
+
+
+def fail_on_federation_mismatch(msg: Message) -> None:
+    """End the run (the ServerApp fails visibly) when a node says the federation is the wrong size."""
+    reason = str(msg.error.reason)
+    if FEDERATION_MISMATCH in reason:
+        start = reason.index(FEDERATION_MISMATCH)
+        raise FederationMismatch(reason[start:].rstrip("'>"))
 
 
 def _device(msg: Message) -> str:
@@ -61,6 +74,9 @@ class RecordingFedAvg(FedAvg):
         self.exhausted: set[int] = set()  # budget exhausted or refused by the silo's policy
         self.refusals: list[dict[str, object]] = []  # {round, phase, silo, node-id, status, reason}
         self.ended_early: int | None = None  # round at which no silo could train
+        self.sampled: dict[int, set[int]] = {}  # round -> node ids asked to train
+        self.silo_of: dict[int, str] = {}  # node id -> silo name, from the node's replies
+        self.missing: list[dict[str, object]] = []  # {round, node-ids, silos}: asked, no reply
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kwargs: object) -> Result:  # type: ignore[override]
         """Flower's round loop, ended cleanly when every silo's budget is exhausted."""
@@ -83,7 +99,18 @@ class RecordingFedAvg(FedAvg):
         kept = [m for m in messages if m.metadata.dst_node_id not in self.exhausted]
         if len(kept) < len(messages):
             log(INFO, "round %d: not sampling %d silo(s) with exhausted budgets", server_round, len(messages) - len(kept))
+        self.sampled[server_round] = {m.metadata.dst_node_id for m in kept}
         return kept
+
+    def note_missing(self, server_round: int, replied: set[int]) -> None:
+        """Record (in metrics.json ``missing``) the silos asked to train that sent no reply."""
+        gone = sorted(self.sampled.get(server_round, set()) - replied)
+        if not gone:
+            return
+        silos = [self.silo_of.get(n, f"node {n}") for n in gone]
+        self.missing.append({"round": server_round, "node-ids": gone, "silos": silos})
+        self.records.run_info["missing"] = self.missing
+        log(WARNING, "round %d: no reply from %s; the round goes on with the other silos", server_round, ", ".join(silos))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -92,10 +119,12 @@ class RecordingFedAvg(FedAvg):
         training: list[Message] = []
         for msg in replies:
             if msg.has_error():
+                fail_on_federation_mismatch(msg)
                 log(WARNING, "round %d: node %d failed: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
                 continue
             metrics = dict(msg.content["metrics"])
             silo = str(msg.content["info"]["silo"]) if "info" in msg.content else str(msg.metadata.src_node_id)
+            self.silo_of[msg.metadata.src_node_id] = silo
             metrics["tensor-bytes"], metrics["payload-bytes"] = payload_bytes(msg.content["arrays"])
             metrics["device"] = _device(msg)
             self.records.add(server_round, "train", silo, msg.metadata.src_node_id, metrics)
@@ -114,6 +143,7 @@ class RecordingFedAvg(FedAvg):
                     server_round, silo, reason or "no reason given")
             elif float(metrics.get("num-examples", 0)) > 0:
                 training.append(msg)
+        self.note_missing(server_round, {m.metadata.src_node_id for m in replies if not m.has_error()})
         arrays, metrics = (None, None)
         if training:
             arrays, metrics = super().aggregate_train(server_round, training)
@@ -149,9 +179,11 @@ class RecordingFedAvg(FedAvg):
         answered: list[Message] = []
         for msg in replies:
             if msg.has_error():
+                fail_on_federation_mismatch(msg)
                 log(WARNING, "round %d: evaluation on node %d failed: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
                 continue
             silo = str(msg.content["info"]["silo"]) if "info" in msg.content else str(msg.metadata.src_node_id)
+            self.silo_of[msg.metadata.src_node_id] = silo
             status, reason = _status(msg)
             if status == "refused":
                 self._note_refusal(server_round, "evaluate", silo, msg.metadata.src_node_id, status, reason)
