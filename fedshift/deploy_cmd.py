@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedshift.config_args import add_set_argument, refuse
+from fedshift.flower_processes import terminate
 from fedshift.deploy_credentials import Certificates, CredentialError, check_supernode_key, write_certificates, write_supernode_keys
 
 
@@ -95,7 +96,7 @@ def local(args: argparse.Namespace) -> int:
     except (ValueError, CredentialError) as exc:  # ConfigError, PolicyError are ValueErrors
         return refuse("deploy local", exc)
 
-    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
     status = "not started"
     try:
         dep.prepare(allow_non_private=args.allow_non_private)
@@ -125,10 +126,6 @@ def local(args: argparse.Namespace) -> int:
     if not ok:
         print(f"fedshift deploy local: the run did not complete ({status}); see {out / 'flwr.log'}", file=sys.stderr)
     return 0 if ok else 1
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TextIO
 
 from fedshift.deploy_credentials import Certificates, SupernodeKey, write_certificates, write_supernode_keys
-from fedshift.simulation import APP_DIR, FLOWER_ENV, _relay, _toml_value, free_port
+from fedshift.flower_processes import APP_DIR, FLOWER_ENV, free_port, relay, toml_value, write_run_config
 from shared_model.config import RunConfig
 from shared_model.io_utils import write_bytes_atomic
 
@@ -134,7 +134,7 @@ class LocalDeployment:
         disk = self.disk(silo)
         values = {"silo-dir": str(disk.data), "state-dir": str(disk.state), "policy": str(disk.policy),
                   "catalogue-dir": str(self.dataset)}
-        return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
+        return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
 
     def start_supernode(self, silo: str, *, key: Path | None = None, root_certificates: bool = True,
                         max_retries: int | None = None, name: str | None = None) -> subprocess.Popen:
@@ -184,8 +184,7 @@ class LocalDeployment:
     def submit(self, cfg: RunConfig, stream: TextIO, verbose: bool = False) -> str:
         """``flwr run`` the app with ``cfg``, relaying the per-round table; return Flower's status."""
         config_file = self.folder / "run-config.toml"
-        write_bytes_atomic(config_file, "".join(f"{k} = {_toml_value(v)}\n"
-                                                for k, v in sorted(cfg.to_run_config().items())).encode())
+        write_run_config(cfg.to_run_config(), config_file)
         started = time.time()
         with open(self.folder / "flwr.log", "w", encoding="utf-8") as log, subprocess.Popen(
             [_flwr(), "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(config_file)],
@@ -194,7 +193,7 @@ class LocalDeployment:
         ) as proc:
             self.procs["flwr-run"] = proc
             assert proc.stdout is not None
-            _relay(proc.stdout, log, verbose=verbose, started=started, stream=stream)
+            relay(proc.stdout, log, verbose=verbose, started=started, stream=stream)
             proc.wait()
             self.procs.pop("flwr-run", None)
         return self.wait_finished()
