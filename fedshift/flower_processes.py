@@ -63,6 +63,7 @@ def relay(lines: Any, log: Any, verbose: bool, started: float, stream: TextIO) -
     dated = in_table = False
     for raw in lines:
         log.write(raw)
+        log.flush()  # others follow the log while the run goes on
         line = raw.rstrip("\n")
         if _DATED.match(line):
             dated, in_table = True, False

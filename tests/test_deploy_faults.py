@@ -79,13 +79,17 @@ def test_killed_supernode_is_missing_then_rejoins_with_its_ledger(deployment: Lo
     result: dict[str, str] = {}
     runner = threading.Thread(target=lambda: result.setdefault("status", dep.submit(cfg, io.StringIO())))
     runner.start()
-    log = dep.folder / "flwr.log"
-    deadline = time.time() + 600
-    while "[ROUND 1/3]" not in (log.read_text(errors="replace") if log.exists() else "") and time.time() < deadline:
-        time.sleep(0.5)
-    dep.kill(f"supernode-{victim}", signal.SIGKILL)  # mid-round 1: before it can reply
-    while "[ROUND 2/3]" not in log.read_text(errors="replace") and time.time() < deadline:
-        time.sleep(0.5)
+    log, victim_log = dep.folder / "flwr.log", dep.disk(victim).log
+    deadline = time.time() + 900
+
+    def wait_for(path: Path, text: str, count: int = 1) -> None:
+        while (path.read_text(errors="replace").count(text) if path.exists() else 0) < count:
+            assert time.time() < deadline and runner.is_alive(), f"{text!r} never appeared in {path}"
+            time.sleep(0.3)
+
+    wait_for(victim_log, "Receiving: train message")  # round 1 has reached the victim's node
+    dep.kill(f"supernode-{victim}", signal.SIGKILL)  # mid-round: before it can reply
+    wait_for(log, "aggregate_train")  # round 1 completed without it
     dep.start_supernode(victim)  # same key, same disk: it rejoins
     runner.join(timeout=max(1, deadline - time.time()))
     assert result.get("status") == "finished:completed", result
