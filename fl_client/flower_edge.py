@@ -71,9 +71,7 @@ def train_message(msg: Message, context: Context, reply: TrainReply, dp: bool) -
     if dp and reply.model is not None and reply.privacy is not None:
         context.state[STATE_KEY] = state_to_record(reply.privacy)
     arrays = to_arrays(reply.model) if reply.model is not None else msg.content["arrays"]
-    status = {"status": reply.status}
-    if reply.reason:
-        status["reason"] = reply.reason
+    status = {"status": reply.status, **({"rule": reply.rule, "reason": reply.reason} if reply.rule else {})}
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(reply.metrics),
                           "info": ConfigRecord(reply.info), "status": ConfigRecord(status)})
     if reply.record is not None:
@@ -82,7 +80,7 @@ def train_message(msg: Message, context: Context, reply: TrainReply, dp: bool) -
 
 
 def evaluate_message(msg: Message, reply: EvaluateReply) -> Message:
-    status = {"status": reply.status, **({"reason": reply.reason} if reply.reason else {})}
+    status = {"status": reply.status, **({"rule": reply.rule, "reason": reply.reason} if reply.rule else {})}
     content = RecordDict({"metrics": MetricRecord(reply.metrics), "info": ConfigRecord(reply.info),
                           "status": ConfigRecord(status)})
     return Message(content=content, reply_to=msg)

@@ -129,7 +129,8 @@ class TrainReply:
     result: RoundResult | None = None
     record: dict[str, Any] | None = None  # the ledger line written (round or refusal)
     refusal: budget.BudgetRefusal | None = None
-    reason: str = ""  # why the silo did not train (budget or policy refusal)
+    rule: str = ""  # the rule that refused (budget or policy), when not trained
+    reason: str = ""  # why the silo did not train
 
 
 @dataclass
@@ -137,6 +138,7 @@ class EvaluateReply:
     metrics: dict[str, float | int]
     info: dict[str, str]
     status: str = "evaluated"  # | "refused"
+    rule: str = ""
     reason: str = ""
 
 
@@ -151,15 +153,15 @@ def refused_reply(gate: Gate, run_id: int | str, server_round: int) -> TrainRepl
     assert gate.refusal is not None
     record = refuse_round(gate, run_id, server_round)
     metrics: dict[str, float | int] = {"num-examples": 0, "steps": 0, "refused": 1, "budget-exhausted": 0}
-    return TrainReply("refused", metrics, {"silo": gate.silo}, None, record=record,
-                      reason=f"{gate.refusal.rule}: {gate.refusal.reason}")
+    return TrainReply("refused", metrics, {"silo": gate.silo}, None, record=record, rule=gate.refusal.rule,
+                      reason=gate.refusal.reason)
 
 
 def refused_evaluation(gate: Gate) -> EvaluateReply:
     """The policy refused the request: evaluate nothing (no record; the train round records it)."""
     assert gate.refusal is not None
-    return EvaluateReply({"num-examples": 0, "refused": 1}, {"silo": gate.silo}, "refused",
-                         f"{gate.refusal.rule}: {gate.refusal.reason}")
+    return EvaluateReply({"num-examples": 0, "refused": 1}, {"silo": gate.silo}, "refused", gate.refusal.rule,
+                         gate.refusal.reason)
 
 
 def privacy_for(silo: SiloSetup, run_id: int | str, cached: PrivacyState | None = None) -> PrivacyState:
@@ -198,7 +200,7 @@ def train_silo(req: TrainRequest) -> TrainReply:
         metrics = _train_metrics(cfg, privacy, num_users=0, loss=0.0, steps=0, empty=0, seconds=0.0,
                                  eps_round=0.0, exhausted=True)
         return TrainReply("budget-exhausted", metrics, silo.info, privacy, record=record, refusal=refusal,
-                          reason=f"{refusal.rule}: {refusal.reason}")
+                          rule=refusal.rule, reason=refusal.reason)
 
     model = silo.model(req.load)
     seed = derive_seed(silo.secret, req.run_id, data.name, req.server_round, "train") if req.seed is None else req.seed

@@ -47,11 +47,12 @@ def _device(msg: Message) -> str:
 
 
 def _status(msg: Message) -> tuple[str, str]:
-    """A reply's ``status`` ConfigRecord: (status, reason); ("", "") when absent."""
+    """A reply's ``status`` ConfigRecord: (status, "rule: reason"); ("", "") when absent."""
     if "status" not in msg.content:
         return "", ""
     rec = msg.content["status"]
-    return str(rec.get("status", "")), str(rec.get("reason", ""))
+    rule, reason = str(rec.get("rule", "")), str(rec.get("reason", ""))
+    return str(rec.get("status", "")), f"{rule}: {reason}" if rule else reason
 
 
 class RecordingFedAvg(FedAvg):
@@ -157,7 +158,7 @@ class RecordingFedAvg(FedAvg):
             return
         self.refusals.append({"round": server_round, "phase": phase, "silo": silo, "node-id": node_id,
                               "status": status, "reason": reason})
-        log(WARNING, "round %d: silo %s REFUSED to %s under its own privacy policy: %s; left out of aggregation",
+        log(WARNING, "fedshift: round %d: silo %s REFUSED to %s under its own privacy policy: %s; left out",
             server_round, silo, phase, reason or "no reason given")
 
     def append_ledger(self, record: ConfigRecord, node_id: int) -> None:

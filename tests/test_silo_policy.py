@@ -161,7 +161,8 @@ def test_every_silo_refuses_with_a_record_before_touching_data(
         ctx = Context(run_id=5, node_id=7, node_config=node, state=RecordDict(), run_config=request)
         reply = client_app.train(_message(RunConfig.from_run_config(base), 1), ctx)
         assert reply.content["status"]["status"] == "refused"
-        assert str(reply.content["status"]["reason"]).startswith(f"{rule}: ")
+        assert reply.content["status"]["rule"] == rule
+        assert reply.content["status"]["reason"] == reply.content["ledger"]["reason"]
         assert reply.content["metrics"]["num-examples"] == 0
         sent = dict(reply.content["ledger"])
         assert sent["kind"] == "refusal" and sent["rule"] == rule and sent["silo"] == silo
@@ -237,3 +238,32 @@ def test_simulate_prepares_each_silos_policy_and_secret(tmp_path: Path) -> None:
     (tmp_path / "a" / "policy.toml").write_text("max-delta = 2\n")
     with pytest.raises(PolicyError, match="policy.toml: max-delta: must be in"):
         prepare_silo_state(tmp_path, ["a"])
+
+
+# ------------------------------------------------------------------ bad input at the CLI
+def _cli(*args: str) -> "subprocess.CompletedProcess[str]":
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "fedshift.cli", *args], capture_output=True, text=True,
+                          timeout=300, check=False)
+
+
+def test_unreadable_policy_is_one_line_exit_2_at_the_cli(small_dataset: Path, tmp_path: Path) -> None:
+    silo = list_silos(small_dataset)[0]
+    state = tmp_path / "state"
+    (state / silo).mkdir(parents=True)
+    (state / silo / "policy.toml").write_text("max-delta = 2\n")
+    proc = _cli("simulate", "--dataset", str(small_dataset), "--out", str(tmp_path / "out"), "--state-dir", str(state))
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.strip() == f"fedshift simulate: {state / silo / 'policy.toml'}: max-delta: must be in (0, 1), got 2"
+    assert not (state / silo / "ledger.jsonl").exists()
+    # the audit reads every silo's policy too
+    run = tmp_path / "run"
+    (run / "silo-state" / silo).mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"run": {"run-id": 1}}))
+    (run / "silo-state" / silo / "policy.toml").write_text("accountant = 'gdp'\n")
+    proc = _cli("audit", str(run))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith(f"fedshift audit: {run / 'silo-state' / silo / 'policy.toml'}: accountant: gdp")
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -283,3 +283,43 @@ def test_run_ends_cleanly_when_every_silo_is_at_budget(
     assert sorted((r["round"], r["rule"]) for r in refused) == [(2, "silo-lifetime-budget")] * 3
     assert not (tmp_path / "checkpoints" / "round-003").exists()
     assert _flower_processes() == []
+
+
+def test_dp_false_request_is_refused_by_every_silo_and_audited(
+    tmp_path: Path, small_dataset: Path, tiny_bert: Path, cache_dir: Path
+) -> None:
+    """`--set dp=false` is a request the server's run config makes (unlike --no-dp, it writes
+    no permissive policy): every silo's default policy refuses it before touching data, so
+    nothing trains; each silo's own ledger holds the refusal, the server prints and records
+    it, and `fedshift audit` reports each silo's policy and the refusals."""
+    from shared_model.dataset import list_silos
+    from shared_model.privacy.ledger import Ledger
+    from shared_model.privacy.records import Refusal, read_records
+
+    proc = _simulate(tmp_path, "--dataset", str(small_dataset), "--base-model", str(tiny_bert), "--rounds", "2",
+                     "--set", "dp=false", "--set", "max-eval-users=8", "--silo-seed", "5")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    silos = list_silos(small_dataset)
+    assert all(f"silo {s} REFUSED to train" in proc.stdout for s in silos), proc.stdout[-3000:]
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert doc["run"]["ended-early"] == {"before-round": 2, "reason": "silos-refused"}
+    train_refusals = [r for r in doc["run"]["refusals"] if r["phase"] == "train"]
+    assert sorted(r["silo"] for r in train_refusals) == silos
+    assert all(r["status"] == "refused" and r["reason"].startswith("non-private: ") for r in train_refusals)
+    train = [r for r in doc["records"] if r["phase"] == "train"]
+    assert len(train) == len(silos) and all(r["refused"] == 1 and r["num-examples"] == 0 for r in train)
+    assert not [r for r in doc["records"] if r["phase"] == "evaluate"]  # no silo released metrics either
+    assert not (tmp_path / "checkpoints" / "round-001").exists()
+    for silo in silos:  # $FEDSHIFT_STATE reached the simulated ClientApps: their ledgers are in OUT
+        records = read_records(Ledger(tmp_path / "silo-state" / silo / "ledger.jsonl"))
+        assert len(records) == 1 and isinstance(records[0], Refusal) and records[0].rule == "non-private"
+        assert json.loads(records[0].request or "{}")["dp"] is False
+    audit = subprocess.run([sys.executable, "-m", "fedshift.cli", "audit", str(tmp_path)],
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-3000:]
+    policy_rows = [line for line in audit.stdout.splitlines() if "non-private refused" in line]
+    assert sorted(line.split("|")[1].strip() for line in policy_rows) == silos
+    assert all("| 1 (non-private) |" in line for line in policy_rows)
+    refusal_rows = [line for line in audit.stdout.splitlines() if "| non-private | dp=false asks" in line]
+    assert len(refusal_rows) == len(silos)
+    assert _flower_processes() == []
