@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+import psutil
+
 from fedshift.deploy_credentials import Certificates, SupernodeKey, write_certificates, write_supernode_keys
 from fedshift.flower_processes import APP_DIR, FLOWER_ENV, free_port, relay, toml_value, write_run_config
 from shared_model.config import RunConfig
@@ -159,14 +161,26 @@ class LocalDeployment:
         proc.wait(timeout=30)
 
     def stop(self) -> None:
-        """Stop every process this deployment started (SIGTERM, then SIGKILL), SuperNodes first."""
+        """Stop every process this deployment started and their descendants (SIGTERM, then
+        SIGKILL), SuperNodes first. Descendants are collected first: Flower's SuperExec starts
+        the ServerApp/ClientApp processes in sessions of their own."""
+        family: list[psutil.Process] = []
         for name in sorted(self.procs, key=lambda n: n == "superlink"):
             proc = self.procs[name]
+            try:
+                family += psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
             if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     continue
+        for child in family:
+            try:
+                child.terminate()
+            except psutil.NoSuchProcess:
+                pass
         deadline = time.time() + 15
         for name, proc in list(self.procs.items()):
             try:
@@ -178,6 +192,12 @@ class LocalDeployment:
             except ProcessLookupError:
                 pass
             proc.wait()
+        _, alive = psutil.wait_procs(family, timeout=max(0.1, deadline - time.time()))
+        for child in alive:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
         self.procs.clear()
 
     # ------------------------------------------------------------- the run
