@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from fedshift import audit_cmd, data_cmd, evaluate_cmd, experiment_cmd, recommend_cmd, simulate_cmd
+from fedshift import audit_cmd, data_cmd, deploy_cmd, evaluate_cmd, experiment_cmd, recommend_cmd, simulate_cmd
 
 DESCRIPTION = """\
 fedshift learns how shoppers' interests migrate between categories, federated over data
@@ -20,6 +20,8 @@ commands:
   data validate DIR     check a dataset folder; exit 2 and one line per problem if bad
   data describe [DIR]   silos, users, events, classes, history lengths, migration rates
   simulate              run the federated DP simulation on a dataset (default: bundled)
+  deploy certs|keys|local  TLS certificates, SuperNode keys, or a whole deployment on
+                        127.0.0.1 (SuperLink + one SuperNode process per silo)
   evaluate              a checkpoint and the baselines on held-out users (ranking,
                         next interest, migration detection, cross-platform)
   recommend             top-k items, next interests and migration score for a history
@@ -39,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     data_cmd.add_parser(sub)
     simulate_cmd.add_parser(sub)
+    deploy_cmd.add_parser(sub)
     evaluate_cmd.add_parser(sub)
     recommend_cmd.add_parser(sub)
     audit_cmd.add_parser(sub)

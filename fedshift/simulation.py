@@ -20,10 +20,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,39 +29,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import psutil
 
+from fedshift.flower_processes import APP_DIR, FLOWER_ENV, free_port, relay, terminate, write_run_config
 from shared_model.config import RunConfig
-
-APP_DIR = Path(__file__).resolve().parents[1]
-FLOWER_ENV = {
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-_LOG_PREFIX = re.compile(r"^(\x1b\[[0-9;]*m)?(INFO|WARNING|ERROR|DEBUG)\s*(\x1b\[0m)?:\s*")
-_DATED = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:")
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 def local_superlink_env(flwr_home: Path) -> dict[str, str]:
     """Environment for `flwr` with a private FLWR_HOME and its own local SuperLink ports,
@@ -202,7 +173,7 @@ def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout:
     flwr_home = Path(tempfile.mkdtemp(prefix="fedshift-flwr-"))
     env = {**local_superlink_env(flwr_home), "FEDSHIFT_STATE": str(state_dir)}
     config_file = flwr_home / "run-config.toml"
-    config_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in sorted(cfg.to_run_config().items())))
+    write_run_config(cfg.to_run_config(), config_file)
     cmd = [
         shutil.which("flwr") or "flwr", "run", str(APP_DIR), "--stream",
         "--run-config", str(config_file),
@@ -212,7 +183,7 @@ def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout:
     status = "not started"
     timed_out = threading.Event()
     in_main = threading.current_thread() is threading.main_thread()
-    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)} if in_main else {}
+    previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGTERM, signal.SIGHUP)} if in_main else {}
     try:
         with open(out / "flwr.log", "w", encoding="utf-8") as log, subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
@@ -228,7 +199,7 @@ def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout:
                 timer.daemon = True
                 timer.start()
             try:
-                _relay(proc.stdout, log, verbose=verbose, started=started, stream=stream)
+                relay(proc.stdout, log, verbose=verbose, started=started, stream=stream)
                 proc.wait()
             finally:
                 if timer:
@@ -252,39 +223,3 @@ def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout:
         print(f"metrics: {result.metrics} and {out / 'metrics.csv'}; checkpoints: {out / 'checkpoints'}",
               file=stream, flush=True)
     return result
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    """SIGTERM/SIGHUP: unwind through ``finally`` so the local SuperLink, its simulation
-    process and Ray workers are stopped instead of orphaned."""
-    raise SystemExit(128 + signum)
-
-
-def _relay(lines: Any, log: Any, verbose: bool, started: float, stream: TextIO) -> None:
-    """Copy Flower's stream to ``log``; show round progress and fedshift's tables.
-
-    Flower prints each log record twice when streaming (coloured, then dated); the
-    dated copy and its continuation lines are skipped.
-    """
-    dated = in_table = False
-    for raw in lines:
-        log.write(raw)
-        line = raw.rstrip("\n")
-        if _DATED.match(line):
-            dated, in_table = True, False
-            continue
-        if _LOG_PREFIX.match(line):
-            dated, in_table = False, False
-            line = _LOG_PREFIX.sub("", line)
-        elif dated:
-            continue
-        if verbose:
-            print(line, file=stream, flush=True)
-            continue
-        if m := re.search(r"\[ROUND (\d+)/(\d+)\]", line):
-            print(f"[{time.time() - started:6.0f} s] round {m.group(1)}/{m.group(2)} …", file=stream, flush=True)
-        elif line.startswith("round ") and "ε is cumulative" in line:
-            in_table = True
-            print(line, file=stream, flush=True)
-        elif in_table or line.startswith("fedshift:") or "ERROR" in raw or "Traceback" in line:
-            print(line, file=stream, flush=True)

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from shared_model.batches import ExampleBatcher, platform_category_mask, prior_index
 from shared_model.config import RunConfig
-from shared_model.dataset import list_silos, load_catalogue, load_silo, read_catalogue
+from shared_model.dataset import federation_mismatch, list_silos, load_catalogue, load_silo, read_catalogue
 from shared_model.examples import eval_examples, train_user_ids, training_example
 from shared_model.item_index import ItemIndex, ItemTokens, build_item_index, tokenize_items
 from shared_model.schema import Catalogue, Example, Silo
@@ -26,12 +26,16 @@ def resolve_silo_dir(cfg: RunConfig, node_config: dict[str, Any]) -> Path:
     """This node's silo folder.
 
     Deployment: node config ``silo-dir`` names the folder. Simulation: node config
-    ``partition-id`` picks the silo in sorted order from the run's dataset.
+    ``partition-id`` picks the silo in sorted order from the run's dataset; a federation
+    whose ``num-partitions`` is not the dataset's silo count is refused (a plain ``flwr run .``
+    must train every silo, or fail saying how many SuperNodes to start).
     """
     if node_config.get("silo-dir"):
         return Path(str(node_config["silo-dir"])).expanduser().resolve()
     dataset = cfg.dataset_dir()
     silos = list_silos(dataset)
+    if (problem := federation_mismatch(node_config.get("num-partitions"), dataset, silos)) is not None:
+        raise ValueError(problem)
     pid = int(node_config.get("partition-id", -1))
     if not 0 <= pid < len(silos):
         raise ValueError(

@@ -17,6 +17,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 
 from fl_server.records import RunRecords
 from fl_server.update_checks import cap_weights, update_problem
+from shared_model.dataset import FEDERATION_MISMATCH
 from shared_model.privacy.ledger import Ledger, LedgerError
 from shared_model.privacy.records import parse_record, write_record
 
@@ -37,6 +38,18 @@ def error_reason(msg: Message) -> str:
     if "Message: " in reason:
         reason = reason.rsplit("Message: ", 1)[1].rstrip("'>\n ")
     return " ".join(reason.split())[:300]
+
+
+class FederationMismatch(RuntimeError):
+    """A silo reported that the federation does not have one SuperNode per silo of the dataset."""
+
+
+def fail_on_federation_mismatch(msg: Message) -> None:
+    """End the run (the ServerApp fails visibly) when a node says the federation is the wrong size."""
+    reason = str(msg.error.reason)
+    if FEDERATION_MISMATCH in reason:
+        start = reason.index(FEDERATION_MISMATCH)
+        raise FederationMismatch(reason[start:].rstrip("'>"))
 
 
 def _device(msg: Message) -> str:
@@ -74,7 +87,9 @@ class RecordingFedAvg(FedAvg):
         self.refusals: list[dict[str, object]] = []  # {round, phase, silo, node-id, status, reason}
         self.ended_early: int | None = None  # round at which no silo could train
         self.sent: ArrayRecord | None = None  # the global arrays of the current round
-        self.silo_of: dict[int, str] = {}  # node id -> silo name, from replies that said it
+        self.sampled: dict[int, set[int]] = {}  # round -> node ids asked to train
+        self.silo_of: dict[int, str] = {}  # node id -> silo name, from the node's replies
+        self.missing: list[dict[str, object]] = []  # {round, node-ids, silos}: asked, no reply
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kwargs: object) -> Result:  # type: ignore[override]
         """Flower's round loop, ended cleanly when every silo's budget is exhausted."""
@@ -98,7 +113,18 @@ class RecordingFedAvg(FedAvg):
         kept = [m for m in messages if m.metadata.dst_node_id not in self.exhausted]
         if len(kept) < len(messages):
             log(INFO, "round %d: not sampling %d silo(s) with exhausted budgets", server_round, len(messages) - len(kept))
+        self.sampled[server_round] = {m.metadata.dst_node_id for m in kept}
         return kept
+
+    def note_missing(self, server_round: int, replied: set[int]) -> None:
+        """Record (in metrics.json ``missing``) the silos asked to train that sent no reply."""
+        gone = sorted(self.sampled.get(server_round, set()) - replied)
+        if not gone:
+            return
+        silos = [self.silo_of.get(n, f"node {n}") for n in gone]
+        self.missing.append({"round": server_round, "node-ids": gone, "silos": silos})
+        self.records.run_info["missing"] = self.missing
+        log(WARNING, "round %d: no reply from %s; the round goes on with the other silos", server_round, ", ".join(silos))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -109,6 +135,7 @@ class RecordingFedAvg(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
+                fail_on_federation_mismatch(msg)
                 log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
                 self.records.problem(server_round, "train", self._silo(msg), node, "error", error_reason(msg))
                 failed += 1
@@ -147,6 +174,7 @@ class RecordingFedAvg(FedAvg):
                 training.append(msg)
         self._cap_weights(server_round, training)
         self.records.outcome(server_round, "train", len(training), failed, declined)
+        self.note_missing(server_round, {m.metadata.src_node_id for m in replies if not m.has_error()})
         arrays, metrics = (None, None)
         if training:
             arrays, metrics = super().aggregate_train(server_round, training)
@@ -204,6 +232,7 @@ class RecordingFedAvg(FedAvg):
         answered: list[Message] = []
         for msg in replies:
             if msg.has_error():
+                fail_on_federation_mismatch(msg)
                 node = msg.metadata.src_node_id
                 log(WARNING, "round %d: evaluation on node %d failed: %s", server_round, node, msg.error.reason)
                 self.records.problem(server_round, "evaluate", self._silo(msg), node, "error", error_reason(msg))

@@ -214,6 +214,21 @@ def list_silos(dataset_dir: Path) -> list[str]:
     return names
 
 
+FEDERATION_MISMATCH = "fedshift-federation-mismatch"
+
+
+def federation_mismatch(num_partitions: object, dataset_dir: Path, silos: list[str]) -> str | None:
+    """The error of a simulated federation (node config ``num-partitions``) whose size is not
+    the dataset's silo count, or None when it fits (or the node is not simulated). The text
+    starts with :data:`FEDERATION_MISMATCH`, which the server treats as fatal for the run."""
+    if num_partitions is None or int(str(num_partitions)) == len(silos):
+        return None
+    return (f"{FEDERATION_MISMATCH}: the federation has {num_partitions} SuperNodes but {dataset_dir} has "
+            f"{len(silos)} silos, so {abs(len(silos) - int(str(num_partitions)))} silo(s) would be left out or "
+            f"missing; start one SuperNode per silo: flwr run . --federation-config \"num-supernodes={len(silos)}\" "
+            f"(or fedshift simulate, which does)")
+
+
 def load_silo(silo_dir: Path, catalogue: Catalogue) -> Silo:
     """Read one silo folder (``events.csv[.gz]``, ``users.csv[.gz]``); opens nothing outside it."""
     silo_dir = Path(silo_dir)

@@ -1,0 +1,85 @@
+"""The process plumbing that `fedshift simulate` and `fedshift deploy local` share: the
+environment Flower's processes run with, free ports on 127.0.0.1, the run-config file given to
+``flwr run``, relaying Flower's stream (round progress and fedshift's per-round table), and
+turning SIGTERM/SIGHUP into an unwinding exit so started processes are stopped."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+APP_DIR = Path(__file__).resolve().parents[1]
+FLOWER_ENV = {
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+_LOG_PREFIX = re.compile(r"^(\x1b\[[0-9;]*m)?(INFO|WARNING|ERROR|DEBUG)\s*(\x1b\[0m)?:\s*")
+_DATED = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:")
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_run_config(config: dict[str, Any], path: Path) -> Path:
+    """``config`` as the TOML file ``flwr run --run-config`` reads."""
+    from shared_model.io_utils import write_bytes_atomic
+
+    write_bytes_atomic(path, "".join(f"{k} = {toml_value(v)}\n" for k, v in sorted(config.items())).encode())
+    return path
+
+
+def terminate(signum: int, frame: Any) -> None:
+    """SIGTERM/SIGHUP: unwind through ``finally`` so the local SuperLink, its simulation
+    process and Ray workers are stopped instead of orphaned."""
+    raise SystemExit(128 + signum)
+
+
+def relay(lines: Any, log: Any, verbose: bool, started: float, stream: TextIO) -> None:
+    """Copy Flower's stream to ``log``; show round progress and fedshift's tables.
+
+    Flower prints each log record twice when streaming (coloured, then dated); the
+    dated copy and its continuation lines are skipped.
+    """
+    dated = in_table = False
+    for raw in lines:
+        log.write(raw)
+        log.flush()  # others follow the log while the run goes on
+        line = raw.rstrip("\n")
+        if _DATED.match(line):
+            dated, in_table = True, False
+            continue
+        if _LOG_PREFIX.match(line):
+            dated, in_table = False, False
+            line = _LOG_PREFIX.sub("", line)
+        elif dated:
+            continue
+        if verbose:
+            print(line, file=stream, flush=True)
+            continue
+        if m := re.search(r"\[ROUND (\d+)/(\d+)\]", line):
+            print(f"[{time.time() - started:6.0f} s] round {m.group(1)}/{m.group(2)} …", file=stream, flush=True)
+        elif line.startswith("round ") and "ε is cumulative" in line:
+            in_table = True
+            print(line, file=stream, flush=True)
+        elif in_table or line.startswith("fedshift:") or "ERROR" in raw or "Traceback" in line:
+            print(line, file=stream, flush=True)
