@@ -104,8 +104,13 @@ def test_run_health_reads_outcomes(tmp_path: Path) -> None:
     assert run_problems(tmp_path / "metrics.json")[0].endswith(
         "cannot read the run's metrics ([Errno 2] No such file or directory: '" + str(tmp_path / "metrics.json") + "')")
     rec = RunRecords(tmp_path, {})
-    rec.outcome(1, "train", ok=0, failed=0, declined=3)  # every silo's budget exhausted: the silos' own policy
+    rec.outcome(1, "train", ok=0, failed=0, declined=3)  # every silo declined by its own policy...
     rec.outcome(1, "evaluate", ok=3, failed=0)
+    rec.write()
+    assert run_problems(tmp_path / "metrics.json") == [  # ...and nothing ever trained: that is reported
+        "no silo trained in any of 1 round(s): every reply failed or was declined (see the refusals above and in "
+        "metrics.json)"]
+    rec.outcome(0, "train", ok=3, failed=0)  # an earlier round trained: round 1's budgets ran out, a normal end
     rec.write()
     assert run_problems(tmp_path / "metrics.json") == []
     rec.outcome(2, "evaluate", ok=0, failed=3)
