@@ -86,6 +86,7 @@ class CanaryResult:
     steps: int = 0  # gradient canaries: DP-SGD steps observed
     sample_rate: float = 0.0  # gradient canaries: per-step inclusion rate (the sampler's q)
     participated: int = 0  # gradient canaries: included ones sampled in ≥ 1 step (diagnostic)
+    reading_std_out: float = 0.0  # gradient canaries: std of excluded ones' readings / C (≈ σ if real data is quiet)
 
     @property
     def passed(self) -> bool:
@@ -225,6 +226,7 @@ def run_canary_audits(
         res.steps = dirac.steps
         res.sample_rate = dirac.sample_rate
         res.participated = int(((dirac.sampled > 0) & dirac.included).sum())
+        res.reading_std_out = float(torch.stack(dirac.readings, 1)[~dirac.included].std())
         results.append(res)
     for r in results:
         r.seconds = round(time.time() - t0, 1)

@@ -85,7 +85,7 @@ def _result(kind: str, lb: float, correct: int) -> dict:
     return CanaryResult(kind=kind, silo="a", m=100, included=50, guesses=20, correct=correct, k_in=20, k_out=0,
                         epsilon_lower_bound=lb, confidence=0.95, ledger_epsilon=1.0, delta=1e-5,
                         accountant="Opacus RDP", noise_multiplier_recorded=2.0, broken_noise=False, seconds=1.0,
-                        ledger="x", steps=6, sample_rate=0.2, participated=30).as_dict()
+                        ledger="x", steps=6, sample_rate=0.2, participated=30, reading_std_out=2.0).as_dict()
 
 
 def test_report_shows_both_kinds_and_fails_the_leaking_one(tmp_path: Path) -> None:
@@ -96,6 +96,7 @@ def test_report_shows_both_kinds_and_fails_the_leaking_one(tmp_path: Path) -> No
     write_report(run, result)
     md = (run / "audit.md").read_text()
     assert "| input | a | 100 |" in md and "| gradient | a | 100 |" in md and "FAIL: bound above the claim" in md
+    assert "std 2·C" in md
 
 
 CI = {"num-server-rounds": 2, "local-steps": 3, "epsilon": 1.0, "max-eval-users": 0}

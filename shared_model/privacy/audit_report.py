@@ -139,7 +139,9 @@ def write_report(run_dir: Path, result: dict[str, Any]) -> None:
         for c in result["canaries"]:
             if c.get("kind") == "gradient":
                 lines.append(f"Gradient canaries: {c['steps']} steps at q={c['sample_rate']:.4g}, σ={c['noise_multiplier_recorded']:.4g}; "
-                             f"{c['participated']} of {c['included']} included canaries were sampled at least once.")
+                             f"{c['participated']} of {c['included']} included canaries were sampled at least once; "
+                             f"the excluded ones' readings have std {c.get('reading_std_out', float('nan')):.3g}·C "
+                             f"(the noise σ·C plus real-data gradients).")
         if any(c["broken_noise"] for c in result["canaries"]):
             lines.append("AUDIT-BROKEN-NOISE was set: the silo trained with σ=0 while its ledger records σ.")
     write_bytes_atomic(run_dir / "audit.md", ("\n".join(lines) + "\n").encode())
