@@ -22,7 +22,7 @@ def audit(args: argparse.Namespace) -> int:
     canary = None
     if args.canaries:
         from fedshift.config_args import parse_set, refuse
-        from fl_client.canary_audit import run_canary_audit
+        from fl_client.canary_audit import KINDS, run_canary_audits
         from shared_model.config import RunConfig
 
         conf = json.loads((run_dir / "metrics.json").read_text())["run"].get("config", {})
@@ -30,8 +30,13 @@ def audit(args: argparse.Namespace) -> int:
             cfg = RunConfig.from_run_config({**conf, **parse_set(args.set)})
         except ValueError as e:
             return refuse("audit", e)
-        canary = run_canary_audit(cfg, args.canaries, run_dir / "audit-canaries", silo_index=args.canary_silo,
-                                  seed=args.canary_seed, k=args.canary_guesses).as_dict()
+        kinds = KINDS if args.canary_kind == "both" else (args.canary_kind,)
+        try:
+            canary = [r.as_dict() for r in run_canary_audits(
+                cfg, args.canaries, run_dir / "audit-canaries", kinds=kinds, silo_index=args.canary_silo,
+                seed=args.canary_seed, k=args.canary_guesses)]
+        except ValueError as e:
+            return refuse("audit", e)
     from shared_model.privacy.policy import PolicyError
 
     try:
@@ -62,10 +67,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "                           1e-3 on the same (integer) orders; the spread against\n"
             "                           dp-accounting PLD is reported\n"
             "  within-budget            no silo spent more than its budget\n"
-            "  canary-lower-bound       with --canaries M: a fresh one-silo training with M\n"
-            "                           canaries (each in w.p. 1/2) gives an empirical ε lower\n"
-            "                           bound (Steinke, Nasr & Jagielski 2023, 95 %) that must\n"
-            "                           not exceed the ledger's ε\n"
+            "  canary-lower-bound:KIND  with --canaries M: a fresh one-silo training with M\n"
+            "                           canaries of each kind (each in w.p. 1/2) gives an\n"
+            "                           empirical ε lower bound (Steinke, Nasr & Jagielski 2023,\n"
+            "                           95 %) that must not exceed the ledger's ε. Kinds: input\n"
+            "                           (fake users, scored on the final model) and gradient\n"
+            "                           (white-box Dirac canaries in the clipped gradient sum,\n"
+            "                           sampled at the sampler's rate, scored per step)\n"
             "It also reports the worst-case ε of a user present on every silo, and lists the\n"
             "refusals on the ledger (the silo's own policy or a budget rule refused a round;\n"
             "a refusal spends no ε) and each silo's policy (RUN_DIR/silo-state/<silo>/policy.toml).\n\n"
@@ -79,8 +87,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--canaries", type=int, default=0, metavar="M", help="run the canary audit with M canaries")
     p.add_argument("--canary-silo", type=int, default=0, metavar="I", help="silo (sorted index) that gets the canaries")
     p.add_argument("--canary-seed", type=int, default=0, help="seed of canary inclusion and training")
+    p.add_argument("--canary-kind", choices=("both", "input", "gradient"), default="both",
+                   help="which canaries to insert (default both, in one training)")
     p.add_argument("--canary-guesses", type=int, default=None, metavar="K",
-                   help="guess 'in' on the K highest and 'out' on the K lowest scores (default M/4)")
+                   help="input: guess 'in' on the K highest and 'out' on the K lowest scores (default M/4); "
+                        "gradient: 'in' on the K highest (default planned from the claimed σ, q, steps)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override the run's config for the canary training (repeatable)")
     p.set_defaults(func=audit)

@@ -57,7 +57,7 @@ def silo_policies(run_dir: Path, run_id: Any = None) -> dict[str, dict[str, Any]
     return out
 
 
-def audit_run(run_dir: Path, canary: dict[str, Any] | None = None) -> dict[str, Any]:
+def audit_run(run_dir: Path, canary: dict[str, Any] | list[dict[str, Any]] | None = None) -> dict[str, Any]:
     run_dir = Path(run_dir)
     info = json.loads((run_dir / "metrics.json").read_text())["run"] if (run_dir / "metrics.json").is_file() else {}
     checks: list[dict[str, Any]] = []
@@ -122,11 +122,12 @@ def audit_run(run_dir: Path, canary: dict[str, Any] | None = None) -> dict[str, 
                if k != "Opacus RDP (default α)"},
         }
     if canary is not None:
-        result["canary"] = canary
-        checks.append(_check("canary-lower-bound", bool(canary["passed"]),
-                             f"ε lower bound {canary['epsilon_lower_bound']:.4f} (95 %, pure-ε, {canary['correct']}/"
-                             f"{canary['guesses']} correct of M={canary['m']}) vs ledger ε={canary['ledger_epsilon']:.4f} "
-                             f"(δ={canary['delta']:g}, {canary['accountant']}) on silo {canary['silo']}"))
+        result["canaries"] = [canary] if isinstance(canary, dict) else list(canary)
+        for c in result["canaries"]:
+            checks.append(_check(f"canary-lower-bound:{c.get('kind', 'input')}", bool(c["passed"]),
+                                 f"ε lower bound {c['epsilon_lower_bound']:.4f} (95 %, pure-ε, {c['correct']}/"
+                                 f"{c['guesses']} correct of M={c['m']}) vs ledger ε={c['ledger_epsilon']:.4f} "
+                                 f"(δ={c['delta']:g}, {c['accountant']}) on silo {c['silo']}"))
     result["passed"] = bool(checks) and all(c["passed"] for c in checks)
     return result
 
@@ -158,12 +159,27 @@ def write_report(run_dir: Path, result: dict[str, Any]) -> None:
         lines += ["", "## Refusals (the silo's policy or budget rules; a refusal spends nothing)", "",
                   "| silo | run | round | rule | reason |", "|---|---|---|---|---|"]
         lines += [f"| {r['silo']} | {r['run-id']} | {r['round']} | {r['rule']} | {r['reason']} |" for r in result["refusals"]]
-    if "canary" in result:
-        c = result["canary"]
+    if result.get("canaries"):
         lines += ["", "## Canary audit (Steinke, Nasr & Jagielski, NeurIPS 2023, one run)", "",
-                  f"M={c['m']} canaries on silo {c['silo']} ({c['included']} included), guesses {c['guesses']}, correct {c['correct']}, "
-                  f"ε lower bound {c['epsilon_lower_bound']:.4f} at {c['confidence']:.0%} vs ledger ε {c['ledger_epsilon']:.4f} "
-                  f"(δ={c['delta']:g}, {c['accountant']})" + ("; AUDIT-BROKEN-NOISE was set (σ=0 trained)" if c["broken_noise"] else "")]
+                  "| kind | silo | M | included | guesses (in/out) | correct | ε lower bound (95 %) | claimed ε | share | |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for c in result["canaries"]:
+            share = c["epsilon_lower_bound"] / c["ledger_epsilon"] if c["ledger_epsilon"] else float("nan")
+            lines.append(f"| {c.get('kind', 'input')} | {c['silo']} | {c['m']} | {c['included']} | {c['guesses']} "
+                         f"({c['k_in']}/{c['k_out']}) | {c['correct']} | {c['epsilon_lower_bound']:.4f} | "
+                         f"{c['ledger_epsilon']:.4f} (δ={c['delta']:g}, {c['accountant']}) | {share:.0%} | "
+                         f"{'pass' if c['passed'] else 'FAIL: bound above the claim'} |")
+        lines += ["", "input: fake users, scored on the final model (black-box). gradient: Dirac canaries of norm C "
+                  "added to the clipped gradient sum before the noise, each step w.p. the sampler's q, scored on "
+                  "every step's noisy sum (white-box)."]
+        for c in result["canaries"]:
+            if c.get("kind") == "gradient":
+                lines.append(f"Gradient canaries: {c['steps']} steps at q={c['sample_rate']:.4g}, σ={c['noise_multiplier_recorded']:.4g}; "
+                             f"{c['participated']} of {c['included']} included canaries were sampled at least once; "
+                             f"the excluded ones' readings have std {c.get('reading_std_out', float('nan')):.3g}·C "
+                             f"(the noise σ·C plus real-data gradients).")
+        if any(c["broken_noise"] for c in result["canaries"]):
+            lines.append("AUDIT-BROKEN-NOISE was set: the silo trained with σ=0 while its ledger records σ.")
     write_bytes_atomic(run_dir / "audit.md", ("\n".join(lines) + "\n").encode())
     _plot(run_dir, result)
 
