@@ -37,3 +37,13 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("gen") / "ds"
     generate(out, users=240, platforms=3, regions=1, seed=1)
     return out
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 platforms × 2 regions, 40 users: a fresh copy per test module (tests edit it)."""
+    from simulations.datasets.generator import generate
+
+    d = tmp_path_factory.mktemp("base") / "ds"
+    generate(d, users=40, platforms=2, regions=2, seed=3)
+    return d

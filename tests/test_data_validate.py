@@ -12,16 +12,8 @@ import pytest
 from fedshift.data_cmd import main as data_main
 from shared_model.dataset import load_catalogue, load_silo, validate_dataset
 from shared_model.schema import DataError
-from simulations.datasets.generator import generate
 
 SILO = "silos/p0-r0"
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("base") / "ds"
-    generate(d, users=40, platforms=2, regions=2, seed=3)
-    return d
 
 
 def _rows(path: Path) -> list[list[str]]:

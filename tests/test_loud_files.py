@@ -20,16 +20,8 @@ from shared_model.config import RunConfig
 from shared_model.dataset import load_catalogue, validate_dataset
 from shared_model.item_index import catalogue_hash
 from shared_model.model import build_model
-from simulations.datasets.generator import generate
 
 SILO = "silos/p0-r0"
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("base") / "ds"
-    generate(d, users=40, platforms=2, regions=2, seed=3)
-    return d
 
 
 @pytest.fixture
