@@ -35,6 +35,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 #: ``adapted``: items re-encoded by the LoRA encoder inside each example's forward.
 ITEM_TOWERS = ("frozen", "adapted")
 
+#: ``fedavg``: both LoRA factors A and B are trained and averaged (mean(B)·mean(A) ≠ mean(B·A));
+#: ``ffa``: FFA-LoRA (Sun et al., ICLR 2024), A frozen at its seeded initialisation on every
+#: silo and only B (+ heads) trained and averaged, so the global ΔW is the exact weighted mean.
+LORA_MODES = ("fedavg", "ffa")
+
 
 class ConfigError(ValueError):
     """A run-config key that is unknown or a value of the wrong type or range: ``str(e)``
@@ -61,6 +66,7 @@ RULES: dict[str, tuple[Any, str]] = {
     "lora-alpha": _POSITIVE,
     "lora-dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "lora-target-modules": (lambda v: any(m.strip() for m in v.split(",")), "must name at least one module"),
+    "lora-mode": (lambda v: v in LORA_MODES, f"must be one of {', '.join(LORA_MODES)}"),
     "item-tower": (lambda v: v in ITEM_TOWERS, f"must be one of {', '.join(ITEM_TOWERS)}"),
     "num-negatives": _AT_LEAST_1,
     "tower-negatives": _NON_NEGATIVE,
@@ -104,6 +110,7 @@ class RunConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: str = "query,value"
+    lora_mode: str = "fedavg"
     # heads and loss
     item_tower: str = "frozen"
     num_negatives: int = 255

@@ -178,7 +178,9 @@ def build_model(cfg: RunConfig, num_categories: int, seed: int | None = None) ->
     """A fresh model: base encoder frozen, LoRA + heads initialised from ``seed``.
 
     The same seed gives the same initial trainable tensors on every machine, so the
-    server's initial global model is reproducible.
+    server's initial global model is reproducible. With ``lora-mode = ffa`` the LoRA A
+    factors are frozen at that seeded initialisation (the same on every silo and the server),
+    so only B and the heads are trainable, sent and averaged.
     """
     encoder = load_encoder(cfg.base_model)
     for p in encoder.parameters():
@@ -187,6 +189,10 @@ def build_model(cfg: RunConfig, num_categories: int, seed: int | None = None) ->
     torch.manual_seed(cfg.seed if seed is None else seed)
     try:
         peft_encoder = get_peft_model(encoder, lora_config(cfg))
+        if cfg.lora_mode == "ffa":  # FFA-LoRA: A stays at its seeded (public) initialisation
+            for name, p in peft_encoder.named_parameters():
+                if ".lora_A." in name:
+                    p.requires_grad_(False)
         model = InterestModel(peft_encoder, num_categories, cfg.history_features)
         nn.init.zeros_(model.category_head.bias)
     finally:
