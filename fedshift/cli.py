@@ -9,7 +9,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from fedshift import audit_cmd, data_cmd, deploy_cmd, evaluate_cmd, experiment_cmd, recommend_cmd, simulate_cmd
+from fedshift import (audit_cmd, data_cmd, deploy_cmd, evaluate_cmd, experiment_cmd, recommend_cmd, simulate_cmd,
+                     verify_cmd)
 
 DESCRIPTION = """\
 fedshift learns how shoppers' interests migrate between categories, federated over data
@@ -25,7 +26,9 @@ commands:
   evaluate              a checkpoint and the baselines on held-out users (ranking,
                         next interest, migration detection, cross-platform)
   recommend             top-k items, next interests and migration score for a history
-  audit RUN_DIR         check a run's privacy ledger; --canaries M for an empirical bound
+  audit RUN_DIR         check a run's privacy ledger; --canaries M for an empirical bound;
+                        --silo-keys DIR checks the silos' signatures on it
+  verify CHECKPOINT     check a checkpoint against the server's signed manifest
   experiment            the experiment grid (baselines, federated DP at several ε, local-only,
                         centralised, leave-one-platform-out): results.md/.csv and plots
 """
@@ -45,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd.add_parser(sub)
     recommend_cmd.add_parser(sub)
     audit_cmd.add_parser(sub)
+    verify_cmd.add_parser(sub)
     experiment_cmd.add_parser(sub)
     return parser
 

@@ -49,7 +49,8 @@ EPILOG = """\
 examples:
   fedshift evaluate --checkpoint runs/quick/checkpoints/round-003 --split test
   fedshift evaluate --split test --json > baselines.json   # baselines only
-exit status: 0 ok; 1 a predictor's scores are not finite (the message names it);
+exit status: 0 ok; 1 a predictor's scores are not finite (the message names it), or
+--public-key was given and the checkpoint does not verify (`fedshift verify`);
 2 bad input (missing checkpoint, bad data, a catalogue other than the checkpoint's: the
 message names the file and field).
 """
@@ -60,6 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (checkpoints/round-NNN); "
                    "omit it to evaluate the baselines alone")
+    p.add_argument("--public-key", metavar="KEY", help="verify the checkpoint against the run's signed manifest "
+                   "first (RUN/server-signing.pub; see `fedshift verify`)")
     p.add_argument("--split", choices=("valid", "test"), default="valid",
                    help="held-out users to evaluate on (default: valid)")
     p.add_argument("--dataset", metavar="DIR", help="dataset folder (default: the checkpoint's run dataset, "
@@ -100,6 +103,13 @@ def _run(args: argparse.Namespace) -> int:
         return _fail("nothing to evaluate: give --checkpoint or drop --no-baselines")
     if args.bootstrap < 0 or args.max_users < 0:
         return _fail("--bootstrap and --max-users must be >= 0")
+    if args.public_key:
+        if not args.checkpoint:
+            return _fail("--public-key verifies a checkpoint: give --checkpoint")
+        from fedshift.verify_cmd import check
+
+        if (status := check(args.checkpoint, args.public_key, "evaluate")) != 0:
+            return status
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     predictors = []
     k = None

@@ -41,8 +41,9 @@ examples:
       --history "Prismacolor Premier Colored Pencils; Strathmore Sketch Pad"
   fedshift recommend --checkpoint DIR --platform arts --history-file h.txt -k 5 --json
   fedshift recommend --checkpoint DIR --platform arts --history "..." --bench 1000
-exit status: 0 ok; 1 the model's scores are not finite; 2 unknown platform, empty
-history, missing or unloadable checkpoint or file.
+exit status: 0 ok; 1 the model's scores are not finite, or --public-key was given and the
+checkpoint does not verify (`fedshift verify`); 2 unknown platform, empty history, missing
+or unloadable checkpoint, file or key.
 """
 
 
@@ -50,6 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recommend", help="top-k next items and interests for a history of titles",
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", metavar="DIR", required=True, help="checkpoint folder (checkpoints/round-NNN)")
+    p.add_argument("--public-key", metavar="KEY", help="verify the checkpoint against the run's signed manifest "
+                   "first (RUN/server-signing.pub; see `fedshift verify`)")
     p.add_argument("--platform", required=True, metavar="P", help="platform to recommend on (e.g. arts, office)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--history", metavar="TITLES", help="titles separated by ';', oldest first")
@@ -102,6 +105,11 @@ def _run(args: argparse.Namespace) -> int:
         return _fail("empty history: give at least one title (--history \"a; b\" or --history-file F)")
     if not Path(args.checkpoint).is_dir():
         return _fail(f"{args.checkpoint}: checkpoint folder not found")
+    if args.public_key:
+        from fedshift.verify_cmd import check
+
+        if (status := check(args.checkpoint, args.public_key, "recommend")) != 0:
+            return status
     try:
         scorer = Scorer.from_checkpoint(args.checkpoint, args.dataset, args.base_model)
     except (FileNotFoundError, ValueError, KeyError) as e:

@@ -2,7 +2,8 @@
 
 The server reads only public data (the item catalogue, for the category vocabulary).
 Every round it records each silo's metrics, checkpoints the global model as a
-peft-loadable folder, and rewrites ``metrics.json`` / ``metrics.csv`` in ``out-dir``.
+peft-loadable folder signed with the run's Ed25519 key (public half:
+``RUN/server-signing.pub``), and rewrites ``metrics.json`` / ``metrics.csv`` in ``out-dir``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from fl_server.records import RunRecords
 from fl_server.strategy import RecordingFedAvg
 from shared_model.adapters import from_arrays, save_checkpoint, to_arrays
+from shared_model.checkpoint_signature import SERVER_PUB, run_signing_key
 from shared_model.config import RunConfig
 from shared_model.dataset import load_catalogue
 from shared_model.encoder import model_hash, resolve_base_model
@@ -63,6 +65,8 @@ def main(grid: Grid, context: Context) -> None:
         "ledger": LEDGER_NAME,
         "config": cfg.to_run_config(),
     }
+    signing_key = run_signing_key(out)  # each round's checkpoint is signed; `fedshift verify` checks it
+    run_info["checkpoint-public-key"] = SERVER_PUB
     records = RunRecords(out, run_info)
     log(INFO, "fedshift: %d trainable tensors (%d parameters); results in %s",
         len(initial), run_info["trainable-parameters"], out)
@@ -79,7 +83,7 @@ def main(grid: Grid, context: Context) -> None:
             "config": cfg.to_run_config(),
             "run-id": context.run_id,
         }
-        save_checkpoint(model, out / "checkpoints" / f"round-{server_round:03d}", meta)
+        save_checkpoint(model, out / "checkpoints" / f"round-{server_round:03d}", meta, signing_key)
 
     checkpoint(0, initial)
     num_nodes = max(1, cfg.min_nodes)

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord
 from safetensors.torch import load_file, save_file
 
+from shared_model.checkpoint_signature import sign_checkpoint
 from shared_model.config import RunConfig
 from shared_model.model import InterestModel, build_model
 
@@ -66,9 +68,11 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_checkpoint(
-    model: InterestModel, folder: str | os.PathLike[str], metadata: dict[str, Any]
+    model: InterestModel, folder: str | os.PathLike[str], metadata: dict[str, Any],
+    signing_key: Ed25519PrivateKey | None = None,
 ) -> Path:
-    """Write ``folder`` atomically: peft adapter files, heads, and metadata JSON.
+    """Write ``folder`` atomically: peft adapter files, heads, and metadata JSON; with
+    ``signing_key``, also the signed manifest of them all (:mod:`shared_model.checkpoint_signature`).
 
     ``PeftModel.from_pretrained(base, folder)`` loads the adapter alone.
     """
@@ -86,6 +90,8 @@ def save_checkpoint(
         }
         save_file(heads, str(tmp / HEADS_FILE))
         (tmp / META_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+        if signing_key is not None:
+            sign_checkpoint(tmp, signing_key)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
