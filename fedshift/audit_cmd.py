@@ -39,9 +39,15 @@ def audit(args: argparse.Namespace) -> int:
             return refuse("audit", e)
     from shared_model.privacy.policy import PolicyError
 
+    from shared_model.signing import SigningKeyError
+
+    silo_keys = Path(args.silo_keys).expanduser() if args.silo_keys else None
+    if silo_keys is not None and not silo_keys.is_dir():
+        print(f"fedshift audit: {silo_keys}: --silo-keys folder not found", file=sys.stderr)
+        return 2
     try:
-        result = audit_run(run_dir, canary)
-    except PolicyError as e:
+        result = audit_run(run_dir, canary, silo_keys=silo_keys)
+    except (PolicyError, SigningKeyError) as e:
         print(f"fedshift audit: {e}", file=sys.stderr)
         return 2
     write_report(run_dir, result)
@@ -67,6 +73,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "                           1e-3 on the same (integer) orders; the spread against\n"
             "                           dp-accounting PLD is reported\n"
             "  within-budget            no silo spent more than its budget\n"
+            "  ledger-signatures        with --silo-keys DIR: every record carries its silo's\n"
+            "                           Ed25519 signature and it verifies with DIR/<silo>.pub\n"
+            "                           (or DIR/<silo>/ledger-signing.pub); a record edited and\n"
+            "                           re-chained by hand, or an unsigned one, fails\n"
             "  canary-lower-bound:KIND  with --canaries M: a fresh one-silo training with M\n"
             "                           canaries of each kind (each in w.p. 1/2) gives an\n"
             "                           empirical ε lower bound (Steinke, Nasr & Jagielski 2023,\n"
@@ -78,12 +88,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "refusals on the ledger (the silo's own policy or a budget rule refused a round;\n"
             "a refusal spends no ε) and each silo's policy (RUN_DIR/silo-state/<silo>/policy.toml).\n\n"
             "Writes RUN_DIR/audit.md and RUN_DIR/audit-epsilon.png. Exit status: 0 all checks\n"
-            "pass, 1 a check failed, 2 RUN_DIR is not a run folder or a silo policy is unreadable."
+            "pass, 1 a check failed, 2 RUN_DIR is not a run folder, a silo policy is unreadable\n"
+            "or a --silo-keys file is not a key."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a `fedshift simulate` results folder")
     p.add_argument("--json", action="store_true", help="print the machine-readable result instead of Markdown")
+    p.add_argument("--silo-keys", metavar="DIR", help="the silos' ledger public keys (RUN/silo-keys, written by "
+                   "`fedshift simulate`): check every record's signature")
     p.add_argument("--canaries", type=int, default=0, metavar="M", help="run the canary audit with M canaries")
     p.add_argument("--canary-silo", type=int, default=0, metavar="I", help="silo (sorted index) that gets the canaries")
     p.add_argument("--canary-seed", type=int, default=0, help="seed of canary inclusion and training")

@@ -150,6 +150,7 @@ def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout:
     is stopped. The local SuperLink is stopped at the end, also on SIGTERM/SIGHUP.
     """
     from shared_model.dataset import list_silos
+    from shared_model.privacy.ledger_signatures import gather_public_keys
 
     stream = stream or sys.stdout
     out = Path(out).expanduser().resolve()
@@ -163,6 +164,7 @@ def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout:
     out.mkdir(parents=True, exist_ok=True)
     state_dir = Path(state_dir).expanduser().resolve() if state_dir else out / "silo-state"
     prepare_silo_state(state_dir, silos, allow_non_private=allow_non_private, silo_seed=silo_seed)
+    gather_public_keys(state_dir, silos, out / "silo-keys")  # the silos' ledger-signing keys, for `audit --silo-keys`
     privacy = (f"ε={cfg.epsilon:g} per silo, δ={cfg.delta:g}, accountant {cfg.accountant}" if cfg.dp
                else "no DP (non-private)")
     print(f"{len(silos)} silos ({', '.join(silos)}), {cfg.num_server_rounds} rounds × {cfg.local_steps} local "

@@ -25,6 +25,7 @@ from fl_client.task import resolve_silo_dir
 from shared_model.config import ConfigError, RunConfig
 from shared_model.privacy.admission import Admission, PolicyRefusal, admit, parse_request, requested
 from shared_model.privacy.ledger import LEDGER_NAME, Ledger, state_root
+from shared_model.privacy.ledger_signatures import silo_signer
 from shared_model.privacy.policy import PolicyError, SiloPolicy, policy_path, silo_policy
 from shared_model.privacy.records import Refusal, write_record
 from shared_model.privacy.silo_secret import SecretError, load_secret
@@ -69,7 +70,8 @@ def open_gate(run_config: Mapping[str, Any], node_config: Mapping[str, Any], cou
     root = state_root(node_config)
     parsed = parse_request(run_config)
     silo = _silo_name(parsed, run_config, node_config)
-    gate = Gate(silo, root, Ledger(root / silo / LEDGER_NAME), requested(run_config), policy_path(root, silo, node_config))
+    gate = Gate(silo, root, Ledger(root / silo / LEDGER_NAME, signer=silo_signer(root, silo)), requested(run_config),
+                policy_path(root, silo, node_config))
     try:
         gate.policy = silo_policy(root, silo, node_config)
     except PolicyError as exc:

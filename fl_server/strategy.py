@@ -215,7 +215,8 @@ class RecordingFedAvg(FedAvg):
 
     def append_ledger(self, record: ConfigRecord, node_id: int) -> None:
         """Append a silo's ledger record (a round or a refusal) to the federation ledger; the
-        silo's own chain hash is kept as ``silo-sha256`` (it names the line in the silo's ledger).
+        silo's own chain hash is kept as ``silo-sha256`` (it names the line in the silo's ledger)
+        and the silo's ``signature`` as sent (``fedshift audit --silo-keys`` checks it).
         A record that does not parse as a known kind is logged and not appended."""
         assert self.ledger is not None
         raw = {k: v for k, v in dict(record).items() if k not in {"sha256", "prev-sha256"}}
@@ -224,7 +225,8 @@ class RecordingFedAvg(FedAvg):
         except LedgerError as exc:
             log(WARNING, "node %d sent a ledger record the server cannot read (%s); not recorded", node_id, exc)
             return
-        write_record(self.ledger, typed, {"silo-sha256": str(record.get("sha256", "")), "node-id": int(node_id)})
+        signed = {"signature": str(record["signature"])} if record.get("signature") else {}  # the silo's, kept as sent
+        write_record(self.ledger, typed, {"silo-sha256": str(record.get("sha256", "")), "node-id": int(node_id), **signed})
 
     # --------------------------------------------------------------- evaluate
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -57,7 +57,10 @@ def silo_policies(run_dir: Path, run_id: Any = None) -> dict[str, dict[str, Any]
     return out
 
 
-def audit_run(run_dir: Path, canary: dict[str, Any] | list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def audit_run(run_dir: Path, canary: dict[str, Any] | list[dict[str, Any]] | None = None,
+              silo_keys: Path | None = None) -> dict[str, Any]:
+    """Every check on ``run_dir``; with ``silo_keys`` (a folder of the silos' ledger public keys)
+    also ``ledger-signatures`` (:func:`signature_check`)."""
     run_dir = Path(run_dir)
     info = json.loads((run_dir / "metrics.json").read_text())["run"] if (run_dir / "metrics.json").is_file() else {}
     checks: list[dict[str, Any]] = []
@@ -70,6 +73,8 @@ def audit_run(run_dir: Path, canary: dict[str, Any] | list[dict[str, Any]] | Non
     except LedgerError as exc:
         checks.append(_check("ledger-integrity", False, str(exc)))
         records = []
+    if silo_keys is not None:
+        checks.append(signature_check(Ledger(run_dir / LEDGER_NAME), silo_keys))
     if info.get("run-id") is not None:
         records = of_run(records, info["run-id"])
     rounds = dp_rounds(records)
@@ -130,6 +135,21 @@ def audit_run(run_dir: Path, canary: dict[str, Any] | list[dict[str, Any]] | Non
                                  f"(δ={c['delta']:g}, {c['accountant']}) on silo {c['silo']}"))
     result["passed"] = bool(checks) and all(c["passed"] for c in checks)
     return result
+
+
+def signature_check(ledger: Ledger, silo_keys: Path) -> dict[str, Any]:
+    """``ledger-signatures``: every line of ``ledger`` signed by its silo's key from ``silo_keys``
+    (:mod:`shared_model.privacy.ledger_signatures`). An unreadable ledger fails here too."""
+    from shared_model.privacy.ledger_signatures import signature_problems
+
+    try:
+        lines = ledger.read()
+    except LedgerError as exc:
+        return _check("ledger-signatures", False, f"not checked: {exc}")
+    problems = signature_problems(lines, silo_keys, ledger.path.name)
+    detail = (f"{len(lines)} records, each signed by its silo's key in {silo_keys}" if not problems else
+              f"{len(problems)} of {len(lines)} records fail: " + "; ".join(problems[:5]) + (" …" if len(problems) > 5 else ""))
+    return _check("ledger-signatures", bool(lines) and not problems, detail if lines else f"{ledger.path}: no records")
 
 
 def write_report(run_dir: Path, result: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +52,13 @@ def _clean(value: Any) -> Any:
 
 
 class Ledger:
-    """An append-only hash-chained ledger file (single writer)."""
+    """An append-only hash-chained ledger file (single writer). With ``signer`` (a silo's,
+    :func:`shared_model.privacy.ledger_signatures.silo_signer`) every appended record also
+    carries its ``signature``."""
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], signer: Callable[[Mapping[str, Any]], str] | None = None):
         self.path = Path(path)
+        self.signer = signer
 
     def read(self) -> list[dict[str, Any]]:
         """All records, verified; raises :class:`LedgerError` at the first bad line."""
@@ -91,6 +94,8 @@ class Ledger:
         existing = self.read()
         prev = existing[-1]["sha256"] if existing else GENESIS
         rec = {k: _clean(v) for k, v in record.items() if k not in {"sha256", "prev-sha256"}}
+        if self.signer is not None:
+            rec["signature"] = self.signer(rec)
         rec["prev-sha256"] = prev
         rec["sha256"] = record_hash(rec)
         line = _canonical(rec) + b"\n"

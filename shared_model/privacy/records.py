@@ -25,9 +25,10 @@ from typing import Any, ClassVar, TypeVar
 
 from shared_model.privacy.ledger import Ledger, LedgerError
 
-#: Keys the ledger (hash chain) and the server (where a silo's record came from) put
-#: around a record; they are not the record's fields.
-ENVELOPE = ("prev-sha256", "sha256", "silo-sha256", "node-id")
+#: Keys the ledger (hash chain), the server (where a silo's record came from) and the silo's
+#: signature (:mod:`shared_model.privacy.ledger_signatures`) put around a record; they are
+#: not the record's fields.
+ENVELOPE = ("prev-sha256", "sha256", "silo-sha256", "node-id", "signature")
 
 R = TypeVar("R", bound="Record")
 
