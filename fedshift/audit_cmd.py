@@ -14,10 +14,15 @@ from pathlib import Path
 
 def audit(args: argparse.Namespace) -> int:
     from shared_model.privacy.audit_report import audit_run, write_report
+    from shared_model.privacy.ledger import LEDGER_NAME
+    from shared_model.privacy.owner_checks import AuditInputError, read_metrics
+    from shared_model.privacy.policy import POLICY_NAME
 
     run_dir = Path(args.run_dir).expanduser().resolve()
-    if not (run_dir / "metrics.json").is_file():
-        print(f"fedshift audit: {run_dir}: not a run folder (no metrics.json)", file=sys.stderr)
+    is_run = (run_dir / "metrics.json").is_file()
+    if not is_run and not (run_dir / LEDGER_NAME).is_file() and not (run_dir / POLICY_NAME).is_file():
+        print(f"fedshift audit: {run_dir}: neither a run folder (no metrics.json) nor a silo's state folder "
+              f"(no {LEDGER_NAME} or {POLICY_NAME})", file=sys.stderr)
         return 2
     canary = None
     if args.canaries:
@@ -25,7 +30,15 @@ def audit(args: argparse.Namespace) -> int:
         from fl_client.canary_audit import KINDS, run_canary_audits
         from shared_model.config import RunConfig
 
-        conf = json.loads((run_dir / "metrics.json").read_text())["run"].get("config", {})
+        if not is_run:
+            print(f"fedshift audit: {run_dir}: --canaries needs a run folder (its metrics.json names the run's config)",
+                  file=sys.stderr)
+            return 2
+        try:
+            conf = read_metrics(run_dir)["run"].get("config") or {}
+        except AuditInputError as e:
+            print(f"fedshift audit: {e}", file=sys.stderr)
+            return 2
         try:
             cfg = RunConfig.from_run_config({**conf, **parse_set(args.set)})
         except ValueError as e:
@@ -41,7 +54,7 @@ def audit(args: argparse.Namespace) -> int:
 
     try:
         result = audit_run(run_dir, canary)
-    except PolicyError as e:
+    except (PolicyError, AuditInputError) as e:
         print(f"fedshift audit: {e}", file=sys.stderr)
         return 2
     write_report(run_dir, result)
