@@ -80,6 +80,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "                           1e-3 on the same (integer) orders; the spread against\n"
             "                           dp-accounting PLD is reported\n"
             "  within-budget            no silo spent more than its budget\n"
+            "  run-records              a DP run has records of the run id metrics.json names\n"
+            "  rounds-on-ledger         every silo-round of metrics.json and every checkpoint has\n"
+            "                           its ledger record; σ, q, steps, δ, ε and model-sha256 (=\n"
+            "                           the update the server received) agree\n"
+            "  silo-ledger:SILO         RUN_DIR/silo-state/SILO/ledger.jsonl verifies, equals the\n"
+            "                           server's copy record by record, and meets SILO's policy.toml\n"
             "  canary-lower-bound:KIND  with --canaries M: a fresh one-silo training with M\n"
             "                           canaries of each kind (each in w.p. 1/2) gives an\n"
             "                           empirical ε lower bound (Steinke, Nasr & Jagielski 2023,\n"
@@ -90,12 +96,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "It also reports the worst-case ε of a user present on every silo, and lists the\n"
             "refusals on the ledger (the silo's own policy or a budget rule refused a round;\n"
             "a refusal spends no ε) and each silo's policy (RUN_DIR/silo-state/<silo>/policy.toml).\n\n"
+            "RUN_DIR may instead be a silo's state folder (<state-dir>/<silo>: its ledger.jsonl\n"
+            "and policy.toml): every run on its ledger is recomputed and checked against its\n"
+            "policy (silo-policy). Every failure names file:line (docs/audit.md).\n\n"
             "Writes RUN_DIR/audit.md and RUN_DIR/audit-epsilon.png. Exit status: 0 all checks\n"
-            "pass, 1 a check failed, 2 RUN_DIR is not a run folder or a silo policy is unreadable."
+            "pass, 1 a check failed, 2 RUN_DIR is neither kind of folder, or its metrics.json, a\n"
+            "checkpoint's fedshift.json or a silo policy is unreadable (one line naming the file)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a `fedshift simulate` results folder")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a `fedshift simulate` results folder, or a silo's state folder")
     p.add_argument("--json", action="store_true", help="print the machine-readable result instead of Markdown")
     p.add_argument("--canaries", type=int, default=0, metavar="M", help="run the canary audit with M canaries")
     p.add_argument("--canary-silo", type=int, default=0, metavar="I", help="silo (sorted index) that gets the canaries")

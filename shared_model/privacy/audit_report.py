@@ -12,6 +12,11 @@ Each silo's privacy policy is shown (:func:`silo_policies`): a silo folder's own
 ``fedshift simulate`` keeps the simulated silos' side), with the refusals on that silo's own
 ledger. A policy that cannot be read raises :class:`~shared_model.privacy.policy.PolicyError`
 (bad input: ``fedshift audit`` exits 2 with its one line).
+
+The data owner's checks (each silo's own ledger against the server's copy and its policy,
+every silo-round of ``metrics.json`` and every checkpoint on the ledger) are
+:mod:`shared_model.privacy.owner_checks`; an unreadable ``metrics.json`` raises its
+:class:`~shared_model.privacy.owner_checks.AuditInputError` (exit 2 too).
 """
 
 from __future__ import annotations

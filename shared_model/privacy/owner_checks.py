@@ -44,6 +44,10 @@ SAME_AS_METRICS = {"noise-multiplier": "noise_multiplier", "sample-rate": "sampl
                    "delta": "delta", "epsilon": "epsilon_cumulative"}
 
 
+#: Fields a cross-check shows first when a record differs.
+FIRST_SHOWN = ("noise-multiplier", "sample-rate", "steps", "delta", "accountant", "run-id", "silo", "round")
+
+
 class AuditInputError(ValueError):
     """An input the audit cannot read: one line, ``FILE: reason``."""
 
@@ -155,7 +159,8 @@ def cross_check(server: list[Line], silo: list[Line], server_name: str, silo_nam
             continue
         sn, sraw, _ = pairs.pop(0)
         mine, copy = _fields(raw), _fields(sraw)
-        diff = sorted(k for k in set(mine) | set(copy) if mine.get(k) != copy.get(k))
+        diff = sorted((k for k in set(mine) | set(copy) if mine.get(k) != copy.get(k)),
+                      key=lambda k: (k not in FIRST_SHOWN, k))  # the mechanism first
         if diff:
             shown = "; ".join(f"{k} {copy.get(k)!r} vs {mine.get(k)!r}" for k in diff[:3])
             out.append(f"{server_name}:{sn} differs from {silo_name}:{n} ({kind} round {rnd}): {shown} (server vs silo)")
@@ -172,9 +177,9 @@ def cross_check(server: list[Line], silo: list[Line], server_name: str, silo_nam
 def metrics_line(text: str, server_round: int, phase: str, silo: str) -> int:
     """Line of a ``records`` row of metrics.json (1 when it cannot be located)."""
     start = text.find('"records"')
-    m = re.compile(r'\{\s*"round":\s*%d,\s*"phase":\s*"%s",\s*"silo":\s*%s' % (
+    m = re.compile(r'\{\s*("round":\s*%d,\s*"phase":\s*"%s",\s*"silo":\s*%s)' % (
         server_round, re.escape(phase), re.escape(json.dumps(silo)))).search(text, max(start, 0))
-    pos = m.start() if m else max(start, 0)
+    pos = m.start(1) if m else max(start, 0)
     return text.count("\n", 0, pos) + 1
 
 
