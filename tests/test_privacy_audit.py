@@ -235,26 +235,28 @@ def test_server_forwards_silo_records_to_the_federation_ledger(tmp_path: Path) -
         k: v for k, v in silo_line.items() if k not in {"sha256", "prev-sha256"}}
 
 
-def _cli_audit(folder: Path) -> "subprocess.CompletedProcess[str]":
-    import subprocess
-    import sys
+def _cli_audit(folder: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``fedshift audit FOLDER`` in this process (the CLI's own main): exit status, stdout, stderr."""
+    from fedshift.cli import main
 
-    return subprocess.run([sys.executable, "-m", "fedshift.cli", "audit", str(folder)], capture_output=True, text=True,
-                          timeout=600, check=False)
+    code = main(["audit", str(folder)])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def test_cli_audit_truncated_metrics_is_one_line_exit_2(tmp_path: Path) -> None:
+def test_cli_audit_truncated_metrics_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = _fake_run(tmp_path)
     text = (run / "metrics.json").read_text()
     (run / "metrics.json").write_text(text[: len(text) // 2])
-    proc = _cli_audit(run)
-    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
-    (line,) = proc.stderr.strip().splitlines()
+    code, out, err = _cli_audit(run, capsys)
+    assert code == 2 and out == "", err
+    (line,) = err.strip().splitlines()
     assert line.startswith(f"fedshift audit: {run / 'metrics.json'}: the run's metrics is not valid JSON (line ")
     assert line.endswith("): truncated or garbled")
     (run / "metrics.json").write_text(json.dumps([1, 2]))
-    assert _cli_audit(run).stderr.strip() == f'fedshift audit: {run / "metrics.json"}: no "run" object (not a fedshift metrics.json)'
+    assert _cli_audit(run, capsys)[1:] == ("", f'fedshift audit: {run / "metrics.json"}: no "run" object '
+                                               "(not a fedshift metrics.json)\n")
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = _cli_audit(empty)
-    assert proc.returncode == 2 and "neither a run folder" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    code, _, err = _cli_audit(empty, capsys)
+    assert code == 2 and "neither a run folder" in err and len(err.strip().splitlines()) == 1
