@@ -71,6 +71,10 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
         raise AuditInputError(f"{path}: no \"run\" object (not a fedshift metrics.json)")
     if not isinstance(doc.get("records", []), list):
         raise AuditInputError(f"{path}: \"records\" is not a list")
+    for i, row in enumerate(doc.get("records", [])):
+        if not (isinstance(row, dict) and isinstance(row.get("round"), int) and isinstance(row.get("phase"), str)
+                and isinstance(row.get("silo"), str)):
+            raise AuditInputError(f"{path}: records[{i}]: expected an object with an integer round, a phase and a silo")
     return doc
 
 
