@@ -14,10 +14,15 @@ from pathlib import Path
 
 def audit(args: argparse.Namespace) -> int:
     from shared_model.privacy.audit_report import audit_run, write_report
+    from shared_model.privacy.ledger import LEDGER_NAME
+    from shared_model.privacy.owner_checks import AuditInputError, read_metrics
+    from shared_model.privacy.policy import POLICY_NAME
 
     run_dir = Path(args.run_dir).expanduser().resolve()
-    if not (run_dir / "metrics.json").is_file():
-        print(f"fedshift audit: {run_dir}: not a run folder (no metrics.json)", file=sys.stderr)
+    is_run = (run_dir / "metrics.json").is_file()
+    if not is_run and not (run_dir / LEDGER_NAME).is_file() and not (run_dir / POLICY_NAME).is_file():
+        print(f"fedshift audit: {run_dir}: neither a run folder (no metrics.json) nor a silo's state folder "
+              f"(no {LEDGER_NAME} or {POLICY_NAME})", file=sys.stderr)
         return 2
     canary = None
     if args.canaries:
@@ -25,7 +30,15 @@ def audit(args: argparse.Namespace) -> int:
         from fl_client.canary_audit import KINDS, run_canary_audits
         from shared_model.config import RunConfig
 
-        conf = json.loads((run_dir / "metrics.json").read_text())["run"].get("config", {})
+        if not is_run:
+            print(f"fedshift audit: {run_dir}: --canaries needs a run folder (its metrics.json names the run's config)",
+                  file=sys.stderr)
+            return 2
+        try:
+            conf = read_metrics(run_dir)["run"].get("config") or {}
+        except AuditInputError as e:
+            print(f"fedshift audit: {e}", file=sys.stderr)
+            return 2
         try:
             cfg = RunConfig.from_run_config({**conf, **parse_set(args.set)})
         except ValueError as e:
@@ -47,7 +60,7 @@ def audit(args: argparse.Namespace) -> int:
         return 2
     try:
         result = audit_run(run_dir, canary, silo_keys=silo_keys)
-    except (PolicyError, SigningKeyError) as e:
+    except (PolicyError, AuditInputError, SigningKeyError) as e:
         print(f"fedshift audit: {e}", file=sys.stderr)
         return 2
     write_report(run_dir, result)
@@ -73,6 +86,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "                           1e-3 on the same (integer) orders; the spread against\n"
             "                           dp-accounting PLD is reported\n"
             "  within-budget            no silo spent more than its budget\n"
+            "  run-records              a DP run has records of the run id metrics.json names\n"
+            "  rounds-on-ledger         every silo-round of metrics.json and every checkpoint has\n"
+            "                           its ledger record; σ, q, steps, δ, ε and model-sha256 (=\n"
+            "                           the update the server received) agree\n"
+            "  silo-ledger:SILO         RUN_DIR/silo-state/SILO/ledger.jsonl verifies, equals the\n"
+            "                           server's copy record by record, and meets SILO's policy.toml\n"
             "  ledger-signatures        with --silo-keys DIR: every record carries its silo's\n"
             "                           Ed25519 signature and it verifies with DIR/<silo>.pub\n"
             "                           (or DIR/<silo>/ledger-signing.pub); a record edited and\n"
@@ -87,13 +106,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "It also reports the worst-case ε of a user present on every silo, and lists the\n"
             "refusals on the ledger (the silo's own policy or a budget rule refused a round;\n"
             "a refusal spends no ε) and each silo's policy (RUN_DIR/silo-state/<silo>/policy.toml).\n\n"
+            "RUN_DIR may instead be a silo's state folder (<state-dir>/<silo>: its ledger.jsonl\n"
+            "and policy.toml): every run on its ledger is recomputed and checked against its\n"
+            "policy (silo-policy). Every failure names file:line (docs/audit.md).\n\n"
             "Writes RUN_DIR/audit.md and RUN_DIR/audit-epsilon.png. Exit status: 0 all checks\n"
-            "pass, 1 a check failed, 2 RUN_DIR is not a run folder, a silo policy is unreadable\n"
-            "or a --silo-keys file is not a key."
+            "pass, 1 a check failed, 2 RUN_DIR is neither kind of folder, or its metrics.json, a\n"
+            "checkpoint's fedshift.json or a silo policy is unreadable, or a --silo-keys file is not a key (one line naming the file)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a `fedshift simulate` results folder")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a `fedshift simulate` results folder, or a silo's state folder")
     p.add_argument("--json", action="store_true", help="print the machine-readable result instead of Markdown")
     p.add_argument("--silo-keys", metavar="DIR", help="the silos' ledger public keys (RUN/silo-keys, written by "
                    "`fedshift simulate`): check every record's signature")

@@ -44,6 +44,7 @@ from fl_client.dp_train import RoundResult, pick_device, train_round
 from fl_client.evaluate import evaluate_silo
 from fl_client.silo_gate import Gate, refuse_round
 from fl_client.task import SiloData, cached_silo, catalogue_dir_for, open_silo, resolve_silo_dir
+from shared_model.adapters import arrays_sha256 as array_record_sha256
 from shared_model.adapters import to_arrays
 from shared_model.config import RunConfig
 from shared_model.examples import train_user_ids
@@ -69,12 +70,7 @@ def seed_for(base: int, silo: str, server_round: int, purpose: str = "train") ->
 
 def arrays_sha256(model: InterestModel) -> str:
     """SHA-256 of the trainable arrays a silo sends (names and bytes, in order)."""
-    h = hashlib.sha256()
-    arrays = to_arrays(model)
-    for key in arrays.keys():
-        h.update(key.encode())
-        h.update(arrays[key].data)
-    return h.hexdigest()
+    return array_record_sha256(to_arrays(model))
 
 
 def _now() -> str:

@@ -17,6 +17,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 
 from fl_server.records import RunRecords
 from fl_server.update_checks import cap_weights, update_problem
+from shared_model.adapters import arrays_sha256
 from shared_model.dataset import FEDERATION_MISMATCH
 from shared_model.privacy.ledger import Ledger, LedgerError
 from shared_model.privacy.records import parse_record, write_record
@@ -144,6 +145,7 @@ class RecordingFedAvg(FedAvg):
             silo = self._silo(msg)
             if "arrays" in msg.content:
                 metrics["tensor-bytes"], metrics["payload-bytes"] = payload_bytes(msg.content["arrays"])
+                metrics["update-sha256"] = arrays_sha256(msg.content["arrays"])  # the audit matches the ledger's
             metrics["device"] = _device(msg)
             self.records.add(server_round, "train", silo, node, metrics)
             if self.ledger is not None and "ledger" in msg.content:

@@ -8,6 +8,7 @@ metadata; ``load_checkpoint`` reads it back into an :class:`InterestModel`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -55,6 +56,16 @@ def set_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) 
 def to_arrays(model: torch.nn.Module) -> ArrayRecord:
     """The model's trainable state as a Flower ArrayRecord."""
     return ArrayRecord(get_trainable_state(model))
+
+
+def arrays_sha256(arrays: ArrayRecord) -> str:
+    """SHA-256 of an ArrayRecord's names and serialised bytes, in order: the ``model-sha256``
+    a silo's ledger record names and the ``update-sha256`` the server records of each reply."""
+    h = hashlib.sha256()
+    for key in arrays.keys():
+        h.update(key.encode())
+        h.update(arrays[key].data)
+    return h.hexdigest()
 
 
 def from_arrays(model: torch.nn.Module, arrays: ArrayRecord) -> None:

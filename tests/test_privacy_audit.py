@@ -128,10 +128,11 @@ def test_strategy_ends_run_when_every_silo_is_exhausted(tmp_path: Path) -> None:
 
 
 def _fake_run(tmp_path: Path) -> Path:
+    """A run folder of 2 silos × 2 rounds: ledger.jsonl and the metrics.json train rows that match it."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.json").write_text(json.dumps({"run": {"run-id": 5, "config": {}}}))
     led = Ledger(run / "ledger.jsonl")
+    rows = []
     for silo, sigma in (("a", 1.2), ("b", 1.5)):
         hist = []
         for rnd in (1, 2):
@@ -140,6 +141,10 @@ def _fake_run(tmp_path: Path) -> Path:
             write_record(led, DpSgdRound(run_id="5", silo=silo, round=rnd, steps=8, sample_rate=0.25,
                                          noise_multiplier=sigma, max_grad_norm=1.0, delta=1e-5, accountant="rdp",
                                          epsilon_round=0.0, epsilon_cumulative=eps, epsilon_budget=20.0))
+            rows.append({"round": rnd, "phase": "train", "silo": silo, "node-id": 1, "steps": 8, "epsilon": eps,
+                         "delta": 1e-5, "noise-multiplier": sigma, "sample-rate": 0.25})
+    (run / "metrics.json").write_text(json.dumps({"run": {"run-id": 5, "dp": True, "config": {}}, "records": rows},
+                                                 indent=2))
     return run
 
 
@@ -164,7 +169,10 @@ def test_audit_passes_then_corrupt_ledger_fails(tmp_path: Path) -> None:
     (run / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     bad = audit_run(run)
     assert not bad["passed"]
-    assert [c["check"] for c in bad["checks"] if not c["passed"]] == ["recompute-opacus:a"]
+    failed = {c["check"]: c["detail"] for c in bad["checks"] if not c["passed"]}
+    assert list(failed) == ["recompute-opacus:a", "rounds-on-ledger"]
+    assert "worst: ledger.jsonl:2 (round 2)" in failed["recompute-opacus:a"]
+    assert failed["rounds-on-ledger"].endswith("noise-multiplier 1.2 but ledger.jsonl:2 records 2.5")
     # without re-hashing, the integrity check names the line
     recs[2]["epsilon-cumulative"] = 0.1
     (run / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
@@ -201,6 +209,9 @@ def test_audit_lists_refusals_and_ignores_them_for_epsilon(tmp_path: Path) -> No
         run_id="5", silo="a", round=3, rule="run-budget", reason="8 more steps would exceed the budget", steps=8,
         sample_rate=0.25, noise_multiplier=1.2, delta=1e-5, accountant="rdp", epsilon_cumulative=1.0,
         epsilon_requested=30.0, epsilon_limit=20.0, epsilon_budget=20.0))
+    doc = json.loads((run / "metrics.json").read_text())  # the server's row of the declined round
+    doc["records"].append({"round": 3, "phase": "train", "silo": "a", "node-id": 1, "budget-exhausted": 1})
+    (run / "metrics.json").write_text(json.dumps(doc, indent=2))
     after = audit_run(run)
     assert after["passed"] and after["silos"] == before["silos"] and after["cross-silo"] == before["cross-silo"]
     assert [(r["silo"], r["round"], r["rule"]) for r in after["refusals"]] == [("a", 3, "run-budget")]
@@ -222,3 +233,30 @@ def test_server_forwards_silo_records_to_the_federation_ledger(tmp_path: Path) -
     assert line["silo-sha256"] == silo_line["sha256"] and line["node-id"] == 3
     assert {k: v for k, v in line.items() if k not in {"silo-sha256", "node-id", "sha256", "prev-sha256"}} == {
         k: v for k, v in silo_line.items() if k not in {"sha256", "prev-sha256"}}
+
+
+def _cli_audit(folder: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``fedshift audit FOLDER`` in this process (the CLI's own main): exit status, stdout, stderr."""
+    from fedshift.cli import main
+
+    code = main(["audit", str(folder)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_audit_truncated_metrics_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = _fake_run(tmp_path)
+    text = (run / "metrics.json").read_text()
+    (run / "metrics.json").write_text(text[: len(text) // 2])
+    code, out, err = _cli_audit(run, capsys)
+    assert code == 2 and out == "", err
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"fedshift audit: {run / 'metrics.json'}: the run's metrics is not valid JSON (line ")
+    assert line.endswith("): truncated or garbled")
+    (run / "metrics.json").write_text(json.dumps([1, 2]))
+    assert _cli_audit(run, capsys)[1:] == ("", f'fedshift audit: {run / "metrics.json"}: no "run" object '
+                                               "(not a fedshift metrics.json)\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = _cli_audit(empty, capsys)
+    assert code == 2 and "neither a run folder" in err and len(err.strip().splitlines()) == 1

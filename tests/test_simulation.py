@@ -351,3 +351,99 @@ def test_dp_false_request_is_refused_by_every_silo_and_audited(
     refusal_rows = [line for line in audit.stdout.splitlines() if "| non-private | dp=false asks" in line]
     assert len(refusal_rows) == len(silos)
     assert _flower_processes() == []
+
+
+# ------------------------------------------------- the data owner's audit (issue #13, item 1)
+def _audit_copy(tiny_run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("audit*", "flwr.log"))
+    return run
+
+
+def _rechain(path: Path, mutate: object) -> None:
+    """Edit a ledger's records and recompute its hash chain, as a forger would."""
+    from shared_model.privacy.ledger import GENESIS, record_hash
+
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    mutate(recs)  # type: ignore[operator]
+    prev = GENESIS
+    for r in recs:
+        r["prev-sha256"], r["sha256"] = prev, ""
+        r["sha256"] = record_hash(r)
+        prev = r["sha256"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def _failed(result: dict) -> dict[str, str]:
+    return {c["check"]: c["detail"] for c in result["checks"] if not c["passed"]}
+
+
+def test_owner_audit_passes_untouched_run_and_silo_folder(tiny_run: Path, tmp_path: Path) -> None:
+    from shared_model.privacy.audit_report import audit_run
+
+    run = _audit_copy(tiny_run, tmp_path)
+    result = audit_run(run)
+    assert result["passed"], _failed(result)
+    checks = {c["check"] for c in result["checks"]}
+    assert {"run-records", "rounds-on-ledger", "silo-ledgers"} | {f"silo-ledger:p{i}-r0" for i in range(3)} <= checks
+    rows = [r for r in json.loads((run / "metrics.json").read_text())["records"] if r["phase"] == "train"]
+    assert len(rows) == 9 and all(len(r["update-sha256"]) == 64 for r in rows)  # the server records what it got
+    silo = audit_run(run / "silo-state" / "p0-r0")
+    assert silo["passed"], _failed(silo)
+    assert "silo-policy" in {c["check"] for c in silo["checks"]}
+
+
+def test_owner_audit_fails_on_deleted_last_round_naming_file_and_line(tiny_run: Path, tmp_path: Path) -> None:
+    from shared_model.privacy.audit_report import audit_run
+
+    run = _audit_copy(tiny_run, tmp_path)
+    lines = (run / "ledger.jsonl").read_text().splitlines(keepends=True)
+    assert [json.loads(x)["round"] for x in lines[-3:]] == [3, 3, 3]
+    (run / "ledger.jsonl").write_text("".join(lines[:-3]))  # the chain of what is left still verifies
+    failed = _failed(audit_run(run))
+    text = (run / "metrics.json").read_text().splitlines()
+    import re
+
+    named = re.findall(r"metrics\.json:(\d+): round 3 silo (p\d-r0): trained but ledger\.jsonl has no dp-sgd-round",
+                       failed["rounds-on-ledger"])
+    assert sorted(s for _, s in named) == ["p0-r0", "p1-r0", "p2-r0"]
+    assert all('"round": 3,' in text[int(n) - 1] for n, _ in named)  # the line of the row itself
+    for i in range(3):
+        assert failed[f"silo-ledger:p{i}-r0"] == (f"silo-state/p{i}-r0/ledger.jsonl:3: dp-sgd-round round 3 is "
+                                                  "missing from ledger.jsonl")
+
+
+def test_owner_audit_fails_on_changed_run_id(tiny_run: Path, tmp_path: Path) -> None:
+    from shared_model.privacy.audit_report import audit_run
+
+    run = _audit_copy(tiny_run, tmp_path)
+    doc = json.loads((run / "metrics.json").read_text())
+    doc["run"]["run-id"] = 12345
+    (run / "metrics.json").write_text(json.dumps(doc, indent=2))
+    result = audit_run(run)
+    failed = _failed(result)
+    assert not result["passed"] and result["silos"] == {}
+    assert failed["run-records"].startswith("ledger.jsonl: no record of run 12345")
+    assert "metrics.json:" in failed["rounds-on-ledger"] and "(run 12345)" in failed["rounds-on-ledger"]
+
+
+def test_owner_audit_fails_on_a_silo_ledger_with_a_changed_noise_multiplier(tiny_run: Path, tmp_path: Path) -> None:
+    from shared_model.privacy.audit_report import audit_run
+
+    run = _audit_copy(tiny_run, tmp_path)
+    ledger = run / "silo-state" / "p1-r0" / "ledger.jsonl"
+    _rechain(ledger, lambda recs: recs[0].update({"noise-multiplier": recs[0]["noise-multiplier"] * 3}))
+    failed = _failed(audit_run(run))
+    assert list(failed) == ["silo-ledger:p1-r0"]  # the server's copy and metrics.json are untouched
+    server = [json.loads(x) for x in (run / "ledger.jsonl").read_text().splitlines()]
+    n = 1 + next(i for i, r in enumerate(server) if (r["silo"], r["round"]) == ("p1-r0", 1))
+    assert (f"ledger.jsonl:{n} differs from silo-state/p1-r0/ledger.jsonl:1 (dp-sgd-round round 1): noise-multiplier "
+            f"{server[n - 1]['noise-multiplier']!r} vs {server[n - 1]['noise-multiplier'] * 3!r} (server vs silo)"
+            ) in failed["silo-ledger:p1-r0"]
+    # the silo's state folder on its own: recomputation and one σ per run name the line
+    alone = _failed(audit_run(ledger.parent))
+    assert set(alone) == {"recompute-opacus:p1-r0", "silo-policy"}
+    assert "; worst: ledger.jsonl:" in alone["recompute-opacus:p1-r0"]
+    assert "ledger.jsonl:2: round 2 of run" in alone["silo-policy"] and "but line 1 of run" in alone["silo-policy"]

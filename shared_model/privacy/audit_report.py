@@ -12,20 +12,25 @@ Each silo's privacy policy is shown (:func:`silo_policies`): a silo folder's own
 ``fedshift simulate`` keeps the simulated silos' side), with the refusals on that silo's own
 ledger. A policy that cannot be read raises :class:`~shared_model.privacy.policy.PolicyError`
 (bad input: ``fedshift audit`` exits 2 with its one line).
+
+The data owner's checks (each silo's own ledger against the server's copy and its policy,
+every silo-round of ``metrics.json`` and every checkpoint on the ledger) are
+:mod:`shared_model.privacy.owner_checks`; an unreadable ``metrics.json`` raises its
+:class:`~shared_model.privacy.owner_checks.AuditInputError` (exit 2 too).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from shared_model.io_utils import write_bytes_atomic
 from shared_model.privacy.ledger import LEDGER_NAME, Ledger, LedgerError
 from shared_model.privacy.policy import POLICY_NAME, load_policy
+from shared_model.privacy.owner_checks import read_lines, read_metrics, run_folder_checks, silo_folder_checks
 from shared_model.privacy.records import DpSgdRound, Record, dp_rounds, history_of, of_run, read_records, refusals
 from shared_model.privacy.recompute import label as accountant_label
-from shared_model.privacy.recompute import opacus_rdp, recompute
+from shared_model.privacy.recompute import opacus_epsilon, opacus_rdp, recompute
 
 TOLERANCE = 1e-3
 
@@ -62,17 +67,21 @@ def audit_run(run_dir: Path, canary: dict[str, Any] | list[dict[str, Any]] | Non
     """Every check on ``run_dir``; with ``silo_keys`` (a folder of the silos' ledger public keys)
     also ``ledger-signatures`` (:func:`signature_check`)."""
     run_dir = Path(run_dir)
-    info = json.loads((run_dir / "metrics.json").read_text())["run"] if (run_dir / "metrics.json").is_file() else {}
+    doc = read_metrics(run_dir) if (run_dir / "metrics.json").is_file() else None  # AuditInputError: exit 2
+    info = doc["run"] if doc else {}
     checks: list[dict[str, Any]] = []
     result: dict[str, Any] = {"run-dir": str(run_dir), "run-id": info.get("run-id"), "checks": checks, "silos": {}}
     records: list[Record]
     try:
-        records = read_records(Ledger(run_dir / LEDGER_NAME))
+        lines = read_lines(run_dir / LEDGER_NAME)
+        records = [x[2] for x in lines]
         checks.append(_check("ledger-integrity", bool(records), f"{len(records)} records, hash chain verified"
                              if records else f"{run_dir / LEDGER_NAME}: no records (no DP training recorded)"))
     except LedgerError as exc:
         checks.append(_check("ledger-integrity", False, str(exc)))
-        records = []
+        records, lines = [], []
+    line_of = {id(x[2]): x[0] for x in lines}
+    owner = run_folder_checks(run_dir, doc, lines) if doc else silo_folder_checks(run_dir, lines) if lines else []
     if silo_keys is not None:
         checks.append(signature_check(Ledger(run_dir / LEDGER_NAME), silo_keys))
     if info.get("run-id") is not None:
@@ -95,8 +104,9 @@ def audit_run(run_dir: Path, canary: dict[str, Any] | list[dict[str, Any]] | Non
         all_history += history
         re = recompute(history, delta, accountant)
         # every record's cumulative ε against its own prefix
-        worst_prefix = max(abs(r.epsilon_cumulative - (re.opacus_ledger_accountant if i == len(recs) - 1 else
-                           recompute(history[: i + 1], delta, accountant).opacus_ledger_accountant)) for i, r in enumerate(recs))
+        worst_prefix, worst = max((abs(r.epsilon_cumulative - (re.opacus_ledger_accountant if i == len(recs) - 1 else
+                                  opacus_epsilon(accountant, history[: i + 1], delta))), i)
+                                  for i, r in enumerate(recs))
         reported = recs[-1].epsilon_cumulative
         label = accountant_label(accountant)
         lifetime, runs = recs[-1].epsilon_lifetime, recs[-1].runs_on_ledger
@@ -113,7 +123,8 @@ def audit_run(run_dir: Path, canary: dict[str, Any] | list[dict[str, Any]] | Non
         }
         checks.append(_check(f"recompute-opacus:{silo}", worst_prefix <= TOLERANCE,
                              f"ledger ε vs {label} recomputed from (σ, q, steps): max |Δ| {worst_prefix:.2e} over "
-                             f"{len(recs)} records (δ={delta:g})"))
+                             f"{len(recs)} records (δ={delta:g})" + ("" if worst_prefix <= TOLERANCE else
+                             f"; worst: {LEDGER_NAME}:{line_of.get(id(recs[worst]), '?')} (round {recs[worst].round})")))
         checks.append(_check(f"recompute-dp-accounting:{silo}", re.same_accountant_diff <= TOLERANCE,
                              f"Opacus RDP {re.opacus_rdp_int:.5f} vs dp-accounting RDP {re.dpacc_rdp_int:.5f} "
                              f"(same integer orders, δ={delta:g}): |Δ| {re.same_accountant_diff:.2e}"))
@@ -126,6 +137,7 @@ def audit_run(run_dir: Path, canary: dict[str, Any] | list[dict[str, Any]] | Non
             **{f"epsilon-user-on-every-silo {k}": v for k, v in recompute(all_history, delta, "rdp").spread.items()
                if k != "Opacus RDP (default α)"},
         }
+    checks += [_check(*c) for c in owner]
     if canary is not None:
         result["canaries"] = [canary] if isinstance(canary, dict) else list(canary)
         for c in result["canaries"]:

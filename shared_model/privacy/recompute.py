@@ -14,6 +14,7 @@ series does not converge), which alone moves ε by up to ~1e-2 at large ε.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -68,11 +69,24 @@ def dpacc_pld(history: History, delta: float) -> float:
 def opacus_rdp(history: History, delta: float, alphas: list[float] | None = None) -> float:
     if not history:
         return 0.0
+    merged: list[tuple[float, float, int]] = []  # RDP is linear in steps: merge consecutive equal mechanisms
+    for s, q, n in history:
+        if merged and merged[-1][:2] == (float(s), float(q)):
+            merged[-1] = (float(s), float(q), merged[-1][2] + int(n))
+        else:
+            merged.append((float(s), float(q), int(n)))
+    return _opacus_rdp(tuple(merged), float(delta), None if alphas is None else tuple(alphas))
+
+
+@functools.lru_cache(maxsize=1024)
+def _opacus_rdp(history: tuple[tuple[float, float, int], ...], delta: float, alphas: tuple[float, ...] | None) -> float:
+    """Memoised: an audit asks for the same history several times (each record's prefix, the
+    lifetime, every silo of a run), and Opacus's fractional orders take about a second each."""
     acc = RDPAccountant()
-    acc.history = [tuple(h) for h in history]
+    acc.history = list(history)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return float(acc.get_epsilon(delta, alphas=alphas))
+        return float(acc.get_epsilon(delta, alphas=None if alphas is None else list(alphas)))
 
 
 def opacus_epsilon(accountant: str, history: History, delta: float) -> float:
