@@ -36,7 +36,6 @@ def _run(tmp_path: Path, signed: bool = True) -> tuple[Path, Path]:
     returns (run folder, state root)."""
     run, state = tmp_path / "run", tmp_path / "state"
     run.mkdir()
-    (run / "metrics.json").write_text(json.dumps({"run": {"run-id": 5, "config": {}}}))
     server = RecordingFedAvg(RunRecords(run, {}), ledger=Ledger(run / "ledger.jsonl"))
     for node, silo in enumerate(SIGMA, start=1):
         own = Ledger(state / silo / "ledger.jsonl", signer=silo_signer(state, silo) if signed else None)
@@ -45,7 +44,16 @@ def _run(tmp_path: Path, signed: bool = True) -> tuple[Path, Path]:
             # as fl_client.flower_edge sends it: the line as written, in a ConfigRecord
             server.append_ledger(ConfigRecord({k: v for k, v in line.items() if isinstance(v, (str, int, float))}), node)
     gather_public_keys(state, SIGMA, run / "silo-keys")
+    _write_metrics(run, SIGMA)
     return run, state
+
+
+def _write_metrics(run: Path, sigma: dict[str, float]) -> None:
+    """metrics.json train rows that match the ledger (the audit checks every round has its record)."""
+    rows = [{"round": rnd, "phase": "train", "silo": silo, "node-id": 1, "steps": 8, "delta": 1e-5,
+             "epsilon": _round(silo, rnd, sigma[silo]).epsilon_cumulative, "noise-multiplier": sigma[silo],
+             "sample-rate": 0.25} for silo in sigma for rnd in (1, 2)]
+    (run / "metrics.json").write_text(json.dumps({"run": {"run-id": 5, "dp": True, "config": {}}, "records": rows}))
 
 
 def test_every_record_is_signed_and_verifies_in_both_ledgers(tmp_path: Path) -> None:
@@ -73,7 +81,8 @@ def test_an_edited_and_rechained_record_fails_only_with_the_keys(tmp_path: Path,
         r["sha256"] = record_hash(r)
         prev = r["sha256"]
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    assert audit_run(run)["passed"]  # hash chain and ε recomputation cannot see it
+    _write_metrics(run, {**SIGMA, "a": 2.5})  # a server-side forger rewrites its own metrics.json too
+    assert audit_run(run)["passed"]  # hash chain, ε recomputation and metrics↔ledger cannot see it
     assert main(["audit", str(run), "--json", "--silo-keys", str(run / "silo-keys")]) == 1
     result = json.loads(capsys.readouterr().out)
     failed = [c for c in result["checks"] if not c["passed"]]
