@@ -133,6 +133,7 @@ def local(args: argparse.Namespace) -> int:
         for silo in silos:
             dep.register(silo)
             dep.start_supernode(silo)
+        dep.wait_online(silos)  # every silo in round 1, even when min-nodes is below their number
         dep.write_manifest()
         print(f"SuperLink 127.0.0.1:{dep.port}; node ids "
               + ", ".join(f"{s}={n}" for s, n in dep.node_ids.items()), flush=True)
