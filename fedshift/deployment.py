@@ -118,6 +118,7 @@ class LocalDeployment:
         """TLS, SuperNode authentication, a database; then the CLI connection in FLWR_HOME."""
         self.port = free_port()
         log = self.folder / "superlink.log"
+        start = log.stat().st_size if log.exists() else 0  # a resumed deployment appends to the old log
         self._spawn("superlink", [
             "flower-superlink", "--host", "127.0.0.1", "--port", str(self.port),
             "--ssl-ca-certfile", str(self.certs.ca_cert), "--ssl-certfile", str(self.certs.server_cert),
@@ -128,7 +129,7 @@ class LocalDeployment:
         write_bytes_atomic(self.flwr_home / "config.toml", (
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.certs.ca_cert}"\n').encode())
-        self._wait_for(lambda: "Uvicorn running" in log.read_text(errors="replace"), "superlink", log)
+        self._wait_for(lambda: b"Uvicorn running" in log.read_bytes()[start:], "superlink", log)
 
     def register(self, silo: str) -> int:
         """``flwr supernode register`` the silo's public key; return its node id."""

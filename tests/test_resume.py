@@ -11,10 +11,9 @@ whose mechanism differs: refused). Slow: a real simulation, interrupted (SIGINT)
 
 from __future__ import annotations
 
+import io
 import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -32,11 +31,6 @@ from shared_model.privacy.records import DpSgdRound, Refusal, dp_rounds, read_re
 from shared_model.privacy.state import PrivacyState
 from shared_model.run_folder import ResumeError, resume_plan
 from tests.test_silo_policy import _message, task_identity  # noqa: F401 (a fixture)
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fedshift.cli", *args], capture_output=True, text=True,
-                          timeout=900, check=False)
 
 
 def _fake_run(folder: Path, rounds_done: int, cfg: RunConfig, run_id: int = 11) -> Path:
@@ -186,18 +180,23 @@ def _interrupt_when(path: Path, stop: threading.Event) -> None:
 
 @pytest.mark.slow
 def test_simulate_interrupted_after_round_2_resumes_to_3_with_the_same_epsilon(
-        small_dataset: Path, tiny_bert: Path, cache_dir: Path, tmp_path: Path) -> None:
+        tiny_bert: Path, cache_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedshift.cli import main
+    from simulations.datasets.generator import generate
+
+    dataset = tmp_path / "ds"
+    generate(dataset, users=160, platforms=2, regions=1, seed=1)  # 2 silos: the cheapest federation
     out = tmp_path / "run"
-    silos = list_silos(small_dataset)
+    silos = list_silos(dataset)
     cfg = RunConfig.from_run_config({
-        "dataset": str(small_dataset), "base-model": str(tiny_bert), "num-server-rounds": 3, "local-steps": 2,
+        "dataset": str(dataset), "base-model": str(tiny_bert), "num-server-rounds": 3, "local-steps": 2,
         "batch-size": 16, "max-eval-users": 8, "min-nodes": len(silos)})
     stop = threading.Event()
     watcher = threading.Thread(target=_interrupt_when, args=(out / "checkpoints" / "round-002", stop), daemon=True)
     watcher.start()
     try:
         with pytest.raises(KeyboardInterrupt):
-            run_simulation(cfg, out, verbose=True, stream=open(tmp_path / "first.log", "w"), silo_seed=5)
+            run_simulation(cfg, out, stream=io.StringIO(), silo_seed=5)
     finally:
         stop.set()
     assert not _processes_of(out)
@@ -205,9 +204,10 @@ def test_simulate_interrupted_after_round_2_resumes_to_3_with_the_same_epsilon(
     ledgers = {s: Ledger(out / "silo-state" / s / "ledger.jsonl") for s in silos}
     assert {s: [r.round for r in dp_rounds(read_records(ledgers[s]))] for s in silos} == {s: [1, 2] for s in silos}
 
-    proc = _cli("simulate", "--resume", str(out))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "resuming run" in proc.stdout and "rounds 3-3" in proc.stdout
+    capsys.readouterr()
+    assert main(["simulate", "--resume", str(out)]) == 0  # the CLI, in this process
+    shown = capsys.readouterr().out
+    assert "resuming run" in shown and "rounds 3-3" in shown
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["run"]["run-id"] == original and [r["from-round"] for r in doc["run"]["resumed"]] == [2]
     resumed_id = str(doc["run"]["resumed"][0]["run-id"])
@@ -231,7 +231,7 @@ def test_simulate_interrupted_after_round_2_resumes_to_3_with_the_same_epsilon(
         assert train[0]["epsilon"] == pytest.approx(plan.epsilon_spent, rel=1e-9)
 
     lines = {s: len(ledgers[s].read()) for s in silos}
-    proc = _cli("simulate", "--resume", str(out))
-    assert proc.returncode == 0 and "already completed its 3 rounds" in proc.stdout, proc.stderr
+    assert main(["simulate", "--resume", str(out)]) == 0
+    assert "already completed its 3 rounds" in capsys.readouterr().out
     assert {s: len(ledgers[s].read()) for s in silos} == lines
     assert not _processes_of(out)
