@@ -14,6 +14,7 @@ stderr and exit 2, before any process starts.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 from pathlib import Path
@@ -74,15 +75,40 @@ def local_plan(args: argparse.Namespace) -> tuple[Any, list[str]]:
     return cfg.replace(**{"out-dir": str(Path(args.out).expanduser().resolve())}), silos
 
 
+def resumed_silos(run_dir: Path) -> list[str]:
+    """The silos a deployment in ``run_dir`` ran (``deployment.json``), for ``--resume``."""
+    manifest = run_dir / "deployment.json"
+    try:
+        silos = list(json.loads(manifest.read_text(encoding="utf-8"))["silos"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{manifest}: not a readable deployment manifest ({exc}); "
+                         f"{run_dir} is not a `deploy local` run") from None
+    if not silos:
+        raise ValueError(f"{manifest}: names no silo")
+    return silos
+
+
 def local(args: argparse.Namespace) -> int:
     from fedshift.deployment import DeploymentError, LocalDeployment
+    from fedshift.simulate_cmd import resume_or_done
     from fedshift.simulation import prepare_item_index
     from shared_model.privacy.policy import load_policy
 
-    out = Path(args.out).expanduser().resolve()
+    if args.resume:
+        plan = resume_or_done("deploy local", args, args.out)
+        if isinstance(plan, int):
+            return plan
+    elif args.silos is None or args.out is None:
+        return refuse("deploy local", ValueError("--silos N and --out DIR are required (or --resume RUN_DIR)"))
+    out = plan.run_dir if args.resume else Path(args.out).expanduser().resolve()
     try:
-        cfg, silos = local_plan(args)
-        dep = LocalDeployment(out, cfg.dataset_dir(), silos)
+        if args.resume:
+            cfg, silos = plan.cfg, resumed_silos(out)
+            if args.silos is not None and args.silos != len(silos):
+                raise ValueError(f"--silos {args.silos} conflicts with the {len(silos)} silos of {out}")
+        else:
+            cfg, silos = local_plan(args)
+        dep = LocalDeployment(out, cfg.dataset_dir(), silos, resumed=bool(args.resume))
         if args.certs:
             dep.certs = Certificates(Path(args.certs).expanduser().resolve()).check()
         if args.keys:
@@ -107,6 +133,7 @@ def local(args: argparse.Namespace) -> int:
         for silo in silos:
             dep.register(silo)
             dep.start_supernode(silo)
+        dep.wait_online(silos)  # every silo in round 1, even when min-nodes is below their number
         dep.write_manifest()
         print(f"SuperLink 127.0.0.1:{dep.port}; node ids "
               + ", ".join(f"{s}={n}" for s, n in dep.node_ids.items()), flush=True)
@@ -157,8 +184,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "processes' logs. Exit 0 only when Flower reports the run completed; 1 when not;\n"
             "2 on bad input (nothing started)."),
     )
-    loc.add_argument("--silos", type=int, required=True, metavar="N", help="deploy the first N silos of the dataset")
-    loc.add_argument("--out", required=True, metavar="DIR", help="deployment and results folder")
+    loc.add_argument("--silos", type=int, metavar="N", help="deploy the first N silos of the dataset (required "
+                     "unless --resume)")
+    loc.add_argument("--out", metavar="DIR", help="deployment and results folder (required unless --resume)")
+    loc.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted `deploy local` run from its last "
+                     "checkpoint: same certificates, keys and silo disks (their ledgers continue, each silo "
+                     "charging the rounds to the original run's budget), a fresh SuperLink database")
     loc.add_argument("--dataset", metavar="DIR", help="dataset folder (default: bundled data/amazon-art-office)")
     loc.add_argument("--base-model", metavar="DIR", help="local BERT checkpoint (default: bundled all-MiniLM-L6-v2)")
     loc.add_argument("--preset", choices=["quick", "full"], default="quick")

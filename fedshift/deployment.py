@@ -80,12 +80,16 @@ class LocalDeployment:
     node_ids: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     port: int = 0
+    resumed: bool = False  # resuming a run in ``folder``: a fresh SuperLink database, logs appended
 
     def __post_init__(self) -> None:
         self.folder = Path(self.folder).resolve()
         self.dataset = Path(self.dataset).resolve()
         self.flwr_home = self.folder / "flwr-home"
         self.certs = Certificates(self.folder / "certs")
+        self.database = self.folder / "superlink.db"
+        if self.resumed:  # the keys stay; the new SuperLink registers them in a database of its own
+            self.database = self.folder / f"superlink-resume-{time.strftime('%Y%m%d-%H%M%S')}.db"
         self.keys = {s: SupernodeKey(s, self.folder / "keys" / f"{s}.key", self.folder / "keys" / f"{s}.pub")
                      for s in self.silos}
 
@@ -114,17 +118,18 @@ class LocalDeployment:
         """TLS, SuperNode authentication, a database; then the CLI connection in FLWR_HOME."""
         self.port = free_port()
         log = self.folder / "superlink.log"
+        start = log.stat().st_size if log.exists() else 0  # a resumed deployment appends to the old log
         self._spawn("superlink", [
             "flower-superlink", "--host", "127.0.0.1", "--port", str(self.port),
             "--ssl-ca-certfile", str(self.certs.ca_cert), "--ssl-certfile", str(self.certs.server_cert),
             "--ssl-keyfile", str(self.certs.server_key), "--enable-supernode-auth",
-            "--database", str(self.folder / "superlink.db"), "--disable-runtime-dependency-installation",
+            "--database", str(self.database), "--disable-runtime-dependency-installation",
         ], log)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(self.flwr_home / "config.toml", (
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.certs.ca_cert}"\n').encode())
-        self._wait_for(lambda: "Uvicorn running" in log.read_text(errors="replace"), "superlink", log)
+        self._wait_for(lambda: b"Uvicorn running" in log.read_bytes()[start:], "superlink", log)
 
     def register(self, silo: str) -> int:
         """``flwr supernode register`` the silo's public key; return its node id."""
@@ -206,7 +211,7 @@ class LocalDeployment:
         config_file = self.folder / "run-config.toml"
         write_run_config(cfg.to_run_config(), config_file)
         started = time.time()
-        with open(self.folder / "flwr.log", "w", encoding="utf-8") as log, subprocess.Popen(
+        with open(self.folder / "flwr.log", "a" if self.resumed else "w", encoding="utf-8") as log, subprocess.Popen(
             [_flwr(), "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(config_file)],
             env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
             start_new_session=True,
@@ -217,6 +222,21 @@ class LocalDeployment:
             proc.wait()
             self.procs.pop("flwr-run", None)
         return self.wait_finished()
+
+    def wait_online(self, silos: list[str], seconds: float = READY_SECONDS) -> None:
+        """Wait until the SuperLink lists these silos' SuperNodes as online (``flwr supernode ls``)."""
+        deadline = time.time() + seconds
+        wanted = {str(self.node_ids[s]) for s in silos}
+        while time.time() < deadline:
+            nodes = self._flwr_json(["supernode", "ls", CONNECTION]).get("nodes", [])
+            if wanted <= {n.get("node-id") for n in nodes if n.get("status") == "online"}:
+                return
+            time.sleep(1)
+        raise DeploymentError(f"SuperNodes of {', '.join(silos)} not online after {seconds:.0f} s; see their logs")
+
+    def stop_run(self, run_id: int | str) -> None:
+        """``flwr stop`` a run on this SuperLink (its ServerApp ends; the SuperNodes stay)."""
+        self._flwr_json(["stop", str(run_id), CONNECTION])
 
     def run_status(self) -> str:
         """Status of the newest run on this SuperLink (``flwr ls``), e.g. ``finished:completed``."""
@@ -236,7 +256,7 @@ class LocalDeployment:
     def write_manifest(self) -> None:
         """DIR/deployment.json: the SuperLink address and each silo's node id and disk."""
         manifest = {"superlink": f"127.0.0.1:{self.port}", "tls-ca": str(self.certs.ca_cert),
-                    "supernode-auth": True, "database": str(self.folder / "superlink.db"),
+                    "supernode-auth": True, "database": str(self.database),
                     "silos": {s: {"node-id": self.node_ids.get(s), "disk": str(self.disk(s).root),
                                   "public-key": str(self.keys[s].public)} for s in self.silos}}
         write_bytes_atomic(self.folder / "deployment.json", json.dumps(manifest, indent=2).encode())

@@ -1,5 +1,7 @@
 """``fedshift simulate``: parse the flags into a typed run config and call
-:func:`fedshift.simulation.run_simulation`."""
+:func:`fedshift.simulation.run_simulation`; ``--resume RUN_DIR`` continues an interrupted
+run from its last checkpoint (:func:`shared_model.run_folder.resume_plan`) with its recorded
+config, silo state folder and secrets."""
 
 from __future__ import annotations
 
@@ -7,9 +9,13 @@ import argparse
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fedshift.config_args import add_set_argument, parse_set, refuse
 from shared_model.config import PRESETS, RunConfig
+
+if TYPE_CHECKING:
+    from shared_model.run_folder import ResumePlan
 
 
 def simulate_config(args: argparse.Namespace) -> RunConfig:
@@ -34,9 +40,57 @@ def simulate_config(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
-def simulate(args: argparse.Namespace) -> int:
-    from fedshift.simulation import run_simulation
+def explicit_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The run-config values the flags set explicitly (dashed keys), for ``--resume`` to
+    compare with the recorded run (``--preset`` is not compared: the run keeps its own)."""
+    values: dict[str, Any] = {}
+    for flag, key in (("dataset", "dataset"), ("base_model", "base-model")):
+        if getattr(args, flag, None):
+            values[key] = str(Path(getattr(args, flag)).expanduser().resolve())
+    for flag, key in (("rounds", "num-server-rounds"), ("epsilon", "epsilon"), ("seed", "seed")):
+        if getattr(args, flag, None) is not None:
+            values[key] = getattr(args, flag)
+    if getattr(args, "no_dp", False):
+        values["dp"] = False
+    return {**values, **parse_set(args.set)}
 
+
+def resume_or_done(command: str, args: argparse.Namespace, out_flag: str | None) -> "ResumePlan | int":
+    """The plan for ``--resume RUN_DIR`` (``out_flag``: an --out given with it, which must be
+    RUN_DIR), or the exit status: 2 with one line for a folder that cannot be resumed, 0 with
+    a message when the run has no rounds left."""
+    from shared_model.run_folder import ResumeError, resume_plan
+
+    try:
+        plan = resume_plan(args.resume, explicit_values(args))
+        if out_flag and Path(out_flag).expanduser().resolve() != plan.run_dir:
+            raise ResumeError(f"--out {out_flag}: a resumed run writes into its own folder {plan.run_dir}")
+    except ValueError as exc:  # ResumeError, SetError
+        return refuse(command, exc)
+    if plan.finished:
+        print(f"fedshift {command}: run {plan.run_id} in {plan.run_dir} already completed its "
+              f"{plan.cfg.num_server_rounds} rounds (last checkpoint {plan.checkpoint.name}); nothing to resume")
+        return 0
+    print(f"fedshift {command}: resuming run {plan.run_id} from {plan.checkpoint.name}: rounds "
+          f"{plan.last_round + 1}-{plan.cfg.num_server_rounds}", flush=True)
+    return plan
+
+
+def simulate(args: argparse.Namespace) -> int:
+    from fedshift.simulation import recorded_state_dir, run_simulation
+
+    if args.resume:
+        plan = resume_or_done("simulate", args, args.out)
+        if isinstance(plan, int):
+            return plan
+        try:
+            state_dir = recorded_state_dir(plan.run_dir, Path(args.state_dir) if args.state_dir else None)
+            result = run_simulation(plan.cfg, plan.run_dir, verbose=args.verbose, timeout=args.timeout,
+                                    state_dir=state_dir, allow_non_private=not plan.cfg.dp,
+                                    silo_seed=args.silo_seed)
+        except ValueError as e:
+            return refuse("simulate", e)
+        return _finish(result)
     out = Path(args.out).expanduser().resolve() if args.out else Path.cwd() / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
     try:
         cfg = simulate_config(args)
@@ -46,6 +100,10 @@ def simulate(args: argparse.Namespace) -> int:
                                 allow_non_private=args.no_dp, silo_seed=args.silo_seed)
     except ValueError as e:  # ConfigError (--set, flags), or no silos / min-nodes above them
         return refuse("simulate", e)
+    return _finish(result)
+
+
+def _finish(result: Any) -> int:
     if result.ok:
         from shared_model.run_health import report_problems
 
@@ -95,6 +153,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--silo-seed", metavar="S", help="local seed of the simulated silos' secrets (sampling and "
                    "noise); default fresh random. Never sent to the server")
     add_set_argument(p, "any [tool.flwr.app.config] key, e.g. --set local-steps=16 (repeatable)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint, "
+                   "into RUN_DIR, with its recorded config (a flag that differs is refused), silo state and "
+                   "secrets; each silo charges the rounds to the original run's budget on its own ledger")
     p.add_argument("--timeout", type=int, default=3600, help="seconds before the run is stopped (default 3600)")
     p.add_argument("-v", "--verbose", action="store_true", help="show Flower's whole log")
     p.set_defaults(func=simulate)

@@ -35,6 +35,7 @@ import psutil
 
 from fedshift.flower_processes import APP_DIR, FLOWER_ENV, free_port, relay, terminate, write_run_config
 from shared_model.config import RunConfig
+from shared_model.io_utils import write_bytes_atomic
 
 def local_superlink_env(flwr_home: Path) -> dict[str, str]:
     """Environment for `flwr` with a private FLWR_HOME and its own local SuperLink ports,
@@ -133,6 +134,20 @@ def prepare_silo_state(state_dir: Path, silos: list[str], *, allow_non_private: 
         write_secret(secret_path(state_dir, silo), secret_from_seed(seed, silo))
 
 
+SETUP_FILE = "simulation.json"  # OUT/simulation.json: where the simulated silos' state is (no secret)
+
+
+def recorded_state_dir(out: Path, asked: Path | None = None) -> Path | None:
+    """The silo state folder a run in ``out`` used (``OUT/simulation.json``), for ``--resume``;
+    ``asked`` (``--state-dir``) must be it (``ValueError`` otherwise)."""
+    setup = Path(out) / SETUP_FILE
+    recorded = Path(json.loads(setup.read_text())["state-dir"]) if setup.is_file() else None
+    asked = Path(asked).expanduser().resolve() if asked else None
+    if asked and recorded and asked != recorded:
+        raise ValueError(f"{setup}: --state-dir {asked} conflicts with the run's silo state folder {recorded}")
+    return asked or recorded
+
+
 def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout: float | None = None,
                    stream: TextIO | None = None, state_dir: Path | None = None, allow_non_private: bool = False,
                    silo_seed: int | str | None = None) -> SimulationResult:
@@ -165,6 +180,7 @@ def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout:
     state_dir = Path(state_dir).expanduser().resolve() if state_dir else out / "silo-state"
     prepare_silo_state(state_dir, silos, allow_non_private=allow_non_private, silo_seed=silo_seed)
     gather_public_keys(state_dir, silos, out / "silo-keys")  # the silos' ledger-signing keys, for `audit --silo-keys`
+    write_bytes_atomic(out / SETUP_FILE, json.dumps({"state-dir": str(state_dir)}, indent=2).encode())
     privacy = (f"ε={cfg.epsilon:g} per silo, δ={cfg.delta:g}, accountant {cfg.accountant}" if cfg.dp
                else "no DP (non-private)")
     print(f"{len(silos)} silos ({', '.join(silos)}), {cfg.num_server_rounds} rounds × {cfg.local_steps} local "
@@ -187,7 +203,7 @@ def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout:
     in_main = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGTERM, signal.SIGHUP)} if in_main else {}
     try:
-        with open(out / "flwr.log", "w", encoding="utf-8") as log, subprocess.Popen(
+        with open(out / "flwr.log", "a" if cfg.resume_run_id else "w", encoding="utf-8") as log, subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         ) as proc:
             assert proc.stdout is not None
@@ -203,6 +219,9 @@ def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout:
             try:
                 relay(proc.stdout, log, verbose=verbose, started=started, stream=stream)
                 proc.wait()
+            except BaseException:  # interrupted (Ctrl-C): `flwr run` goes too, not only the SuperLink
+                proc.kill()
+                raise
             finally:
                 if timer:
                     timer.cancel()

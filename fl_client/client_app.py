@@ -22,8 +22,8 @@ from flwr.clientapp import ClientApp
 
 from fl_client import flower_edge as edge
 from fl_client.silo_gate import open_gate
-from fl_client.silo_round import (SiloSetup, TrainRequest, count_train_users, evaluate_silo_round, refused_evaluation,
-                                  refused_reply, train_silo)
+from fl_client.silo_round import (SiloSetup, TrainRequest, budget_run_id, count_train_users, evaluate_silo_round,
+                                  refused_evaluation, refused_reply, train_silo)
 
 app = ClientApp()
 
@@ -37,8 +37,10 @@ def train(msg: Message, context: Context) -> Message:
         return edge.train_message(msg, context, refused_reply(gate, context.run_id, server_round), dp=False)
     assert gate.cfg is not None
     silo = SiloSetup.admitted(gate, node_config)
-    reply = train_silo(TrainRequest(silo, run_id=context.run_id, server_round=server_round,
-                                    load=edge.loader(msg), privacy=edge.kept_state(context)))
+    run_id = budget_run_id(gate.cfg, context.run_id)  # a resumed run spends the original run's budget
+    reply = train_silo(TrainRequest(silo, run_id=run_id, server_round=server_round, load=edge.loader(msg),
+                                    privacy=edge.kept_state(context),
+                                    resumed_in=str(context.run_id) if run_id != context.run_id else None))
     return edge.train_message(msg, context, reply, dp=gate.cfg.dp)
 
 

@@ -9,7 +9,12 @@ opened silo, the run and round, how to load the global model) and returns a
 
 1. takes the silo's accountant state for the run: the node's in-memory state if it has
    one, else calibrated from the run config and restored from this run's DP-SGD round
-   records on the silo's ledger (a restarted silo continues its ε);
+   records on the silo's ledger (a restarted silo continues its ε). A resumed run
+   (run config ``resume-run-id``, :func:`budget_run_id`) is charged to the ORIGINAL run:
+   its rounds are restored from the silo's own ledger (never from a figure the server
+   sends) and recorded under that run id, so the run budget covers both; ledger rounds
+   whose mechanism differs from this config's calibration refuse the round (rule
+   ``resume-mismatch``);
 2. applies the budget rules (:mod:`shared_model.privacy.budget`); a refusal is written to
    the ledger as a ``refusal`` record and the silo does not touch its data;
 3. otherwise trains ``local-steps`` DP-SGD steps and writes the round's ``dp-sgd-round``
@@ -53,7 +58,7 @@ from shared_model.privacy import budget
 from shared_model.privacy.ledger import Ledger
 from shared_model.privacy.records import DpSgdRound, Refusal, dp_rounds, of_run, read_records, write_record
 from shared_model.privacy.silo_secret import derive_seed
-from shared_model.privacy.state import PrivacyState, merged_history
+from shared_model.privacy.state import PrivacyState, RestoreMismatch, merged_history
 
 log = logging.getLogger("fedshift.client")
 
@@ -66,6 +71,11 @@ def seed_for(base: int, silo: str, server_round: int, purpose: str = "train") ->
     that choose their own seed; federated rounds use the silo secret instead."""
     digest = hashlib.sha256(f"{base}/{silo}/{server_round}/{purpose}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+def budget_run_id(cfg: RunConfig, flower_run_id: int | str) -> int | str:
+    """The run whose budget a round is charged to: ``resume-run-id`` when the run resumes one, else this run."""
+    return cfg.resume_run_id or flower_run_id
 
 
 def arrays_sha256(model: InterestModel) -> str:
@@ -119,6 +129,7 @@ class TrainRequest:
     load: Loader
     privacy: PrivacyState | None = None  # the node's in-memory state for this run, if any
     seed: int | None = None  # default: derive_seed(silo secret, run id, silo, round, "train")
+    resumed_in: str | None = None  # the Flower run id, when ``run_id`` is the original run it resumes
 
 
 @dataclass
@@ -187,7 +198,15 @@ def train_silo(req: TrainRequest) -> TrainReply:
     """One training round on a silo (see the module docstring)."""
     silo, cfg, data = req.silo, req.silo.cfg, req.silo.data
     num_users = silo.num_users
-    privacy = privacy_for(silo, req.run_id, req.privacy)
+    try:
+        privacy = privacy_for(silo, req.run_id, req.privacy)
+    except RestoreMismatch as exc:
+        log.warning("silo %s: %s", data.name, exc)
+        record = write_record(silo.ledger, Refusal(
+            run_id=str(req.run_id), silo=data.name, round=int(req.server_round), rule="resume-mismatch",
+            reason=str(exc), time=_now(), resumed_in=req.resumed_in))
+        metrics = {"num-examples": 0, "steps": 0, "refused": 1, "budget-exhausted": 0}
+        return TrainReply("refused", metrics, silo.info, None, record=record, rule="resume-mismatch", reason=str(exc))
     refusal = (budget.check(privacy, cfg.local_steps, silo.lifetime_cap, read_records(silo.ledger),
                             silo.ledger.path) if cfg.dp else None)
     if refusal is not None:
@@ -198,7 +217,7 @@ def train_silo(req: TrainRequest) -> TrainReply:
             noise_multiplier=float(privacy.noise_multiplier), delta=float(privacy.delta),
             accountant=privacy.accountant, epsilon_cumulative=float(privacy.epsilon_spent),
             epsilon_requested=float(refusal.epsilon_requested), epsilon_limit=float(refusal.epsilon_limit),
-            epsilon_budget=float(privacy.epsilon_budget), time=_now()))
+            epsilon_budget=float(privacy.epsilon_budget), time=_now(), resumed_in=req.resumed_in))
         metrics = _train_metrics(cfg, privacy, num_users=0, loss=0.0, steps=0, empty=0, seconds=0.0,
                                  eps_round=0.0, exhausted=True)
         return TrainReply("budget-exhausted", metrics, silo.info, privacy, record=record, refusal=refusal,
@@ -206,7 +225,8 @@ def train_silo(req: TrainRequest) -> TrainReply:
 
     model = silo.model(req.load)
     seed = derive_seed(silo.secret, req.run_id, data.name, req.server_round, "train") if req.seed is None else req.seed
-    result, record = _dp_round(model, silo, privacy, seed=seed, run_id=req.run_id, server_round=req.server_round)
+    result, record = _dp_round(model, silo, privacy, seed=seed, run_id=req.run_id, server_round=req.server_round,
+                               resumed_in=req.resumed_in)
     failure = update_failure(model, result.loss)
     metrics = _train_metrics(cfg, privacy, num_users=0 if failure else num_users, loss=result.loss,
                              steps=result.steps, empty=result.empty_steps, seconds=result.seconds,
@@ -229,7 +249,7 @@ def update_failure(model: InterestModel, loss: float) -> str | None:
 
 
 def _dp_round(model: InterestModel, silo: SiloSetup, privacy: PrivacyState, *, seed: int, run_id: int | str,
-              server_round: int) -> tuple[RoundResult, dict[str, Any] | None]:
+              server_round: int, resumed_in: str | None = None) -> tuple[RoundResult, dict[str, Any] | None]:
     """Train one round, then (DP only) update ``privacy`` and append the round's ledger record."""
     cfg, data, ledger = silo.cfg, silo.data, silo.ledger
     used = privacy
@@ -256,7 +276,7 @@ def _dp_round(model: InterestModel, silo: SiloSetup, privacy: PrivacyState, *, s
         epsilon_budget=float(privacy.epsilon_budget),
         epsilon_lifetime=float(budget.lifetime_epsilon(privacy, on_ledger, [step])),
         runs_on_ledger=len({r.run_id for r in dp_rounds(on_ledger)} | {str(run_id)}),
-        num_users=silo.num_users, model_sha256=arrays_sha256(model), time=_now()))
+        num_users=silo.num_users, model_sha256=arrays_sha256(model), time=_now(), resumed_in=resumed_in))
     result.epsilon_round = eps_round
     return result, written
 

@@ -43,6 +43,24 @@ class RunRecords:
         self.problems: list[dict[str, Any]] = []
         self.outcomes: list[dict[str, Any]] = []
 
+    @classmethod
+    def resumed(cls, out_dir: Path, doc: dict[str, Any], resume: dict[str, Any]) -> "RunRecords":
+        """The records of an interrupted run (its ``metrics.json`` document), to be extended;
+        ``resume`` (the resuming Flower run id, the round it starts after) is appended to
+        ``run.resumed``. Records of rounds after that round (an interrupted round that left
+        no checkpoint) are dropped: that round runs again."""
+        after = int(resume["from-round"])
+        run_info = {k: v for k, v in doc["run"].items() if k not in {"finished", "wall-seconds", "ended-early"}}
+        run_info["resumed"] = [*run_info.get("resumed", []), resume]
+        for key in ("missing", "refusals"):
+            if key in run_info:
+                run_info[key] = [m for m in run_info[key] if m["round"] <= after]
+        records = cls(out_dir, run_info)
+        records.records = [r for r in doc.get("records", []) if r["round"] <= after]
+        records.problems = [r for r in doc.get("problems", []) if r["round"] <= after]
+        records.outcomes = [r for r in doc.get("outcomes", []) if r["round"] <= after]
+        return records
+
     def problem(self, server_round: int, phase: str, silo: str, node_id: int, kind: str, reason: str) -> None:
         """A reply that failed or an update the server refused (``kind``: error, failed, refused, capped)."""
         self.problems.append({"round": server_round, "phase": phase, "silo": silo, "node-id": node_id,

@@ -4,6 +4,11 @@ The server reads only public data (the item catalogue, for the category vocabula
 Every round it records each silo's metrics, checkpoints the global model as a
 peft-loadable folder signed with the run's Ed25519 key (public half:
 ``RUN/server-signing.pub``), and rewrites ``metrics.json`` / ``metrics.csv`` in ``out-dir``.
+
+A run config with ``resume-run-id`` resumes the run in ``out-dir``
+(:func:`shared_model.run_folder.resume_plan`): the last checkpoint is the initial model,
+rounds are numbered after it up to ``num-server-rounds``, and ``metrics.json`` keeps the
+interrupted run's records (``run.resumed`` names each resuming Flower run).
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_server.records import RunRecords
 from fl_server.strategy import RecordingFedAvg
-from shared_model.adapters import from_arrays, save_checkpoint, to_arrays
-from shared_model.checkpoint_signature import SERVER_PUB, run_signing_key
+from shared_model.adapters import from_arrays, load_checkpoint, save_checkpoint, to_arrays
+from shared_model.checkpoint_signature import SERVER_PUB, run_signing_key, verify_checkpoint
 from shared_model.config import RunConfig
 from shared_model.dataset import load_catalogue
 from shared_model.encoder import model_hash, resolve_base_model
@@ -28,6 +33,7 @@ from shared_model.item_index import catalogue_hash
 from shared_model.model import build_model
 from shared_model.privacy import accountants
 from shared_model.privacy.ledger import LEDGER_NAME, Ledger
+from shared_model.run_folder import read_metrics, resume_plan
 
 app = ServerApp()
 
@@ -67,7 +73,22 @@ def main(grid: Grid, context: Context) -> None:
     }
     signing_key = run_signing_key(out)  # each round's checkpoint is signed; `fedshift verify` checks it
     run_info["checkpoint-public-key"] = SERVER_PUB
-    records = RunRecords(out, run_info)
+    first_round = 1
+    if cfg.resume_run_id:
+        plan = resume_plan(out)
+        if plan.run_id != cfg.resume_run_id:
+            raise ValueError(f"{out}: holds run {plan.run_id}, not run {cfg.resume_run_id} (resume-run-id)")
+        first_round = plan.last_round + 1
+        problems = verify_checkpoint(plan.checkpoint, signing_key.public_key())
+        if problems:  # resume only from the checkpoint this run signed
+            raise ValueError(f"{plan.checkpoint}: does not verify against {out / SERVER_PUB}: {problems[0]}")
+        initial = to_arrays(load_checkpoint(plan.checkpoint)[0])
+        records = RunRecords.resumed(out, read_metrics(out), {
+            "run-id": context.run_id, "from-round": plan.last_round, "started": run_info["started"]})
+        log(INFO, "fedshift: resuming run %s from %s: rounds %d-%d", plan.run_id, plan.checkpoint, first_round,
+            cfg.num_server_rounds)
+    else:
+        records = RunRecords(out, run_info)
     log(INFO, "fedshift: %d trainable tensors (%d parameters); results in %s",
         len(initial), run_info["trainable-parameters"], out)
 
@@ -85,7 +106,8 @@ def main(grid: Grid, context: Context) -> None:
         }
         save_checkpoint(model, out / "checkpoints" / f"round-{server_round:03d}", meta, signing_key)
 
-    checkpoint(0, initial)
+    if first_round == 1:
+        checkpoint(0, initial)
     num_nodes = max(1, cfg.min_nodes)
     strategy = RecordingFedAvg(
         records,
@@ -96,9 +118,12 @@ def main(grid: Grid, context: Context) -> None:
         min_train_nodes=num_nodes if cfg.fraction_train >= 1.0 else 1,
         min_evaluate_nodes=num_nodes,
         min_available_nodes=num_nodes,
+        first_round=first_round,
     )
-    strategy.evaluate_initial(grid, initial, timeout=3600)
-    strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds)
+    if first_round == 1:
+        strategy.evaluate_initial(grid, initial, timeout=3600)
+    if first_round <= cfg.num_server_rounds:
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds - first_round + 1)
     records.run_info["refusals"] = strategy.refusals
     if strategy.ended_early is not None:
         refused = any(r["status"] == "refused" for r in strategy.refusals)

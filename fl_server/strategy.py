@@ -71,6 +71,8 @@ class RecordingFedAvg(FedAvg):
     """Flower's FedAvg (weighted by ``num-examples``) plus per-silo records.
 
     ``on_round_end(round, arrays)`` is called with each new global model (checkpointing).
+    ``first_round`` > 1 resumes a run: Flower's round loop counts from 1, and every round it
+    passes is shifted by ``first_round - 1`` (the silos see, and record, the run's round).
     """
 
     def __init__(
@@ -78,9 +80,11 @@ class RecordingFedAvg(FedAvg):
         records: RunRecords,
         on_round_end: Callable[[int, ArrayRecord], None] | None = None,
         ledger: Ledger | None = None,
+        first_round: int = 1,
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.round_offset = first_round - 1
         self.records = records
         self.on_round_end = on_round_end
         self.ledger = ledger
@@ -91,6 +95,9 @@ class RecordingFedAvg(FedAvg):
         self.sampled: dict[int, set[int]] = {}  # round -> node ids asked to train
         self.silo_of: dict[int, str] = {}  # node id -> silo name, from the node's replies
         self.missing: list[dict[str, object]] = []  # {round, node-ids, silos}: asked, no reply
+        if first_round > 1:  # a resumed run keeps what the interrupted one recorded
+            self.missing = [m for m in records.run_info.get("missing", []) if m["round"] < first_round]
+            self.refusals = [r for r in records.run_info.get("refusals", []) if r["round"] < first_round]
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kwargs: object) -> Result:  # type: ignore[override]
         """Flower's round loop, ended cleanly when every silo's budget is exhausted."""
@@ -104,6 +111,7 @@ class RecordingFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         nodes = set(grid.get_node_ids())
         if nodes and nodes <= self.exhausted:
             self.ended_early = server_round
@@ -130,6 +138,7 @@ class RecordingFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         replies = list(replies)
         training: list[Message] = []
         failed = declined = 0
@@ -231,7 +240,13 @@ class RecordingFedAvg(FedAvg):
         write_record(self.ledger, typed, {"silo-sha256": str(record.get("sha256", "")), "node-id": int(node_id), **signed})
 
     # --------------------------------------------------------------- evaluate
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         replies = list(replies)
         answered: list[Message] = []
         for msg in replies:
@@ -261,6 +276,7 @@ class RecordingFedAvg(FedAvg):
 
     def evaluate_initial(self, grid: Grid, arrays: ArrayRecord, timeout: float) -> None:
         """Round 0: federated evaluation of the untrained global model."""
+        assert self.round_offset == 0, "a resumed run has its round 0 already"
         replies = grid.send_and_receive(
             messages=self.configure_evaluate(0, arrays, ConfigRecord(), grid), timeout=timeout
         )

@@ -98,6 +98,9 @@ class RunConfig:
     dataset: str = ""
     base_model: str = ""
     out_dir: str = ""
+    # a resumed run (fedshift simulate/deploy local --resume): the ORIGINAL run's id, under
+    # which each silo charges its rounds (its own ledger decides what that run has spent)
+    resume_run_id: str = ""
     seed: int = 42
     num_server_rounds: int = 3
     fraction_train: float = 1.0

@@ -37,7 +37,7 @@ from shared_model.privacy.policy import SiloPolicy
 
 #: Run-config keys a refusal record repeats (what was asked, privacy-wise).
 REQUEST_KEYS = ("dp", "epsilon", "delta", "accountant", "silo-lifetime-epsilon", "audit-broken-noise",
-                "num-server-rounds", "local-steps", "batch-size", "max-grad-norm")
+                "num-server-rounds", "local-steps", "batch-size", "max-grad-norm", "resume-run-id")
 
 
 @dataclass(frozen=True)

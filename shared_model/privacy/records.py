@@ -83,6 +83,7 @@ class DpSgdRound(Record):
     num_users: int | None = None
     model_sha256: str | None = None  # of the trainable arrays the silo sent
     time: str | None = None
+    resumed_in: str | None = None  # the Flower run that trained this round, when it resumed ``run_id``
 
     @property
     def mechanism(self) -> tuple[float, float, int]:
@@ -122,6 +123,7 @@ class Refusal(Record):
     policy: str | None = None  # the policy file that decided
     policy_sha256: str | None = None
     time: str | None = None
+    resumed_in: str | None = None  # the Flower run that asked, when it resumed ``run_id``
 
 
 def write_record(ledger: Ledger, record: Record, envelope: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -35,6 +35,10 @@ def merged_history(history: History) -> History:
     return out
 
 
+class RestoreMismatch(RuntimeError):
+    """A run's rounds on the ledger used other mechanism parameters than this run config calibrates."""
+
+
 @dataclass
 class PrivacyState:
     silo: str
@@ -83,7 +87,7 @@ class PrivacyState:
         for rec in run_rounds:
             sigma, q = float(rec.noise_multiplier), float(rec.sample_rate)
             if not (math.isclose(sigma, self.noise_multiplier, rel_tol=1e-9) and math.isclose(q, self.sample_rate, rel_tol=1e-9)):
-                raise RuntimeError(
+                raise RestoreMismatch(
                     f"silo {self.silo}: ledger round {rec.round} used σ={sigma:g}, q={q:g} but this run's "
                     f"configuration calibrates σ={self.noise_multiplier:g}, q={self.sample_rate:g}; refusing to continue"
                 )
