@@ -48,5 +48,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     gate = open_gate(dict(context.run_config), node_config, lambda cfg: count_train_users(cfg, node_config))
     if not gate.admitted:
         return edge.evaluate_message(msg, refused_evaluation(gate))
-    reply = evaluate_silo_round(SiloSetup.admitted(gate, node_config), edge.loader(msg))
-    return edge.evaluate_message(msg, reply)
+    server_round = int(msg.content["config"]["server-round"]) if "config" in msg.content else 0
+    reply = evaluate_silo_round(SiloSetup.admitted(gate, node_config), edge.loader(msg), run_id=context.run_id,
+                                server_round=server_round, privacy=edge.kept_state(context))
+    return edge.evaluate_message(msg, reply, context)
