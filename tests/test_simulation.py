@@ -112,6 +112,24 @@ def test_every_checkpoint_records_the_interest_choice(tiny_run: Path) -> None:
         assert all(c["level"] == 2 and c["source"] == "dataset.json" for c in meta["interests"].values())
 
 
+def test_audit_of_a_dp_metrics_run_passes_and_shows_the_metrics_share(tiny_run: Path) -> None:
+    """release-metrics = dp (the default): the audit recomputes DP-SGD rounds and metric releases
+    as one composition, passes, and says what share of each silo's ε the metrics took."""
+    from shared_model.privacy.audit_report import audit_run, write_report
+
+    result = audit_run(tiny_run)
+    assert result["passed"], [c for c in result["checks"] if not c["passed"]]
+    assert any(c["check"] == "metric-releases-on-ledger" and c["passed"] for c in result["checks"])
+    for silo, s in result["silos"].items():
+        assert s["kinds"].count("metric-release") == 4 and s["metric-releases"] == 28, silo  # rounds 0..3
+        assert 0 < s["metric-share-of-epsilon"] < 1 and s["epsilon-dp-sgd-alone"] < s["epsilon-reported"]
+    write_report(tiny_run, result)
+    md = (tiny_run / "audit.md").read_text()
+    assert "## Where each silo's ε went, by release kind" in md and "None recorded" in md
+    share = result["silos"]["p0-r0"]["metric-share-of-epsilon"]
+    assert f"| {share:.1%} |" in md
+
+
 def test_titles_only_dataset_trains_finite_with_derived_interests(tmp_path: Path, small_dataset: Path,
                                                                    tiny_bert: Path, cache_dir: Path) -> None:
     from simulations.datasets.titles_only import make_titles_only

@@ -87,6 +87,7 @@ def plot(run_dir: Path, result: dict[str, Any], out: Path | None = None) -> Path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     silos = result.get("silos", {})
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -102,6 +103,7 @@ def plot(run_dir: Path, result: dict[str, Any], out: Path | None = None) -> Path
     for kind, marker in KIND_MARKERS.items():
         ax.scatter([], [], marker=marker, color="gray", label=KIND_LABELS[kind])
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"cumulative ε (δ={delta:g}, {label})" if delta else "cumulative ε")
     ax.set_title("ε spent per silo over rounds, by release kind")
     if silos:
