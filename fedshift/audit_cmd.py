@@ -44,11 +44,12 @@ def audit(args: argparse.Namespace) -> int:
     except PolicyError as e:
         print(f"fedshift audit: {e}", file=sys.stderr)
         return 2
-    write_report(run_dir, result)
+    out = Path(args.out).expanduser().resolve() if args.out else run_dir
+    write_report(run_dir, result, out)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
-        print((run_dir / "audit.md").read_text())
+        print((out / "audit.md").read_text())
     return 0 if result["passed"] else 1
 
 
@@ -77,12 +78,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "It also reports the worst-case ε of a user present on every silo, and lists the\n"
             "refusals on the ledger (the silo's own policy or a budget rule refused a round;\n"
             "a refusal spends no ε) and each silo's policy (RUN_DIR/silo-state/<silo>/policy.toml).\n\n"
-            "Writes RUN_DIR/audit.md and RUN_DIR/audit-epsilon.png. Exit status: 0 all checks\n"
+            "Writes RUN_DIR/audit.md and RUN_DIR/audit-epsilon.png (or into --out DIR). Exit status: 0 all checks\n"
             "pass, 1 a check failed, 2 RUN_DIR is not a run folder or a silo policy is unreadable."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a `fedshift simulate` results folder")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="write audit.md and audit-epsilon.png into DIR (created) instead of RUN_DIR")
     p.add_argument("--json", action="store_true", help="print the machine-readable result instead of Markdown")
     p.add_argument("--canaries", type=int, default=0, metavar="M", help="run the canary audit with M canaries")
     p.add_argument("--canary-silo", type=int, default=0, metavar="I", help="silo (sorted index) that gets the canaries")

@@ -7,7 +7,10 @@ or refuses it before any data is touched. Then it calls one silo-round function
 
 A train reply carries the trainable arrays, the number of training users, privacy and
 training metrics, and the round's ledger record (ConfigRecord ``ledger``: mechanism
-parameters and ε, or the refusal, no user data). A silo that may not train sends the
+parameters and ε, or the refusal, no user data). Which metrics leave, and how, is the
+silo's ``release-metrics`` (:mod:`fl_client.silo_release`): an evaluate reply carries noisy
+metrics and its ``metric-release`` record (``dp``), or the exact ones and a ``plain-release``
+declaration (``plain``), or counts only (``none``). A silo that may not train sends the
 global arrays back untouched with weight 0 and status ``budget-exhausted`` (budget rules)
 or ``refused`` (its policy), with the reason. The silo's durable privacy state (ledger,
 policy, secret) lives under ``<state-root>/<silo>/`` (node config ``state-dir``, else

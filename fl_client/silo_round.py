@@ -24,6 +24,12 @@ The written ledger line travels back in the reply, for the server's federation l
 4. checks what it would send (:func:`update_failure`): a non-finite loss or array stops
    the silo with status ``failed`` and the reason; it sends no arrays and no weight (the
    ε the round spent stays on the ledger: the data was touched).
+
+5. lets out only the numbers the silo's ``release-metrics`` allows
+   (:mod:`fl_client.silo_release`): training by-products (loss, timing) leave only under
+   ``plain``, declared by a ``plain-release`` record; an evaluation's metrics leave as a
+   Gaussian ``metric-release`` composed in the same accountant (``dp``), unnoised and declared
+   (``plain``), or not at all (``none``).
 """
 
 from __future__ import annotations

@@ -164,8 +164,9 @@ def test_plain_release_is_declared_in_the_audit_and_an_undeclared_one_fails(tmp_
     run = _ledger_run(tmp_path, plain=True)
     result = audit_run(run)
     assert result["passed"], [c for c in result["checks"] if not c["passed"]]
-    write_report(run, result)
-    md = (run / "audit.md").read_text()
+    write_report(run, result, tmp_path / "officer")  # fedshift audit --out DIR
+    assert not (run / "audit.md").exists() and (tmp_path / "officer" / "audit-epsilon.png").stat().st_size > 5000
+    md = (tmp_path / "officer" / "audit.md").read_text()
     assert "UNNOISED" in md and "| c | 2 | evaluate | category-accuracy, hr10, ndcg10 |" in md
     # metrics.json shows plain metrics the ledger does not declare: FAIL naming metrics.json, silo, round
     doc = json.loads((run / "metrics.json").read_text())

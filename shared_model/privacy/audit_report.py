@@ -4,8 +4,11 @@
 The folder is a run's results folder (the server's federation ledger; its
 ``metrics.json`` names the run, whose records alone are audited) or a silo's state
 folder ``<state-dir>/<silo>`` (its own ledger, every run on it). ε is recomputed by
-:mod:`shared_model.privacy.recompute` from the DP-SGD round records only; refusals spend
-nothing and are listed (the policy or budget rule, what was asked).
+:mod:`shared_model.privacy.recompute` from the spending records (DP-SGD rounds and Gaussian
+metric releases, one heterogeneous composition per silo); refusals spend nothing and are
+listed (the policy or budget rule, what was asked); ``plain-release`` declarations are listed
+as numbers outside ε, and every metric ``metrics.json`` shows must have its ledger record
+(:func:`release_checks`). The person-facing page and plot are :mod:`shared_model.privacy.audit_page`.
 
 Each silo's privacy policy is shown (:func:`silo_policies`): a silo folder's own
 ``policy.toml``, or for a run folder every ``silo-state/<silo>/policy.toml`` (where
@@ -183,7 +186,10 @@ def audit_run(run_dir: Path, canary: dict[str, Any] | list[dict[str, Any]] | Non
     return result
 
 
-def write_report(run_dir: Path, result: dict[str, Any]) -> None:
+def write_report(run_dir: Path, result: dict[str, Any], out: Path | None = None) -> None:
+    """Write ``audit.md`` and ``audit-epsilon.png`` into ``out`` (default ``run_dir``)."""
+    out = Path(out or run_dir)
+    out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Privacy audit of {run_dir}", "", f"Result: **{'PASS' if result['passed'] else 'FAIL'}**", "",
              "| check | result | detail |", "|---|---|---|"]
     lines += [f"| {c['check']} | {'pass' if c['passed'] else 'FAIL'} | {c['detail']} |" for c in result["checks"]]
@@ -232,5 +238,5 @@ def write_report(run_dir: Path, result: dict[str, Any]) -> None:
         if any(c["broken_noise"] for c in result["canaries"]):
             lines.append("AUDIT-BROKEN-NOISE was set: the silo trained with σ=0 while its ledger records σ.")
     lines += audit_page.sections(result)
-    write_bytes_atomic(run_dir / "audit.md", ("\n".join(lines) + "\n").encode())
-    audit_page.plot(run_dir, result)
+    write_bytes_atomic(out / "audit.md", ("\n".join(lines) + "\n").encode())
+    audit_page.plot(run_dir, result, out)
