@@ -31,7 +31,7 @@ def test_default_policy_round_trips_and_is_never_overwritten(tmp_path: Path) -> 
     policy = load_policy(path)
     assert policy.to_dict() == {"max-epsilon-per-run": 10.0, "max-lifetime-epsilon": 0.0, "max-delta": 1e-5,
                                 "allow-non-private": False, "allow-broken-noise-audit": False, "accountant": "rdp",
-                                "release-metrics": "dp", "metric-epsilon-share": 0.1}
+                                "release-metrics": "dp", "metric-epsilon-share": 0.3}
     path.write_text("max-epsilon-per-run = 3\n")
     assert write_default_policy(path, allow_non_private=True) == path
     assert load_policy(path).max_epsilon_per_run == 3.0 and not load_policy(path).allow_non_private

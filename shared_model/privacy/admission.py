@@ -54,7 +54,7 @@ class Admission:
     cfg: RunConfig
     lifetime_cap: float
     release_metrics: str = "dp"
-    metric_epsilon_share: float = 0.1
+    metric_epsilon_share: float = 0.3
 
 
 def release_mode(policy: SiloPolicy, cfg: RunConfig) -> str:

@@ -21,7 +21,7 @@ The file is TOML with dashed keys; every key is optional and an unknown key is a
     allow-broken-noise-audit = false # may the audit-only σ=0 switch (audit-broken-noise) run?
     accountant = "rdp"               # "rdp" or "prv": the accountant that enforces the budget
     release-metrics = "dp"           # what evaluation/training metrics may leave: none | dp | plain
-    metric-epsilon-share = 0.1       # dp: share of the run's ε planned for the metric releases; (0, 1)
+    metric-epsilon-share = 0.3       # dp: share of the run's ε planned for the metric releases; (0, 1)
 
 GDP is not accepted as ``accountant``: it is an approximation (CLT), not an upper bound on
 ε. ``release-metrics`` (:mod:`shared_model.privacy.metric_release`): ``dp`` releases each
@@ -72,7 +72,7 @@ class SiloPolicy:
     allow_broken_noise_audit: bool = False
     accountant: str = "rdp"
     release_metrics: str = "dp"
-    metric_epsilon_share: float = 0.1
+    metric_epsilon_share: float = 0.3
     source: str = ""  # the file it was read from ("" when built in code)
 
     def __post_init__(self) -> None:
