@@ -63,11 +63,12 @@ def audit(args: argparse.Namespace) -> int:
     except (PolicyError, AuditInputError, SigningKeyError) as e:
         print(f"fedshift audit: {e}", file=sys.stderr)
         return 2
-    write_report(run_dir, result)
+    out = Path(args.out).expanduser().resolve() if args.out else run_dir
+    write_report(run_dir, result, out)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
-        print((run_dir / "audit.md").read_text())
+        print((out / "audit.md").read_text())
     return 0 if result["passed"] else 1
 
 
@@ -109,13 +110,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "RUN_DIR may instead be a silo's state folder (<state-dir>/<silo>: its ledger.jsonl\n"
             "and policy.toml): every run on its ledger is recomputed and checked against its\n"
             "policy (silo-policy). Every failure names file:line (docs/audit.md).\n\n"
-            "Writes RUN_DIR/audit.md and RUN_DIR/audit-epsilon.png. Exit status: 0 all checks\n"
+            "Writes RUN_DIR/audit.md and RUN_DIR/audit-epsilon.png (or into --out DIR). Exit\n"
+            "status: 0 all checks "
             "pass, 1 a check failed, 2 RUN_DIR is neither kind of folder, or its metrics.json, a\n"
             "checkpoint's fedshift.json or a silo policy is unreadable, or a --silo-keys file is not a key (one line naming the file)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a `fedshift simulate` results folder, or a silo's state folder")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="write audit.md and audit-epsilon.png into DIR (created) instead of RUN_DIR")
     p.add_argument("--json", action="store_true", help="print the machine-readable result instead of Markdown")
     p.add_argument("--silo-keys", metavar="DIR", help="the silos' ledger public keys (RUN/silo-keys, written by "
                    "`fedshift simulate`): check every record's signature")

@@ -7,7 +7,10 @@ or refuses it before any data is touched. Then it calls one silo-round function
 
 A train reply carries the trainable arrays, the number of training users, privacy and
 training metrics, and the round's ledger record (ConfigRecord ``ledger``: mechanism
-parameters and ε, or the refusal, no user data). A silo that may not train sends the
+parameters and ε, or the refusal, no user data). Which metrics leave, and how, is the
+silo's ``release-metrics`` (:mod:`fl_client.silo_release`): an evaluate reply carries noisy
+metrics and its ``metric-release`` record (``dp``), or the exact ones and a ``plain-release``
+declaration (``plain``), or counts only (``none``). A silo that may not train sends the
 global arrays back untouched with weight 0 and status ``budget-exhausted`` (budget rules)
 or ``refused`` (its policy), with the reason. The silo's durable privacy state (ledger,
 policy, secret) lives under ``<state-root>/<silo>/`` (node config ``state-dir``, else
@@ -50,5 +53,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     gate = open_gate(dict(context.run_config), node_config, lambda cfg: count_train_users(cfg, node_config))
     if not gate.admitted:
         return edge.evaluate_message(msg, refused_evaluation(gate))
-    reply = evaluate_silo_round(SiloSetup.admitted(gate, node_config), edge.loader(msg))
-    return edge.evaluate_message(msg, reply)
+    server_round = int(msg.content["config"]["server-round"]) if "config" in msg.content else 0
+    reply = evaluate_silo_round(SiloSetup.admitted(gate, node_config), edge.loader(msg), run_id=context.run_id,
+                                server_round=server_round, privacy=edge.kept_state(context))
+    return edge.evaluate_message(msg, reply, context)

@@ -18,7 +18,7 @@ of a per-user vector of :mod:`shared_model.metrics`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -41,6 +41,8 @@ class EvalResult:
     mrr: float
     migrating_users: int
     candidates: int = 0  # items each target is ranked among (itself included)
+    #: per-user vectors (correct, hits, ndcgs, rrs, migrating): what a dp release sums; never sent
+    per_user: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def as_metrics(self) -> dict[str, float]:
         return {
@@ -80,13 +82,18 @@ def evaluate_silo(
     truth = ranked.categories.numpy()
     correct = topk_correct(ranked.category_logits.numpy(), truth, 1)
     migrating = np.array([ex.migrating for ex in examples], dtype=bool)
+    hit = hits(ranked.ranks, 10, ranked.tied)
+    ndcg = ndcgs(ranked.ranks, 10, ranked.tied)
+    rr = reciprocal_ranks(ranked.ranks, ranked.tied)
     return EvalResult(
         users=len(examples),
         category_accuracy=mean(correct),
         category_accuracy_migrating=mean(correct[migrating]),
-        hr10=mean(hits(ranked.ranks, 10, ranked.tied)),
-        ndcg10=mean(ndcgs(ranked.ranks, 10, ranked.tied)),
-        mrr=mean(reciprocal_ranks(ranked.ranks, ranked.tied)),
+        hr10=mean(hit),
+        ndcg10=mean(ndcg),
+        mrr=mean(rr),
         candidates=cands.size,
         migrating_users=int((migrating & (truth != IGNORE_INDEX)).sum()),
+        per_user={"correct": correct, "hits": np.asarray(hit), "ndcgs": np.asarray(ndcg), "rrs": np.asarray(rr),
+                  "migrating": migrating},
     )

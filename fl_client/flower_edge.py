@@ -3,8 +3,8 @@
 * the accountant state kept on the node between rounds (``Context.state[STATE_KEY]``,
   a ConfigRecord) <-> :class:`~shared_model.privacy.state.PrivacyState`;
 * a :class:`~fl_client.silo_round.TrainReply` / ``EvaluateReply`` -> the reply Message
-  (the written ledger line travels as ConfigRecord ``ledger``); a ``failed`` reply carries
-  no arrays.
+  (the written ledger lines travel as ConfigRecords ``ledger``, ``ledger-1``, … in the order
+  written; the server reads them with ``fl_server.strategy.ledger_records``); a ``failed`` reply carries no arrays.
 
 Test hook: ``FEDSHIFT_TEST_CORRUPT_UPDATE=<silo>`` in a silo process's *environment* (never
 the run config, which the server chooses) makes that silo's outgoing arrays NaN after its
@@ -55,6 +55,9 @@ def state_to_record(state: PrivacyState) -> ConfigRecord:
             "history-q": [float(h[1]) for h in state.history],
             "history-steps": [int(h[2]) for h in state.history],
             "rounds": [int(r) for r in state.rounds],
+            "release-metrics": state.release_metrics,
+            "metric-noise-multiplier": float(state.metric_noise_multiplier),
+            "planned-releases": int(state.planned_releases),
         }
     )
 
@@ -77,6 +80,9 @@ def state_from_record(rec: ConfigRecord) -> PrivacyState:
         planned_steps=int(rec["planned-steps"]),
         history=history,
         rounds=[int(r) for r in rec.get("rounds", [])],
+        release_metrics=str(rec.get("release-metrics", "none")),
+        metric_noise_multiplier=float(rec.get("metric-noise-multiplier", 0.0)),
+        planned_releases=int(rec.get("planned-releases", 0)),
     )
 
 
@@ -96,13 +102,23 @@ def train_message(msg: Message, context: Context, reply: TrainReply, dp: bool) -
     if reply.status != "failed":  # a failed silo sends no arrays
         arrays = to_arrays(reply.model) if reply.model is not None else msg.content["arrays"]
         content["arrays"] = _test_corruption(arrays, reply.info.get("silo", "")) if reply.model is not None else arrays
-    if reply.record is not None:
-        content["ledger"] = ConfigRecord({k: v for k, v in reply.record.items() if isinstance(v, (str, int, float))})
+    _pack_ledger(content, ([reply.record] if reply.record is not None else []) + list(reply.released))
     return Message(content=content, reply_to=msg)
 
 
-def evaluate_message(msg: Message, reply: EvaluateReply) -> Message:
+def _pack_ledger(content: RecordDict, lines: list[dict]) -> None:
+    """Ledger lines as ConfigRecords ``ledger``, ``ledger-1``, … (the order they were written)."""
+    for i, line in enumerate(lines):
+        content["ledger" if i == 0 else f"ledger-{i}"] = ConfigRecord(
+            {k: v for k, v in line.items() if isinstance(v, (str, int, float))})
+
+
+def evaluate_message(msg: Message, reply: EvaluateReply, context: Context | None = None) -> Message:
+    """Pack the reply; a dp metric release's accountant state is kept on the node."""
+    if context is not None and reply.privacy is not None:
+        context.state[STATE_KEY] = state_to_record(reply.privacy)
     status = {"status": reply.status, **({"rule": reply.rule, "reason": reply.reason} if reply.rule else {})}
     content = RecordDict({"metrics": MetricRecord(reply.metrics), "info": ConfigRecord(reply.info),
                           "status": ConfigRecord(status)})
+    _pack_ledger(content, list(reply.records))
     return Message(content=content, reply_to=msg)

@@ -45,6 +45,8 @@ class Gate:
     policy: SiloPolicy | None = None
     cfg: RunConfig | None = None
     lifetime_cap: float = 0.0
+    release_metrics: str = "none"  # what metrics may leave (admission.release_mode)
+    metric_epsilon_share: float = 0.0
     secret: bytes | None = None
     refusal: PolicyRefusal | None = None
 
@@ -87,6 +89,7 @@ def open_gate(run_config: Mapping[str, Any], node_config: Mapping[str, Any], cou
         gate.refusal = decision
         return gate
     gate.cfg, gate.lifetime_cap = decision.cfg, decision.lifetime_cap
+    gate.release_metrics, gate.metric_epsilon_share = decision.release_metrics, decision.metric_epsilon_share
     try:
         gate.secret = load_secret(root, silo, node_config)
     except (SecretError, OSError) as exc:

@@ -29,6 +29,12 @@ The written ledger line travels back in the reply, for the server's federation l
 4. checks what it would send (:func:`update_failure`): a non-finite loss or array stops
    the silo with status ``failed`` and the reason; it sends no arrays and no weight (the
    ε the round spent stays on the ledger: the data was touched).
+
+5. lets out only the numbers the silo's ``release-metrics`` allows
+   (:mod:`fl_client.silo_release`): training by-products (loss, timing) leave only under
+   ``plain``, declared by a ``plain-release`` record; an evaluation's metrics leave as a
+   Gaussian ``metric-release`` composed in the same accountant (``dp``), unnoised and declared
+   (``plain``), or not at all (``none``).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ import torch
 from fl_client.dp_train import RoundResult, pick_device, train_round
 from fl_client.evaluate import evaluate_silo
 from fl_client.silo_gate import Gate, refuse_round
+from fl_client.silo_release import release_evaluation, release_training
 from fl_client.task import SiloData, cached_silo, catalogue_dir_for, open_silo, resolve_silo_dir
 from shared_model.adapters import arrays_sha256 as array_record_sha256
 from shared_model.adapters import to_arrays
@@ -56,7 +63,7 @@ from shared_model.examples import train_user_ids
 from shared_model.model import InterestModel, build_model
 from shared_model.privacy import budget
 from shared_model.privacy.ledger import Ledger
-from shared_model.privacy.records import DpSgdRound, Refusal, dp_rounds, of_run, read_records, write_record
+from shared_model.privacy.records import DpSgdRound, Refusal, dp_rounds, of_run, read_records, spending, write_record
 from shared_model.privacy.silo_secret import derive_seed
 from shared_model.privacy.state import PrivacyState, RestoreMismatch, merged_history
 
@@ -97,13 +104,16 @@ class SiloSetup:
     ledger: Ledger
     secret: bytes  # the silo's own randomness (shared_model.privacy.silo_secret)
     lifetime_cap: float = 0.0  # ε over every run on the ledger; 0 = none (policy ∧ request)
+    release_metrics: str = "none"  # what metrics may leave (policy ∧ request): none | dp | plain
+    metric_epsilon_share: float = 0.0  # dp: share of the run's ε planned for metric releases
 
     @classmethod
     def admitted(cls, gate: Gate, node_config: dict[str, Any]) -> "SiloSetup":
         """Open the silo for a request its policy admitted."""
         assert gate.cfg is not None and gate.secret is not None, "the gate refused this request"
         data = open_silo(gate.cfg, node_config)
-        return cls(gate.cfg, data, pick_device(gate.cfg), gate.ledger, gate.secret, gate.lifetime_cap)
+        return cls(gate.cfg, data, pick_device(gate.cfg), gate.ledger, gate.secret, gate.lifetime_cap,
+                   gate.release_metrics, gate.metric_epsilon_share)
 
     @property
     def num_users(self) -> int:
@@ -112,7 +122,8 @@ class SiloSetup:
     @property
     def info(self) -> dict[str, str]:
         """What the reply may say about the silo (no user data)."""
-        return {"silo": self.data.name, "platform": self.data.platform, "device": str(self.device)}
+        return {"silo": self.data.name, "platform": self.data.platform, "device": str(self.device),
+                "release-metrics": self.release_metrics}
 
     def model(self, load: Loader) -> InterestModel:
         """A fresh model (so Opacus hooks never stack) holding the loaded arrays."""
@@ -144,6 +155,7 @@ class TrainReply:
     refusal: budget.BudgetRefusal | None = None
     rule: str = ""  # the rule that refused (budget or policy), when not trained
     reason: str = ""  # why the silo did not train, or failed
+    released: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # plain-release records written
 
 
 @dataclass
@@ -153,6 +165,8 @@ class EvaluateReply:
     status: str = "evaluated"  # | "refused"
     rule: str = ""
     reason: str = ""
+    privacy: PrivacyState | None = None  # the accountant state after a dp metric release
+    records: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # metric/plain-release lines written
 
 
 def count_train_users(cfg: RunConfig, node_config: dict[str, Any]) -> int:
@@ -184,9 +198,10 @@ def privacy_for(silo: SiloSetup, run_id: int | str, cached: PrivacyState | None 
         if cached.silo != data.name:
             raise RuntimeError(f"node state belongs to silo {cached.silo}, not {data.name}")
         return cached
-    state = PrivacyState.calibrate(data.name, cfg, num_users=silo.num_users)
+    state = PrivacyState.calibrate(data.name, cfg, num_users=silo.num_users, release_metrics=silo.release_metrics,
+                                   metric_share=silo.metric_epsilon_share)
     if cfg.dp:
-        mine = of_run(dp_rounds(read_records(silo.ledger)), run_id, data.name)
+        mine = of_run(spending(read_records(silo.ledger)), run_id, data.name)
         if mine:
             state.restore(mine)
             log.warning("silo %s: restored run %s from %s: rounds %s, ε=%.4g so far",
@@ -195,7 +210,15 @@ def privacy_for(silo: SiloSetup, run_id: int | str, cached: PrivacyState | None 
 
 
 def train_silo(req: TrainRequest) -> TrainReply:
-    """One training round on a silo (see the module docstring)."""
+    """One training round on a silo (see the module docstring); the reply's metrics are what
+    the silo's ``release-metrics`` lets leave (:func:`fl_client.silo_release.release_training`)."""
+    reply = _train_silo(req)
+    reply.metrics, reply.released = release_training(req.silo, reply.metrics, req.run_id, req.server_round,
+                                                      trained=reply.status in ("trained", "failed"))
+    return reply
+
+
+def _train_silo(req: TrainRequest) -> TrainReply:
     silo, cfg, data = req.silo, req.silo.cfg, req.silo.data
     num_users = silo.num_users
     try:
@@ -302,7 +325,11 @@ def _train_metrics(
     }
 
 
-def evaluate_silo_round(silo: SiloSetup, load: Loader) -> EvaluateReply:
-    """Evaluate the loaded global model on the silo's validation users."""
+def evaluate_silo_round(silo: SiloSetup, load: Loader, run_id: int | str = 0, server_round: int = 0,
+                        privacy: PrivacyState | None = None) -> EvaluateReply:
+    """Evaluate the loaded global model on the silo's validation users; the metrics leave as
+    the silo's ``release-metrics`` says (:func:`fl_client.silo_release.release_evaluation`)."""
     result = evaluate_silo(silo.model(load), silo.data, silo.cfg, silo.device, split="valid")
-    return EvaluateReply({"num-examples": result.users, **result.as_metrics()}, silo.info)
+    state = privacy_for(silo, run_id, privacy) if silo.release_metrics == "dp" and silo.cfg.dp else None
+    metrics, records = release_evaluation(silo, state, result, run_id, server_round)
+    return EvaluateReply(metrics, silo.info, privacy=state, records=records)

@@ -4,7 +4,11 @@
 ``metrics.json`` also holds ``problems`` (every failed reply and refused update, naming
 the silo and the reason) and ``outcomes`` (per round and phase: replies that succeeded,
 failed, or were refused by the silo's own policy); :mod:`shared_model.run_health` reads
-them to decide a CLI's exit status."""
+them to decide a CLI's exit status.
+
+Each silo says how its metrics left (``release-metrics``: ``dp`` noisy, inside ε; ``plain``
+unnoised, OUTSIDE ε; ``none`` not sent); ``metrics.json`` ``metric-releases`` lists it per
+silo with the numbers outside ε, and the table marks every row and explains the marks."""
 
 from __future__ import annotations
 
@@ -16,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from shared_model.io_utils import write_bytes_atomic
+from shared_model.privacy.metric_release import PUBLIC
+
+#: Table mark per ``release-metrics`` mode.
+MARKS = {"dp": "dp", "plain": "PLAIN", "none": "none"}
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -94,9 +102,25 @@ class RunRecords:
             out.append({"round": rnd, "silos": dict(sorted(silos.items()))})
         return out
 
+    def metric_releases(self) -> dict[str, dict[str, Any]]:
+        """Per silo: its ``release-metrics`` mode(s) and the numbers it sent outside ε (plain)."""
+        out: dict[str, dict[str, Any]] = {}
+        for r in self.records:
+            mode = r.get("release-metrics")
+            if not mode:
+                continue
+            entry = out.setdefault(r["silo"], {"release-metrics": [], "outside-epsilon": []})
+            if mode not in entry["release-metrics"]:
+                entry["release-metrics"].append(mode)
+            if mode == "plain":
+                private = [k for k in r if k not in PUBLIC and k not in {"round", "phase", "silo", "node-id", "device",
+                                                                      "release-metrics", "tensor-bytes", "payload-bytes"}]
+                entry["outside-epsilon"] += [k for k in private if k not in entry["outside-epsilon"]]
+        return out
+
     def write(self) -> None:
         doc = {"run": self.run_info, "rounds": self.by_round(), "records": self.records,
-               "problems": self.problems, "outcomes": self.outcomes}
+               "problems": self.problems, "outcomes": self.outcomes, "metric-releases": self.metric_releases()}
         atomic_write_text(self.out_dir / "metrics.json", json.dumps(_json_safe(doc), indent=2, sort_keys=False))
         columns: list[str] = []
         for r in self.records:
@@ -113,7 +137,7 @@ class RunRecords:
         train = {r["silo"]: r for r in self.rows(server_round, "train")}
         evals = {r["silo"]: r for r in self.rows(server_round, "evaluate")}
         delta = next((r["delta"] for r in train.values() if r.get("delta") is not None), self.run_info.get("delta"))
-        head = f"{'silo':<14}{'loss':>9}{'ε':>9}{'ε budget':>10}{'cat acc':>9}{'NDCG@10':>9}{'HR@10':>8}"
+        head = f"{'silo':<14}{'loss':>9}{'ε':>9}{'ε budget':>10}{'cat acc':>9}{'NDCG@10':>9}{'HR@10':>8}  metrics"
         lines = [
             f"round {server_round} — ε is cumulative, δ={_fmt_delta(delta)}, accountant {self.run_info.get('accountant-label', '?')}",
             head,
@@ -121,13 +145,31 @@ class RunRecords:
         ]
         for silo in sorted(set(train) | set(evals)):
             t, e = train.get(silo, {}), evals.get(silo, {})
+            mode = e.get("release-metrics") or t.get("release-metrics")
             lines.append(
                 f"{silo:<14}{_fmt(t.get('train-loss')):>9}{_fmt(t.get('epsilon')):>9}{_fmt(t.get('epsilon-budget')):>10}"
                 f"{_fmt(e.get('category-accuracy')):>9}{_fmt(e.get('ndcg10'), 4):>9}{_fmt(e.get('hr10')):>8}"
+                + f"  {MARKS.get(mode, '') if mode else ('(mean)' if silo == 'ALL' else '')}"
                 + ("  budget exhausted" if t.get("budget-exhausted") else "")
                 + ("  refused (its privacy policy)" if t.get("refused") else "")
             )
-        return "\n".join(lines)
+        return "\n".join(lines + _legend(train, evals))
+
+
+def _legend(train: dict[str, dict[str, Any]], evals: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per ``release-metrics`` mode present: what the marks mean, naming the silos."""
+    by_mode: dict[str, list[str]] = {}
+    for silo in sorted(set(train) | set(evals)):
+        mode = evals.get(silo, {}).get("release-metrics") or train.get(silo, {}).get("release-metrics")
+        if mode:
+            by_mode.setdefault(str(mode), []).append(silo)
+    text = {
+        "dp": "dp: cat acc, NDCG@10, HR@10 are NOISY releases (Gaussian mechanism, inside the silo's ε); "
+              "loss withheld",
+        "plain": "PLAIN: loss, cat acc, NDCG@10, HR@10 left the silo UNNOISED — OUTSIDE ε",
+        "none": "none: the silo sent no metrics (only what training needs)",
+    }
+    return [f"{text.get(m, m)} [{', '.join(silos)}]" for m, silos in sorted(by_mode.items())]
 
 
 def _fmt_delta(delta: Any) -> str:

@@ -1,5 +1,5 @@
 """FedAvg over adapter+head arrays that also records every silo's metrics, gathers the
-silos' privacy-ledger records (rounds and refusals) into the run's federation ledger, skips silos whose privacy
+silos' privacy-ledger records (rounds, refusals, metric releases) into the run's federation ledger, skips silos whose privacy
 budget is exhausted or whose own policy refused the run (printed with the silo and rule,
 kept in ``refusals`` for metrics.json, never aggregated), refuses malformed or non-finite
 updates (:mod:`fl_server.update_checks`), records every failed reply in ``metrics.json``,
@@ -56,6 +56,21 @@ def fail_on_federation_mismatch(msg: Message) -> None:
 def _device(msg: Message) -> str:
     """The device a silo reported (``cpu``, ``cuda``, ``cuda:0``)."""
     return str(msg.content["info"].get("device", "")) if "info" in msg.content else ""
+
+
+def ledger_records(msg: Message) -> list[ConfigRecord]:
+    """The ledger lines a reply carries (ConfigRecords ``ledger``, ``ledger-1``, …), in the order
+    the silo wrote them (a DP-SGD round, then a plain-release declaration, …)."""
+    extra = sorted((int(k.split("-", 1)[1]), k) for k in msg.content.keys()
+                   if k.startswith("ledger-") and k.split("-", 1)[1].isdigit())
+    return ([msg.content["ledger"]] if "ledger" in msg.content else []) + [msg.content[k] for _, k in extra]
+
+
+def _release(msg: Message) -> dict[str, str]:
+    """What the silo said about its metrics: ``release-metrics`` (none | dp | plain), from its info."""
+    if "info" not in msg.content or "release-metrics" not in msg.content["info"]:
+        return {}
+    return {"release-metrics": str(msg.content["info"]["release-metrics"])}
 
 
 def _status(msg: Message) -> tuple[str, str]:
@@ -156,9 +171,10 @@ class RecordingFedAvg(FedAvg):
                 metrics["tensor-bytes"], metrics["payload-bytes"] = payload_bytes(msg.content["arrays"])
                 metrics["update-sha256"] = arrays_sha256(msg.content["arrays"])  # the audit matches the ledger's
             metrics["device"] = _device(msg)
-            self.records.add(server_round, "train", silo, node, metrics)
-            if self.ledger is not None and "ledger" in msg.content:
-                self.append_ledger(msg.content["ledger"], node)
+            self.records.add(server_round, "train", silo, node, {**metrics, **_release(msg)})
+            if self.ledger is not None:
+                for line in ledger_records(msg):
+                    self.append_ledger(line, node)
             kind, reason = _status(msg)
             if kind == "refused":
                 self.exhausted.add(node)
@@ -262,7 +278,10 @@ class RecordingFedAvg(FedAvg):
                 self._note_refusal(server_round, "evaluate", silo, msg.metadata.src_node_id, kind, reason)
                 continue
             self.records.add(server_round, "evaluate", silo, msg.metadata.src_node_id,
-                             {**dict(msg.content["metrics"]), "device": _device(msg)})
+                             {**dict(msg.content["metrics"]), "device": _device(msg), **_release(msg)})
+            if self.ledger is not None:
+                for line in ledger_records(msg):
+                    self.append_ledger(line, msg.metadata.src_node_id)
             if float(msg.content["metrics"].get("num-examples", 0)) > 0:
                 answered.append(msg)
         failed = sum(1 for m in replies if m.has_error())

@@ -85,6 +85,7 @@ RULES: dict[str, tuple[Any, str]] = {
     "accountant": (lambda v: v in ACCOUNTANTS, f"must be one of {', '.join(ACCOUNTANTS)}"),
     "grad-sample-mode": (lambda v: v in GRAD_SAMPLE_MODES, f"must be one of {', '.join(GRAD_SAMPLE_MODES)}"),
     "silo-lifetime-epsilon": _NON_NEGATIVE,
+    "release-metrics": (lambda v: v in ("none", "dp", "plain"), "must be one of none, dp, plain"),
     "max-eval-users": _NON_NEGATIVE,
     "eval-batch-size": _AT_LEAST_1,
     "eval-candidates": _NON_NEGATIVE,
@@ -140,6 +141,7 @@ class RunConfig:
     # where a silo keeps its ledger is node config state-dir, never the run config
     silo_lifetime_epsilon: float = 0.0
     audit_broken_noise: bool = False
+    release_metrics: str = "dp"  # asked; the silo's policy may only make it more private
     # evaluation
     max_eval_users: int = 256
     eval_batch_size: int = 64

@@ -30,7 +30,8 @@ def test_default_policy_round_trips_and_is_never_overwritten(tmp_path: Path) -> 
     path = write_default_policy(tmp_path / "s" / "policy.toml")
     policy = load_policy(path)
     assert policy.to_dict() == {"max-epsilon-per-run": 10.0, "max-lifetime-epsilon": 0.0, "max-delta": 1e-5,
-                                "allow-non-private": False, "allow-broken-noise-audit": False, "accountant": "rdp"}
+                                "allow-non-private": False, "allow-broken-noise-audit": False, "accountant": "rdp",
+                                "release-metrics": "dp", "metric-epsilon-share": 0.3}
     path.write_text("max-epsilon-per-run = 3\n")
     assert write_default_policy(path, allow_non_private=True) == path
     assert load_policy(path).max_epsilon_per_run == 3.0 and not load_policy(path).allow_non_private
@@ -47,7 +48,8 @@ def test_default_policy_round_trips_and_is_never_overwritten(tmp_path: Path) -> 
     ('accountant = "xyz"\n', r"policy.toml: accountant: must be one of rdp, prv"),
     ('allow-non-private = "yes"\n', r"policy.toml: allow-non-private: expected true or false"),
     ("max-epsilon = 3\n", r"policy.toml: max-epsilon: unknown key"),
-    ('release-metrics = "dp"\n', r"policy.toml: release-metrics: not supported by this version"),
+    ('release-metrics = "noisy"\n', r"policy.toml: release-metrics: must be one of none, dp, plain"),
+    ("metric-epsilon-share = 1.0\n", r"policy.toml: metric-epsilon-share: must be in \(0, 1\)"),
     ("max-delta = \n", r"policy.toml: not valid TOML: .*line 1"),
 ])
 def test_bad_policy_is_one_line_naming_file_and_key(tmp_path: Path, text: str, message: str) -> None:

@@ -6,7 +6,6 @@ Flower process is left behind."""
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from shared_model.adapters import get_trainable_state, load_checkpoint
+from shared_model.privacy.ledger import Ledger
+from shared_model.privacy.records import history_of, read_records, spending
 from shared_model.encoder import load_encoder, load_tokenizer, mean_pool
 
 pytestmark = pytest.mark.slow
@@ -86,16 +87,22 @@ def test_epsilon_composes_over_rounds_like_one_accountant(tiny_run: Path) -> Non
         if rec["phase"] == "train":
             per_silo.setdefault(rec["silo"], []).append(rec)
     assert len(per_silo) == 3
+    ledger = read_records(Ledger(tiny_run / "ledger.jsonl"))
     for silo, recs in per_silo.items():
         recs.sort(key=lambda r: r["round"])
         eps = [r["epsilon"] for r in recs]
         assert eps == sorted(eps) and eps[-1] <= recs[-1]["epsilon-budget"] + 1e-9, (silo, eps)
-        # one Opacus accountant fed the same history gives the same cumulative ε
+        # release-metrics = dp (the default): the silo's ε composes its DP-SGD rounds and its
+        # Gaussian metric releases (round 0's evaluation first) in one Opacus accountant
+        spent = [r for r in spending(ledger) if r.silo == silo]
+        assert [r.KIND for r in spent][:2] == ["metric-release", "dp-sgd-round"], [r.KIND for r in spent]
         acc = RDPAccountant()
-        acc.history = [(r["noise-multiplier"], r["sample-rate"], int(r["steps"])) for r in recs]
+        acc.history = history_of(spent[:-1])  # up to the last round's training (its evaluation follows)
         assert eps[-1] == pytest.approx(acc.get_epsilon(recs[-1]["delta"]), rel=1e-6)
-        assert eps[-1] > recs[0]["epsilon-round"] > 0
-        assert recs[0]["epsilon"] == pytest.approx(recs[0]["epsilon-round"], rel=1e-9)
+        alone = RDPAccountant()
+        alone.history = [(r["noise-multiplier"], r["sample-rate"], int(r["steps"])) for r in recs]
+        assert eps[-1] > alone.get_epsilon(recs[-1]["delta"]) > recs[0]["epsilon-round"] > 0
+        assert "train-loss" not in recs[0]  # withheld under dp
 
 
 def test_every_checkpoint_records_the_interest_choice(tiny_run: Path) -> None:
@@ -103,6 +110,24 @@ def test_every_checkpoint_records_the_interest_choice(tiny_run: Path) -> None:
         meta = json.loads((ckpt / "fedshift.json").read_text())
         assert set(meta["interests"]) == {"p0", "p1", "p2"}, ckpt
         assert all(c["level"] == 2 and c["source"] == "dataset.json" for c in meta["interests"].values())
+
+
+def test_audit_of_a_dp_metrics_run_passes_and_shows_the_metrics_share(tiny_run: Path) -> None:
+    """release-metrics = dp (the default): the audit recomputes DP-SGD rounds and metric releases
+    as one composition, passes, and says what share of each silo's ε the metrics took."""
+    from shared_model.privacy.audit_report import audit_run, write_report
+
+    result = audit_run(tiny_run)
+    assert result["passed"], [c for c in result["checks"] if not c["passed"]]
+    assert any(c["check"] == "metric-releases-on-ledger" and c["passed"] for c in result["checks"])
+    for silo, s in result["silos"].items():
+        assert s["kinds"].count("metric-release") == 4 and s["metric-releases"] == 28, silo  # rounds 0..3
+        assert 0 < s["metric-share-of-epsilon"] < 1 and s["epsilon-dp-sgd-alone"] < s["epsilon-reported"]
+    write_report(tiny_run, result)
+    md = (tiny_run / "audit.md").read_text()
+    assert "## Where each silo's ε went, by release kind" in md and "None recorded" in md
+    share = result["silos"]["p0-r0"]["metric-share-of-epsilon"]
+    assert f"| {share:.1%} |" in md
 
 
 def test_titles_only_dataset_trains_finite_with_derived_interests(tmp_path: Path, small_dataset: Path,
@@ -115,9 +140,12 @@ def test_titles_only_dataset_trains_finite_with_derived_interests(tmp_path: Path
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     doc = json.loads((tmp_path / "run" / "metrics.json").read_text())
     train = [rec for rec in doc["records"] if rec["phase"] == "train"]
-    assert train and all(math.isfinite(rec["train-loss"]) for rec in train)
+    # the train loss is withheld under release-metrics = dp; a non-finite update would be a problem
+    assert train and not doc["problems"] and all(rec["num-examples"] > 0 for rec in train)
     evals = [rec for rec in doc["records"] if rec["phase"] == "evaluate" and rec["round"] == 1]
-    assert len(evals) >= 3 and all(0 <= rec["category-accuracy"] <= 1 for rec in evals)
+    # noisy (dp) accuracy: clipped to [0, 1], or -1 when the noisy count of users is below 1
+    assert len(evals) >= 3 and all(rec["release-metrics"] == "dp" and (0 <= rec["category-accuracy"] <= 1
+                                   or rec["category-accuracy"] == -1) for rec in evals)
     meta = json.loads((tmp_path / "run" / "checkpoints" / "round-001" / "fedshift.json").read_text())
     assert all(c["source"] == "derived" and c["classes"] >= 8 for c in meta["interests"].values())
     assert len(meta["categories"]) == sum(c["classes"] for c in meta["interests"].values())
@@ -296,7 +324,7 @@ def test_run_ends_cleanly_when_every_silo_is_at_budget(
 
     proc = _simulate(tmp_path, "--dataset", str(small_dataset), "--base-model", str(tiny_bert), "--rounds", "3",
                      *[a for k, v in settings.items() if k != "num-server-rounds" for a in ("--set", f"{k}={v}")],
-                     "--set", f"silo-lifetime-epsilon={cap}")
+                     "--set", f"silo-lifetime-epsilon={cap}", "--set", "release-metrics=none")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     doc = json.loads((tmp_path / "metrics.json").read_text())
     assert doc["run"]["ended-early"]["before-round"] == 3

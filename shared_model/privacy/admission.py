@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared_model.config import ConfigError, RunConfig
-from shared_model.privacy.policy import SiloPolicy
+from shared_model.privacy.policy import RELEASE_MODES, SiloPolicy
 
 #: Run-config keys a refusal record repeats (what was asked, privacy-wise).
-REQUEST_KEYS = ("dp", "epsilon", "delta", "accountant", "silo-lifetime-epsilon", "audit-broken-noise",
+REQUEST_KEYS = ("dp", "epsilon", "delta", "accountant", "silo-lifetime-epsilon", "audit-broken-noise", "release-metrics",
                 "num-server-rounds", "local-steps", "batch-size", "max-grad-norm", "resume-run-id")
 
 
@@ -48,10 +48,20 @@ class PolicyRefusal:
 
 @dataclass(frozen=True)
 class Admission:
-    """An admitted request: the parsed config and the lifetime ε cap that applies (0 = none)."""
+    """An admitted request: the parsed config, the lifetime ε cap that applies (0 = none) and
+    what metrics may leave (:func:`release_mode`)."""
 
     cfg: RunConfig
     lifetime_cap: float
+    release_metrics: str = "dp"
+    metric_epsilon_share: float = 0.3
+
+
+def release_mode(policy: SiloPolicy, cfg: RunConfig) -> str:
+    """The more private of the policy's ``release-metrics`` and the request's (none < dp < plain);
+    without DP there is no accountant to compose a ``dp`` release in, so ``dp`` becomes ``none``."""
+    mode = min(policy.release_metrics, cfg.release_metrics, key=RELEASE_MODES.index)
+    return "none" if mode == "dp" and not cfg.dp else mode
 
 
 def requested(run_config: Mapping[str, Any]) -> str:
@@ -80,7 +90,7 @@ def admit(policy: SiloPolicy, cfg: RunConfig, num_users: int | None = None) -> A
         if not policy.allow_non_private:
             return PolicyRefusal("non-private", f"dp=false asks for training without differential privacy; "
                                  f"{where} has allow-non-private = false")
-        return Admission(cfg, 0.0)
+        return Admission(cfg, 0.0, release_mode(policy, cfg), policy.metric_epsilon_share)
     if cfg.audit_broken_noise and not policy.allow_broken_noise_audit:
         return PolicyRefusal("broken-noise-audit", "audit-broken-noise=true asks for training with σ=0; "
                              f"{where} has allow-broken-noise-audit = false")
@@ -100,4 +110,4 @@ def admit(policy: SiloPolicy, cfg: RunConfig, num_users: int | None = None) -> A
     if cap > 0 and (asked <= 0 or asked > cap):
         what = "no lifetime cap (0)" if asked <= 0 else f"silo-lifetime-epsilon={asked:g}"
         return PolicyRefusal("max-lifetime-epsilon", f"{what} asked; {where} caps lifetime ε at {cap:g}")
-    return Admission(cfg, asked if asked > 0 else cap)
+    return Admission(cfg, asked if asked > 0 else cap, release_mode(policy, cfg), policy.metric_epsilon_share)

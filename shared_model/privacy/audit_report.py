@@ -4,8 +4,11 @@
 The folder is a run's results folder (the server's federation ledger; its
 ``metrics.json`` names the run, whose records alone are audited) or a silo's state
 folder ``<state-dir>/<silo>`` (its own ledger, every run on it). ε is recomputed by
-:mod:`shared_model.privacy.recompute` from the DP-SGD round records only; refusals spend
-nothing and are listed (the policy or budget rule, what was asked).
+:mod:`shared_model.privacy.recompute` from the spending records (DP-SGD rounds and Gaussian
+metric releases, one heterogeneous composition per silo); refusals spend nothing and are
+listed (the policy or budget rule, what was asked); ``plain-release`` declarations are listed
+as numbers outside ε, and every metric ``metrics.json`` shows must have its ledger record
+(:func:`release_checks`). The person-facing page and plot are :mod:`shared_model.privacy.audit_page`.
 
 Each silo's privacy policy is shown (:func:`silo_policies`): a silo folder's own
 ``policy.toml``, or for a run folder every ``silo-state/<silo>/policy.toml`` (where
@@ -25,10 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from shared_model.io_utils import write_bytes_atomic
+from shared_model.privacy import audit_page
 from shared_model.privacy.ledger import LEDGER_NAME, Ledger, LedgerError
 from shared_model.privacy.policy import POLICY_NAME, load_policy
 from shared_model.privacy.owner_checks import read_lines, read_metrics, run_folder_checks, silo_folder_checks
-from shared_model.privacy.records import DpSgdRound, Record, dp_rounds, history_of, of_run, read_records, refusals
+from shared_model.privacy.records import (DpSgdRound, MetricRelease, PlainRelease, Record, history_of, of_run,
+                                          read_records, refusals, spending)
 from shared_model.privacy.recompute import label as accountant_label
 from shared_model.privacy.recompute import opacus_epsilon, opacus_rdp, recompute
 
@@ -62,6 +67,46 @@ def silo_policies(run_dir: Path, run_id: Any = None) -> dict[str, dict[str, Any]
     return out
 
 
+def by_kind(recs: list[DpSgdRound | MetricRelease], delta: float, accountant: str) -> dict[str, Any]:
+    """ε of each release kind alone, and the metric releases' share of the silo's ε: the
+    marginal cost ε(all) − ε(DP-SGD alone) over ε(all) (composition is not additive)."""
+    sgd = history_of([r for r in recs if isinstance(r, DpSgdRound)])
+    metric = history_of([r for r in recs if isinstance(r, MetricRelease)])
+    joint = opacus_epsilon(accountant, sgd + metric, delta)
+    alone = opacus_epsilon(accountant, sgd, delta)
+    return {"epsilon-dp-sgd-alone": alone, "epsilon-metric-releases-alone": opacus_epsilon(accountant, metric, delta),
+            "metric-releases": sum(int(n) for _, _, n in metric),
+            "metric-share-of-epsilon": (joint - alone) / joint if joint > 0 else 0.0}
+
+
+def release_checks(doc: dict[str, Any] | None, records: list[Record]) -> list[dict[str, Any]]:
+    """Every metric a silo sent (metrics.json) has its ledger record: a ``metric-release`` for
+    a ``dp`` evaluation, a ``plain-release`` for a ``plain`` reply. A silo that sent metrics
+    without its record fails, named by metrics.json, round and silo."""
+    sent = (doc or {}).get("records", [])  # doc: metrics.json as read_metrics parsed it (None: a silo folder)
+    dp = {(r.silo, r.round) for r in records if isinstance(r, MetricRelease)}
+    plain = {(r.silo, r.round, r.phase) for r in records if isinstance(r, PlainRelease)}
+    missing: list[str] = []
+    modes: dict[str, int] = {}
+    for rec in sent if isinstance(sent, list) else []:
+        mode, silo, rnd, phase = rec.get("release-metrics"), rec.get("silo"), rec.get("round"), rec.get("phase")
+        if not mode or not isinstance(rnd, int):
+            continue
+        modes[mode] = modes.get(mode, 0) + 1
+        if mode == "dp" and phase == "evaluate" and rec.get("num-examples") and not rec.get("metrics-withheld") \
+                and (silo, rnd) not in dp:
+            missing.append(f"{silo} round {rnd} evaluate: dp metrics sent, no metric-release record")
+        trained = phase == "train" and "train-loss" in rec and not rec.get("budget-exhausted") and not rec.get("refused")
+        if mode == "plain" and (phase == "evaluate" or trained) and (silo, rnd, phase) not in plain:
+            missing.append(f"{silo} round {rnd} {phase}: plain metrics sent, no plain-release record")
+    if not modes:
+        return []
+    return [_check("metric-releases-on-ledger", not missing,
+                   "metrics.json: " + ("; ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+                                       if missing else "every metric sent has its ledger record "
+                                       f"({', '.join(f'{n} {m}' for m, n in sorted(modes.items()))} replies)"))]
+
+
 def audit_run(run_dir: Path, canary: dict[str, Any] | list[dict[str, Any]] | None = None,
               silo_keys: Path | None = None) -> dict[str, Any]:
     """Every check on ``run_dir``; with ``silo_keys`` (a folder of the silos' ledger public keys)
@@ -86,12 +131,13 @@ def audit_run(run_dir: Path, canary: dict[str, Any] | list[dict[str, Any]] | Non
         checks.append(signature_check(Ledger(run_dir / LEDGER_NAME), silo_keys))
     if info.get("run-id") is not None:
         records = of_run(records, info["run-id"])
-    rounds = dp_rounds(records)
+    rounds = spending(records)  # DP-SGD rounds and Gaussian metric releases, in ledger order
+    result["outside-epsilon"] = [r.to_dict() for r in records if isinstance(r, PlainRelease)]
     result["refusals"] = [r.to_dict() for r in refusals(records)]
     result["policies"] = silo_policies(run_dir, info.get("run-id"))
     several_runs = len({r.run_id for r in rounds}) > 1  # a silo's own ledger: audit each run
     result["several-runs"] = several_runs
-    per_silo: dict[str, list[DpSgdRound]] = {}
+    per_silo: dict[str, list[DpSgdRound | MetricRelease]] = {}
     for r in rounds:
         per_silo.setdefault(f"{r.silo} (run {r.run_id})" if several_runs else r.silo, []).append(r)
     all_history = []
@@ -109,7 +155,8 @@ def audit_run(run_dir: Path, canary: dict[str, Any] | list[dict[str, Any]] | Non
                                   for i, r in enumerate(recs))
         reported = recs[-1].epsilon_cumulative
         label = accountant_label(accountant)
-        lifetime, runs = recs[-1].epsilon_lifetime, recs[-1].runs_on_ledger
+        sgd = [r for r in recs if isinstance(r, DpSgdRound)]
+        lifetime, runs = (sgd[-1].epsilon_lifetime, sgd[-1].runs_on_ledger) if sgd else (None, None)
         result["silos"][silo] = {
             "rounds": [r.round for r in recs], "delta": delta, "accountant": label,
             "epsilon-reported": reported, "epsilon-budget": recs[-1].epsilon_budget,
@@ -120,6 +167,8 @@ def audit_run(run_dir: Path, canary: dict[str, Any] | list[dict[str, Any]] | Non
             "epsilon-lifetime": reported if lifetime is None else lifetime,
             "runs-on-ledger": 1 if runs is None else runs,
             "epsilon-by-round": [r.epsilon_cumulative for r in recs],
+            "kinds": [r.KIND for r in recs],
+            **by_kind(recs, delta, accountant),
         }
         checks.append(_check(f"recompute-opacus:{silo}", worst_prefix <= TOLERANCE,
                              f"ledger ε vs {label} recomputed from (σ, q, steps): max |Δ| {worst_prefix:.2e} over "
@@ -138,6 +187,7 @@ def audit_run(run_dir: Path, canary: dict[str, Any] | list[dict[str, Any]] | Non
                if k != "Opacus RDP (default α)"},
         }
     checks += [_check(*c) for c in owner]
+    checks.extend(release_checks(doc, records))
     if canary is not None:
         result["canaries"] = [canary] if isinstance(canary, dict) else list(canary)
         for c in result["canaries"]:
@@ -149,22 +199,9 @@ def audit_run(run_dir: Path, canary: dict[str, Any] | list[dict[str, Any]] | Non
     return result
 
 
-def signature_check(ledger: Ledger, silo_keys: Path) -> dict[str, Any]:
-    """``ledger-signatures``: every line of ``ledger`` signed by its silo's key from ``silo_keys``
-    (:mod:`shared_model.privacy.ledger_signatures`). An unreadable ledger fails here too."""
-    from shared_model.privacy.ledger_signatures import signature_problems
-
-    try:
-        lines = ledger.read()
-    except LedgerError as exc:
-        return _check("ledger-signatures", False, f"not checked: {exc}")
-    problems = signature_problems(lines, silo_keys, ledger.path.name)
-    detail = (f"{len(lines)} records, each signed by its silo's key in {silo_keys}" if not problems else
-              f"{len(problems)} of {len(lines)} records fail: " + "; ".join(problems[:5]) + (" …" if len(problems) > 5 else ""))
-    return _check("ledger-signatures", bool(lines) and not problems, detail if lines else f"{ledger.path}: no records")
-
-
-def write_report(run_dir: Path, result: dict[str, Any]) -> None:
+from shared_model.privacy.owner_checks import read_lines, read_metrics, run_folder_checks, silo_folder_checks
+from shared_model.privacy.records import (DpSgdRound, MetricRelease, PlainRelease, Record, history_of, of_run,
+                                          read_records, refusals, spending)
     lines = [f"# Privacy audit of {run_dir}", "", f"Result: **{'PASS' if result['passed'] else 'FAIL'}**", "",
              "| check | result | detail |", "|---|---|---|"]
     lines += [f"| {c['check']} | {'pass' if c['passed'] else 'FAIL'} | {c['detail']} |" for c in result["checks"]]
@@ -212,29 +249,6 @@ def write_report(run_dir: Path, result: dict[str, Any]) -> None:
                              f"(the noise σ·C plus real-data gradients).")
         if any(c["broken_noise"] for c in result["canaries"]):
             lines.append("AUDIT-BROKEN-NOISE was set: the silo trained with σ=0 while its ledger records σ.")
-    write_bytes_atomic(run_dir / "audit.md", ("\n".join(lines) + "\n").encode())
-    _plot(run_dir, result)
-
-
-def _plot(run_dir: Path, result: dict[str, Any]) -> None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    delta, label = None, ""
-    for silo, s in result["silos"].items():
-        ax.plot(s["rounds"], s["epsilon-by-round"], marker="o", label=silo)
-        delta, label = s["delta"], s["accountant"]
-    ax.set_xlabel("round")
-    ax.set_ylabel(f"cumulative ε (δ={delta:g}, {label})" if delta else "cumulative ε")
-    ax.set_title("ε per silo over rounds")
-    if result["silos"]:
-        ax.legend()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    write_bytes_atomic(run_dir / "audit-epsilon.png", buf.getvalue())
+    lines += audit_page.sections(result)
+    write_bytes_atomic(out / "audit.md", ("\n".join(lines) + "\n").encode())
+    audit_page.plot(run_dir, result, out)

@@ -8,7 +8,9 @@ Two rules, checked in order; the first that fails refuses, as a :class:`BudgetRe
 ``silo-lifetime-budget``  the silo's ε over every run on its ledger would exceed
                           ``silo-lifetime-epsilon`` (when that is > 0).
 
-Only DP-SGD round records spend ε; refusals and other kinds on the ledger are ignored.
+DP-SGD round records and Gaussian metric releases spend ε (``records.spending``); refusals
+and other kinds on the ledger are ignored. :func:`check_entry` applies both rules to any
+mechanism entry ``(σ, q, n)`` (a metric release: ``(z, 1.0, coordinates)``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared_model.privacy.records import DpSgdRound, Record, dp_rounds, history_of
+from shared_model.privacy.records import Record, history_of, spending
 from shared_model.privacy.state import PrivacyState
 
 TOLERANCE = 1e-6
@@ -40,9 +42,25 @@ def can_train(privacy: PrivacyState, steps: int, tolerance: float = TOLERANCE) -
 
 def lifetime_epsilon(privacy: PrivacyState, records: Iterable[Record],
                      extra: Iterable[tuple[float, float, int]] = ()) -> float:
-    """ε(δ) over every run's DP-SGD rounds in ``records`` (plus ``extra`` steps), one accountant."""
-    rounds: list[DpSgdRound] = dp_rounds(records)
-    return privacy.epsilon_of(history_of(rounds) + list(extra))
+    """ε(δ) over every run's spending records in ``records`` (plus ``extra`` entries), one accountant."""
+    return privacy.epsilon_of(history_of(spending(records)) + list(extra))
+
+
+def check_entry(privacy: PrivacyState, entry: tuple[float, float, int], what: str, lifetime_cap: float,
+                records: Iterable[Record], ledger: str | Path = "ledger") -> BudgetRefusal | None:
+    """The first rule that refuses the mechanism ``entry`` (``what`` names it), or None."""
+    after = privacy.epsilon_of(privacy.history + [entry])
+    if after > privacy.epsilon_budget + TOLERANCE:
+        return BudgetRefusal(RUN_BUDGET, f"{what} would take ε from {privacy.epsilon_spent:.4g} to {after:.4g} > "
+                             f"budget {privacy.epsilon_budget:g} (δ={privacy.delta:g}, {privacy.accountant_label})",
+                             after, privacy.epsilon_budget)
+    if lifetime_cap > 0:
+        life = lifetime_epsilon(privacy, records, [entry])
+        if life > lifetime_cap + TOLERANCE:
+            return BudgetRefusal(LIFETIME_BUDGET, f"{what} would take the silo's lifetime ε over all runs on "
+                                 f"{ledger} to {life:.4g} > silo-lifetime-epsilon {lifetime_cap:g} "
+                                 f"(δ={privacy.delta:g}, {privacy.accountant_label})", life, lifetime_cap)
+    return None
 
 
 def check(privacy: PrivacyState, steps: int, lifetime_cap: float, records: Iterable[Record],

@@ -33,7 +33,7 @@ from typing import Any
 
 from shared_model.privacy.ledger import LEDGER_NAME, Ledger, LedgerError
 from shared_model.privacy.policy import POLICY_NAME, SiloPolicy, load_policy
-from shared_model.privacy.records import ENVELOPE, DpSgdRound, Record, parse_record
+from shared_model.privacy.records import ENVELOPE, DpSgdRound, MetricRelease, PlainRelease, Record, parse_record
 from shared_model.privacy.recompute import OPACUS, opacus_epsilon
 
 TOLERANCE = 1e-3
@@ -97,6 +97,13 @@ def policy_failures(policy: SiloPolicy | None, lines: list[Line], name: str, run
     history: list[tuple[float, float, int]] = []  # every DP round before, every run (the lifetime)
     first_of_run: dict[str, tuple[int, DpSgdRound]] = {}
     for n, _, rec in lines:
+        if isinstance(rec, MetricRelease):  # spends ε: in the lifetime, and within the run's cap
+            history.append(rec.mechanism)
+            if policy is not None and (run_id is None or str(rec.run_id) == str(run_id)) \
+                    and rec.epsilon_cumulative > policy.max_epsilon_per_run + 1e-6:
+                out.append(f"{name}:{n}: metric release of round {rec.round} of run {rec.run_id}: epsilon-cumulative "
+                           f"{rec.epsilon_cumulative:.4g} > max-epsilon-per-run {policy.max_epsilon_per_run:g}")
+            continue
         if not isinstance(rec, DpSgdRound):
             continue
         history.append(rec.mechanism)
@@ -110,7 +117,7 @@ def policy_failures(policy: SiloPolicy | None, lines: list[Line], name: str, run
                        "calibrated once per run)")
         lifetime = opacus_epsilon(rec.accountant, history, rec.delta) if rec.accountant in OPACUS else None
         if lifetime is not None and rec.epsilon_lifetime is not None and abs(rec.epsilon_lifetime - lifetime) > TOLERANCE:
-            out.append(f"{at}: epsilon-lifetime {rec.epsilon_lifetime:.4f} but every DP round on the ledger up "
+            out.append(f"{at}: epsilon-lifetime {rec.epsilon_lifetime:.4f} but every release on the ledger up "
                        f"to it recomputes to {lifetime:.4f} ({rec.accountant}, δ={rec.delta:g})")
         if policy is None:
             continue
@@ -225,7 +232,16 @@ def coverage_failures(run_dir: Path, doc: dict[str, Any], lines: list[Line]) -> 
         if "update-sha256" in row and row["update-sha256"] != rec.model_sha256:
             out.append(f"{at}: the server received arrays with sha256 {str(row['update-sha256'])[:12]}… but "
                        f"ledger.jsonl:{n} records model-sha256 {str(rec.model_sha256)[:12]}…")
+    replies = {(str(r.get("silo")), int(r.get("round", -1)), str(r.get("phase"))) for r in doc.get("records", [])
+               if isinstance(r, dict)}
     for n, _, rec in lines:
+        if n not in seen and _interrupted(rec, doc["run"].get("resumed") or []):
+            continue  # spent and counted in ε; its round ran again after the resume
+        if isinstance(rec, (MetricRelease, PlainRelease)):  # a release needs the reply it released
+            if (str(rec.silo), int(rec.round), str(rec.phase)) not in replies:
+                out.append(f"ledger.jsonl:{n}: {rec.KIND} round {rec.round} of silo {rec.silo} has no {rec.phase} "
+                           "row in metrics.json (added)")
+            continue
         if n not in seen:
             out.append(f"ledger.jsonl:{n}: {rec.KIND} round {getattr(rec, 'round', '?')} of silo "
                        f"{getattr(rec, 'silo', '?')} has no train row in metrics.json (added)")
@@ -241,6 +257,18 @@ def coverage_failures(run_dir: Path, doc: dict[str, Any], lines: list[Line]) -> 
         if rnd > 0 and rnd not in rounds:
             out.append(f"{rel}: round {rnd} was aggregated but metrics.json has no silo that trained in it")
     return out
+
+
+def _interrupted(rec: Record, resumes: list[dict[str, Any]]) -> bool:
+    """``rec`` belongs to a round that an interruption cut off before its checkpoint: a later
+    resume restarted after an earlier round (``from-round``), and ``rec`` was written by an
+    incarnation of the run before that resume (``resumed-in``: none, or an earlier resume's
+    Flower run). The server dropped that round's rows; the silo's ε still counts the record."""
+    made_by = [None] + [str(r.get("run-id")) for r in resumes]
+    by = getattr(rec, "resumed_in", None)
+    by = None if by is None else str(by)
+    return any(int(getattr(rec, "round", -1)) > int(r.get("from-round", 1 << 30)) and by in made_by[: i + 1]
+               for i, r in enumerate(resumes))
 
 
 def _key_line(path: Path, key: str) -> int:

@@ -20,10 +20,15 @@ The file is TOML with dashed keys; every key is optional and an unknown key is a
     allow-non-private = false        # may a run train without DP (dp=false)?
     allow-broken-noise-audit = false # may the audit-only σ=0 switch (audit-broken-noise) run?
     accountant = "rdp"               # "rdp" or "prv": the accountant that enforces the budget
+    release-metrics = "dp"           # what evaluation/training metrics may leave: none | dp | plain
+    metric-epsilon-share = 0.3       # dp: share of the run's ε planned for the metric releases; (0, 1)
 
 GDP is not accepted as ``accountant``: it is an approximation (CLT), not an upper bound on
-ε. Reserved for a later version: ``release-metrics`` (none | dp | plain), which will say
-what evaluation metrics may leave the silo; today it is rejected as not yet supported.
+ε. ``release-metrics`` (:mod:`shared_model.privacy.metric_release`): ``dp`` releases each
+metric as a Gaussian-mechanism sum over users, composed in the silo's accountant;
+``plain`` sends them unnoised, declared outside ε on the ledger; ``none`` sends only what
+training needs. A run config may ask for a more private mode (``release-metrics`` there),
+never a less private one.
 
 A malformed policy is a :class:`PolicyError` whose message is one line naming the file
 and key: ``policy.toml: max-delta: must be in (0, 1)``.
@@ -47,7 +52,9 @@ POLICY_NAME = "policy.toml"
 #: Accountants a policy may name (upper bounds on ε); gdp is an approximation.
 POLICY_ACCOUNTANTS = ("rdp", "prv")
 #: Keys a later version will add; rejected with a clear message until then.
-RESERVED_KEYS = {"release-metrics": "not supported by this version (planned: none | dp | plain)"}
+RESERVED_KEYS: dict[str, str] = {}
+#: ``release-metrics`` modes, most private first (a request may only move left).
+RELEASE_MODES = ("none", "dp", "plain")
 
 
 class PolicyError(ValueError):
@@ -64,6 +71,8 @@ class SiloPolicy:
     allow_non_private: bool = False
     allow_broken_noise_audit: bool = False
     accountant: str = "rdp"
+    release_metrics: str = "dp"
+    metric_epsilon_share: float = 0.3
     source: str = ""  # the file it was read from ("" when built in code)
 
     def __post_init__(self) -> None:
@@ -101,7 +110,9 @@ class SiloPolicy:
         return (f"ε ≤ {self.max_epsilon_per_run:g} per run, lifetime ε {life}, δ ≤ {self.max_delta:g} "
                 f"(and < 1/n), accountant {self.accountant}, non-private "
                 f"{'allowed' if self.allow_non_private else 'refused'}, broken-noise audit "
-                f"{'allowed' if self.allow_broken_noise_audit else 'never'}")
+                f"{'allowed' if self.allow_broken_noise_audit else 'never'}, metrics "
+                + (f"dp ({self.metric_epsilon_share:.0%} of ε planned)" if self.release_metrics == "dp" else
+                   "PLAIN (outside ε)" if self.release_metrics == "plain" else "none"))
 
 
 def _invalid(key: str, default: Any, value: Any) -> str | None:
@@ -115,9 +126,11 @@ def _invalid(key: str, default: Any, value: Any) -> str | None:
             return f"must be > 0, got {value!r}"
         if key == "max-lifetime-epsilon" and not value >= 0:
             return f"must be ≥ 0 (0 = no cap), got {value!r}"
-        if key == "max-delta" and not 0 < value < 1:
+        if key in ("max-delta", "metric-epsilon-share") and not 0 < value < 1:
             return f"must be in (0, 1), got {value!r}"
         return None
+    if key == "release-metrics" and value not in RELEASE_MODES:
+        return f"must be one of {', '.join(RELEASE_MODES)}, got {value!r}"
     if key == "accountant":
         if value == "gdp":
             return "gdp is refused: it is an approximation, not an upper bound on ε (use rdp or prv)"

@@ -11,8 +11,9 @@ value is ``None`` is left off the line (optional fields, which older records may
 
 Adding a kind (a histogram release, a metric release, …): subclass :class:`Record`, set
 ``KIND``, decorate it with :func:`register`. Nothing else changes: the ledger stores
-lines, and ε is computed from :class:`DpSgdRound` records only (:func:`dp_rounds`), so a
-new kind spends nothing until the accounting is taught about it.
+lines, and ε is computed from the records :func:`spending` returns (:class:`DpSgdRound`
+and :class:`MetricRelease`), so a new kind spends nothing until the accounting is taught
+about it.
 """
 
 from __future__ import annotations
@@ -126,6 +127,57 @@ class Refusal(Record):
     resumed_in: str | None = None  # the Flower run that asked, when it resumed ``run_id``
 
 
+@register
+@dataclasses.dataclass(frozen=True)
+class MetricRelease(Record):
+    """Metrics a silo released with the Gaussian mechanism (``release-metrics = "dp"``).
+
+    ``names`` (comma-separated) are the released coordinates: sums over users of a per-user
+    value clipped to ``[0, sensitivity]`` and counts of users (:mod:`shared_model.privacy.metric_release`).
+    Each coordinate got Gaussian noise of standard deviation ``noise_multiplier × sensitivity``
+    (the silo's secret randomness). To the accountant this is ``releases`` Gaussian
+    mechanisms of noise multiplier ``noise_multiplier`` without sampling (q = 1); it composes
+    with the silo's DP-SGD rounds, and ``epsilon-cumulative`` is the run's ε after it."""
+
+    KIND: ClassVar[str] = "metric-release"
+    run_id: str
+    silo: str
+    round: int
+    phase: str  # "evaluate" | "train"
+    names: str
+    releases: int  # Gaussian mechanisms (coordinates) composed
+    noise_multiplier: float
+    sensitivity: float  # per-user bound of each coordinate
+    delta: float
+    accountant: str
+    epsilon_release: float  # of this release alone
+    epsilon_cumulative: float  # this run, after this release
+    epsilon_budget: float
+    public_counts: str | None = None  # counts treated as public (name=value, comma-separated)
+    time: str | None = None
+
+    @property
+    def mechanism(self) -> tuple[float, float, int]:
+        """``(σ, 1.0, releases)``: this release's entry in an accountant history."""
+        return (float(self.noise_multiplier), 1.0, int(self.releases))
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class PlainRelease(Record):
+    """Numbers a silo sent WITHOUT noise (``release-metrics = "plain"``): declared outside ε.
+    Spends nothing in the accounting, because nothing protects them."""
+
+    KIND: ClassVar[str] = "plain-release"
+    run_id: str
+    silo: str
+    round: int
+    phase: str
+    names: str  # comma-separated metric names sent unnoised
+    policy: str | None = None  # the mode's source, e.g. "policy release-metrics = plain"
+    time: str | None = None
+
+
 def write_record(ledger: Ledger, record: Record, envelope: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Append ``record`` (plus ``envelope`` keys, see :data:`ENVELOPE`) to ``ledger``;
     returns the line as written, chain fields included."""
@@ -182,6 +234,11 @@ def dp_rounds(records: Iterable[Record]) -> list[DpSgdRound]:
     return [r for r in records if isinstance(r, DpSgdRound)]
 
 
+def spending(records: Iterable[Record]) -> list[DpSgdRound | MetricRelease]:
+    """The records that spend ε (DP-SGD rounds and Gaussian metric releases), in ledger order."""
+    return [r for r in records if isinstance(r, (DpSgdRound, MetricRelease))]
+
+
 def refusals(records: Iterable[Record]) -> list[Refusal]:
     return [r for r in records if isinstance(r, Refusal)]
 
@@ -192,6 +249,19 @@ def of_run(records: Iterable[R], run_id: int | str, silo: str | None = None) -> 
             and (silo is None or getattr(r, "silo", None) == silo)]
 
 
-def history_of(rounds: Iterable[DpSgdRound]) -> list[tuple[float, float, int]]:
-    """Accountant history ``[(σ, q, steps), …]`` of DP-SGD round records, in order."""
+def history_of(rounds: Iterable[DpSgdRound | MetricRelease]) -> list[tuple[float, float, int]]:
+    """Accountant history ``[(σ, q, steps), …]`` of spending records (:func:`spending`), in order."""
     return [r.mechanism for r in rounds]
+
+
+def compact(history: Iterable[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    """The same composition with equal mechanisms ``(σ, q)`` merged (their steps summed), in
+    order of first appearance. Composition is commutative (RDP orders add; privacy loss
+    distributions convolve), so ε is unchanged; the accountants' cost grows with the number
+    of distinct entries, and DP-SGD rounds interleaved with metric releases would otherwise
+    each be one."""
+    steps: dict[tuple[float, float], int] = {}
+    for sigma, q, n in history:
+        key = (float(sigma), float(q))
+        steps[key] = steps.get(key, 0) + int(n)
+    return [(sigma, q, n) for (sigma, q), n in steps.items()]

@@ -5,6 +5,13 @@ Noise is calibrated once from the *total* budget (ε_total, δ) for the planned
 ``num-server-rounds × local-steps`` Poisson-sampled steps, so the cumulative ε after the
 last planned step is ≤ ε_total (Opacus ``get_noise_multiplier``). A restarted silo
 rebuilds the history from its ledger's DP-SGD round records of the run (:meth:`restore`).
+
+With ``release-metrics = "dp"`` the run also plans Gaussian metric releases
+(:mod:`shared_model.privacy.metric_release`): their noise multiplier is calibrated so that
+the planned releases alone spend ``metric-epsilon-share × ε_total``, and the DP-SGD noise is
+then calibrated so that DP-SGD *and* the planned releases, composed in one accountant, spend
+≤ ε_total (:func:`joint_noise_multiplier`). Both kinds enter one history, so the budget
+rules and the ledger's cumulative ε count the metrics too.
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ from dataclasses import dataclass, field
 
 from shared_model.config import RunConfig
 from shared_model.privacy import accountants
-from shared_model.privacy.records import DpSgdRound, history_of
+from shared_model.privacy.accountants import Accountant
+from shared_model.privacy.records import DpSgdRound, MetricRelease, history_of
 
 History = list[tuple[float, float, int]]
 
@@ -39,6 +47,36 @@ class RestoreMismatch(RuntimeError):
     """A run's rounds on the ledger used other mechanism parameters than this run config calibrates."""
 
 
+def joint_noise_multiplier(acc: Accountant, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                           fixed: History, epsilon_tolerance: float = 0.01) -> float:
+    """A DP-SGD σ such that ``steps`` steps at rate ``sample_rate`` composed with the ``fixed``
+    history spend ε in [target − tolerance, target] (the tolerance of Opacus's own calibration).
+
+    Opacus's ``get_noise_multiplier`` calibrates one homogeneous mechanism; with other
+    mechanisms in the history, ε is still decreasing in σ, so the same bisection is run here
+    on the accountant's own ε of the whole history."""
+    if acc.epsilon(fixed, delta) >= target_epsilon:
+        raise ValueError(f"the fixed releases alone spend ε ≥ {target_epsilon:g}; nothing is left for DP-SGD")
+
+    def eps(sigma: float) -> float:
+        return acc.epsilon([(sigma, sample_rate, steps)] + fixed, delta)
+
+    lo = acc.noise_multiplier(target_epsilon, delta, sample_rate, steps)  # without the fixed part: too small
+    hi = lo * 1.25
+    eps_hi = eps(hi)
+    while eps_hi > target_epsilon:
+        lo, hi = hi, hi * 1.5
+        eps_hi = eps(hi)
+    while eps_hi < target_epsilon - epsilon_tolerance:
+        mid = (lo + hi) / 2
+        e = eps(mid)
+        if e > target_epsilon:
+            lo = mid
+        else:
+            hi, eps_hi = mid, e
+    return hi
+
+
 @dataclass
 class PrivacyState:
     silo: str
@@ -50,13 +88,26 @@ class PrivacyState:
     planned_steps: int
     history: History = field(default_factory=list)
     rounds: list[int] = field(default_factory=list)
+    release_metrics: str = "none"  # none | dp | plain (the admitted mode)
+    metric_noise_multiplier: float = 0.0  # dp: σ of each released coordinate, in sensitivities
+    planned_releases: int = 0  # dp: Gaussian metric coordinates planned for the run
 
     @classmethod
-    def calibrate(cls, silo: str, cfg: RunConfig, num_users: int) -> "PrivacyState":
+    def calibrate(cls, silo: str, cfg: RunConfig, num_users: int, release_metrics: str = "none",
+                  metric_share: float = 0.0) -> "PrivacyState":
+        from shared_model.privacy.metric_release import planned_releases
+
         q = sample_rate_for(num_users, cfg.batch_size)
         planned = cfg.num_server_rounds * cfg.local_steps
-        sigma = accountants.create(cfg.accountant).noise_multiplier(cfg.epsilon, cfg.delta, q, planned)
-        return cls(silo, cfg.accountant, cfg.epsilon, cfg.delta, sigma, q, planned)
+        acc = accountants.create(cfg.accountant)
+        releases = planned_releases(cfg, release_metrics) if cfg.dp else 0
+        if releases and metric_share > 0:
+            z = acc.noise_multiplier(metric_share * cfg.epsilon, cfg.delta, 1.0, releases)
+            sigma = joint_noise_multiplier(acc, cfg.epsilon, cfg.delta, q, planned, [(z, 1.0, releases)])
+        else:
+            z, sigma = 0.0, acc.noise_multiplier(cfg.epsilon, cfg.delta, q, planned)
+        return cls(silo, cfg.accountant, cfg.epsilon, cfg.delta, sigma, q, planned, release_metrics=release_metrics,
+                   metric_noise_multiplier=z, planned_releases=releases)
 
     def epsilon_of(self, history: History) -> float:
         """ε(δ) of a mechanism history under this state's accountant."""
@@ -70,6 +121,16 @@ class PrivacyState:
         """Cumulative ε if ``steps`` more steps ran at the calibrated noise."""
         return self.epsilon_of(self.history + [(self.noise_multiplier, self.sample_rate, steps)])
 
+    def release_after(self, releases: int) -> float:
+        """Cumulative ε if ``releases`` more Gaussian metric coordinates were released."""
+        return self.epsilon_of(self.history + [(self.metric_noise_multiplier, 1.0, int(releases))])
+
+    def record_release(self, releases: int) -> tuple[float, float, int]:
+        """Add a Gaussian metric release of ``releases`` coordinates; returns its history entry."""
+        entry = (self.metric_noise_multiplier, 1.0, int(releases))
+        self.history = list(self.history) + [entry]
+        return entry
+
     def record_round(self, server_round: int, steps: int) -> tuple[float, float, int]:
         """Add a round of ``steps`` steps at the calibrated noise; returns its history entry."""
         step = (self.noise_multiplier, self.sample_rate, int(steps))
@@ -77,14 +138,21 @@ class PrivacyState:
         self.rounds.append(server_round)
         return step
 
-    def restore(self, run_rounds: list[DpSgdRound]) -> "PrivacyState":
-        """Continue from this run's DP-SGD round records (a restarted silo process).
+    def restore(self, run_rounds: list[DpSgdRound | MetricRelease]) -> "PrivacyState":
+        """Continue from this run's spending records (DP-SGD rounds and metric releases, in
+        ledger order: a restarted silo process).
 
         The noise was calibrated from the run config; a record made with other mechanism
         parameters means the configuration changed mid-run, which would silently break
         the privacy plan, so it is refused.
         """
         for rec in run_rounds:
+            if isinstance(rec, MetricRelease):
+                if not math.isclose(float(rec.noise_multiplier), self.metric_noise_multiplier, rel_tol=1e-9):
+                    raise RuntimeError(
+                        f"silo {self.silo}: ledger metric release of round {rec.round} used σ={rec.noise_multiplier:g} "
+                        f"but this run calibrates σ={self.metric_noise_multiplier:g} for metrics; refusing to continue")
+                continue
             sigma, q = float(rec.noise_multiplier), float(rec.sample_rate)
             if not (math.isclose(sigma, self.noise_multiplier, rel_tol=1e-9) and math.isclose(q, self.sample_rate, rel_tol=1e-9)):
                 raise RestoreMismatch(
@@ -92,7 +160,7 @@ class PrivacyState:
                     f"configuration calibrates σ={self.noise_multiplier:g}, q={self.sample_rate:g}; refusing to continue"
                 )
         self.history = history_of(run_rounds)
-        self.rounds = [int(r.round) for r in run_rounds]
+        self.rounds = [int(r.round) for r in run_rounds if isinstance(r, DpSgdRound)]
         return self
 
     @property

@@ -25,8 +25,10 @@ class Accountant:
         """ε(δ) of ``history`` (0 for an empty one)."""
         if not history:
             return 0.0
+        from shared_model.privacy.records import compact
+
         acc = self.opacus_class()
-        acc.history = [tuple(h) for h in history]
+        acc.history = compact(history)
         return float(acc.get_epsilon(delta=delta))
 
     def noise_multiplier(self, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
