@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
+from typing import cast
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
@@ -82,6 +83,23 @@ def _status(msg: Message) -> tuple[str, str]:
     return str(rec.get("status", "")), f"{rule}: {reason}" if rule else reason
 
 
+UNDEFINED = -1.0  # a silo's value of a metric its users leave undefined (fl_client.evaluate._finite)
+
+
+def mean_of_defined(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
+    """The ``ALL`` evaluation row: per metric, the ``weighting_metric_name``-weighted mean over
+    the silos that define it (a silo's -1 means undefined there and is left out, not averaged);
+    -1 when no silo defines it. Flower's own ``aggregate_metricrecords`` would average the -1."""
+    out = MetricRecord()
+    metrics = [next(iter(r.metric_records.values())) for r in records]
+    for key in dict.fromkeys(k for m in metrics for k in m.keys() if k != weighting_metric_name):
+        pairs = [(float(cast(float, m[weighting_metric_name])), float(cast(float, m[key]))) for m in metrics
+                 if key in m and not isinstance(m[key], list) and float(cast(float, m[key])) != UNDEFINED]
+        total = sum(w for w, _ in pairs)
+        out[key] = sum(w * v for w, v in pairs) / total if pairs and total > 0 else UNDEFINED
+    return out
+
+
 class RecordingFedAvg(FedAvg):
     """Flower's FedAvg (weighted by ``num-examples``) plus per-silo records.
 
@@ -98,6 +116,7 @@ class RecordingFedAvg(FedAvg):
         first_round: int = 1,
         **kwargs: object,
     ) -> None:
+        kwargs.setdefault("evaluate_metrics_aggr_fn", mean_of_defined)
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.round_offset = first_round - 1
         self.records = records

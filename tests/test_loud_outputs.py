@@ -148,3 +148,20 @@ def test_recommendation_scores_that_are_not_finite_are_an_error() -> None:
     assert top_items(torch.tensor([0.1, float("-inf"), 0.3]), 5) == ([0.30000001192092896, 0.10000000149011612], [2, 0])
     with pytest.raises(ScoringError, match="recommendation scores: 2 NaN"):
         top_items(torch.tensor([float("nan"), float("nan"), 0.3]), 5)
+
+
+def test_all_row_averages_only_the_silos_that_define_a_metric() -> None:
+    """The server's ALL row: a silo's -1 (undefined there) is left out of the weighted mean, not
+    averaged in; a metric no silo defines stays -1 (printed n/a)."""
+    from flwr.app import MetricRecord, RecordDict
+
+    from fl_server.strategy import mean_of_defined
+
+    def reply(**m: float) -> RecordDict:
+        return RecordDict({"metrics": MetricRecord(m)})
+
+    out = mean_of_defined([reply(**{"num-examples": 10, "hr10": 0.2, "mig": -1.0, "none": -1.0}),
+                           reply(**{"num-examples": 30, "hr10": 0.6, "mig": 0.5, "none": -1.0}),
+                           reply(**{"num-examples": 5, "hr10": 0.1, "mig": -1.0, "none": -1.0})], "num-examples")
+    assert abs(out["hr10"] - (0.2 * 10 + 0.6 * 30 + 0.1 * 5) / 45) < 1e-12
+    assert out["mig"] == 0.5 and out["none"] == -1.0 and "num-examples" not in out
