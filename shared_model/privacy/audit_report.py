@@ -199,9 +199,25 @@ def audit_run(run_dir: Path, canary: dict[str, Any] | list[dict[str, Any]] | Non
     return result
 
 
-from shared_model.privacy.owner_checks import read_lines, read_metrics, run_folder_checks, silo_folder_checks
-from shared_model.privacy.records import (DpSgdRound, MetricRelease, PlainRelease, Record, history_of, of_run,
-                                          read_records, refusals, spending)
+def signature_check(ledger: Ledger, silo_keys: Path) -> dict[str, Any]:
+    """``ledger-signatures``: every line of ``ledger`` signed by its silo's key from ``silo_keys``
+    (:mod:`shared_model.privacy.ledger_signatures`). An unreadable ledger fails here too."""
+    from shared_model.privacy.ledger_signatures import signature_problems
+
+    try:
+        lines = ledger.read()
+    except LedgerError as exc:
+        return _check("ledger-signatures", False, f"not checked: {exc}")
+    problems = signature_problems(lines, silo_keys, ledger.path.name)
+    detail = (f"{len(lines)} records, each signed by its silo's key in {silo_keys}" if not problems else
+              f"{len(problems)} of {len(lines)} records fail: " + "; ".join(problems[:5]) + (" …" if len(problems) > 5 else ""))
+    return _check("ledger-signatures", bool(lines) and not problems, detail if lines else f"{ledger.path}: no records")
+
+
+def write_report(run_dir: Path, result: dict[str, Any], out: Path | None = None) -> None:
+    """Write ``audit.md`` and ``audit-epsilon.png`` into ``out`` (default ``run_dir``)."""
+    out = Path(out or run_dir)
+    out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Privacy audit of {run_dir}", "", f"Result: **{'PASS' if result['passed'] else 'FAIL'}**", "",
              "| check | result | detail |", "|---|---|---|"]
     lines += [f"| {c['check']} | {'pass' if c['passed'] else 'FAIL'} | {c['detail']} |" for c in result["checks"]]
