@@ -126,9 +126,9 @@ def test_train_reply_carries_only_trainable_tensors_and_no_user_data(
     expected = get_trainable_state(model)
     assert list(arrays.keys()) == list(expected.keys())
     assert all(tuple(arrays[k].shape) == tuple(expected[k].shape) for k in expected)
-    # nothing else: metrics are numbers, the only strings are silo/platform/device
+    # nothing else: metrics are numbers, the only strings are silo/platform/device/release mode
     assert all(isinstance(v, (int, float)) for v in content["metrics"].values())
-    assert set(content["info"].keys()) == {"silo", "platform", "device"}
+    assert set(content["info"].keys()) == {"silo", "platform", "device", "release-metrics"}
     strings = " ".join(str(v) for v in content["info"].values())
     users = set(data.silo.splits)
     titles = {it.title for it in data.catalogue.items.values()}
