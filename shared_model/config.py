@@ -114,7 +114,7 @@ class RunConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: str = "query,value"
-    lora_mode: str = "fedavg"
+    lora_mode: str = "ffa"
     # heads and loss
     item_tower: str = "frozen"
     num_negatives: int = 255

