@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -41,14 +43,21 @@ def load_or_create_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKe
     return key
 
 
-def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
+def _load_pem(path: str | os.PathLike[str], what: str, load: Callable[[bytes], object], kind: type) -> Any:
+    """``load`` the PEM file at ``path`` and require an instance of ``kind``; otherwise
+    :class:`SigningKeyError` naming the file (``what``: "private" or "public")."""
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+        key = load(Path(path).read_bytes())
     except (OSError, ValueError, TypeError) as exc:
-        raise SigningKeyError(f"{path}: not a readable Ed25519 private key ({type(exc).__name__})") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise SigningKeyError(f"{path}: not an Ed25519 private key ({type(key).__name__})")
+        raise SigningKeyError(f"{path}: not a readable Ed25519 {what} key ({type(exc).__name__})") from None
+    if not isinstance(key, kind):
+        raise SigningKeyError(f"{path}: not an Ed25519 {what} key ({type(key).__name__})")
     return key
+
+
+def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
+    return _load_pem(path, "private", lambda b: serialization.load_pem_private_key(b, password=None),
+                     Ed25519PrivateKey)
 
 
 def public_pem(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
@@ -64,13 +73,7 @@ def write_public_key(key: Ed25519PrivateKey, path: str | os.PathLike[str]) -> Pa
 
 def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
     """An Ed25519 public key from a PEM file; :class:`SigningKeyError` naming the file if it is not one."""
-    try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except (OSError, ValueError, TypeError) as exc:
-        raise SigningKeyError(f"{path}: not a readable Ed25519 public key ({type(exc).__name__})") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise SigningKeyError(f"{path}: not an Ed25519 public key ({type(key).__name__})")
-    return key
+    return _load_pem(path, "public", serialization.load_pem_public_key, Ed25519PublicKey)
 
 
 def fingerprint(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
