@@ -16,6 +16,9 @@ exclusions and metric code.
   θ and per-category δ over :mod:`shared_model.interest_features`), fitted centrally, without
   noise and to convergence on every train user (a few seeded cuts each) — what that head
   could reach if privacy and federation cost nothing. Next item as for ``category-markov``.
+  ``migration_weight > 0`` adds a migration-aware term (the probe of
+  :mod:`simulations.evaluation.migration_probe`): on migrating transitions only, the cross
+  entropy of the target among the categories *outside* the last k.
 * ``item-cooccurrence``: centralised and non-private, an upper reference: score(j) = Σ over
   history items i of the number of train users (histories merged over all silos by user
   id) who have both i and j; ties broken by popularity. Next-interest distribution: the
@@ -182,8 +185,10 @@ class HistoryLogit:
     name = "history-logit"
 
     def __init__(self, stats: TrainStats, silos: Mapping[str, Silo], k: int = DEFAULT_K, cuts: int = 4,
-                 seed: int = 0, l2: float = 1e-4):
+                 seed: int = 0, l2: float = 1e-4, migration_weight: float = 0.0):
         self.stats, self.k = stats, k
+        if migration_weight:
+            self.name = f"history-logit-mig{migration_weight:g}"
         C, F = len(stats.categories), len(FEATURES)
         rng = random.Random(seed)
         feats, labels, weights, masks = [], [], [], []
@@ -213,12 +218,19 @@ class HistoryLogit:
         y = torch.tensor(labels)
         w = torch.tensor(weights, dtype=torch.float64)
         m = torch.stack(masks)
+        recent = x[:, :, FEATURES.index("share-recent")] > 0
+        migrating = recent.any(1) & ~recent.gather(1, y.view(-1, 1)).squeeze(1)
         params = [p.requires_grad_(True) for p in (self.bias, self.shared, self.per_category)]
         opt = torch.optim.LBFGS(params, max_iter=200, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
 
         def closure() -> torch.Tensor:
             opt.zero_grad()
-            loss = (torch.nn.functional.cross_entropy(self._logits(x, m), y, reduction="none") * w).sum() / w.sum()
+            logits = self._logits(x, m)
+            loss = (torch.nn.functional.cross_entropy(logits, y, reduction="none") * w).sum() / w.sum()
+            if migration_weight and migrating.any():  # "where to", on migrating transitions only
+                outside = logits[migrating].masked_fill(recent[migrating], float("-inf"))
+                ce = torch.nn.functional.cross_entropy(outside, y[migrating], reduction="none")
+                loss = loss + migration_weight * (ce * w[migrating]).sum() / w.sum()
             loss = loss + l2 * sum((p**2).sum() for p in params)
             loss.backward()
             return loss
