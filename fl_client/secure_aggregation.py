@@ -15,8 +15,9 @@ stay on the node in ``Context.state[STATE_KEY]`` between the stages:
   dropped lists, answered once per round.
 
 Test hooks, from the silo process's environment (never the run config):
-``FEDSHIFT_TEST_SECAGG_DROP=<silo>`` makes that silo train and then drop out (no masked
-input), as a silo that crashed after key sharing; ``FEDSHIFT_TEST_SECAGG_RECORD=<dir>``
+``FEDSHIFT_TEST_SECAGG_DROP=<silo>[@<round>],...`` makes each silo named train and then drop
+out (no masked input; every round, or only the round given), as a silo that crashed after key
+sharing; ``FEDSHIFT_TEST_SECAGG_RECORD=<dir>``
 writes each silo's clear update and weight to ``<dir>/silo-<silo>-round-<r>.npz``, for the
 test that compares them with what the server received.
 """
@@ -85,8 +86,9 @@ def masked_reply(msg: Message, context: Context, trained: ArrayRecord | None, we
     fixed-point range sends nothing."""
     if trained is None:
         return None, ""
-    if os.environ.get(DROP_ENV) == silo:
-        log.error("%s=%s: dropping out after key sharing (test hook)", DROP_ENV, silo)
+    server_round = int(msg.content["secagg"]["round"])
+    if {silo, f"{silo}@{server_round}"} & set(os.environ.get(DROP_ENV, "").split(",")):
+        log.error("%s: silo %s drops out after key sharing in round %d (test hook)", DROP_ENV, silo, server_round)
         return None, f"dropped out after key sharing ({DROP_ENV}, test hook)"
     state = _load(msg, context)
     holders = [int(v) for v in msg.content["secagg"]["holders"]]
