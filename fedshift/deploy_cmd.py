@@ -4,7 +4,8 @@
 * ``deploy keys DIR --silos a,b``: one SuperNode key pair per silo;
 * ``deploy local --silos N --out DIR``: SuperLink (TLS, node authentication, database) and one
   SuperNode OS process per silo on 127.0.0.1 (:mod:`fedshift.deployment`), the app submitted
-  with ``flwr run``; the same outputs as ``fedshift simulate`` in DIR.
+  with ``flwr run``; the same outputs as ``fedshift simulate`` in DIR (``silo-keys`` included).
+  Secure aggregation is on unless ``--set secure-aggregation=false``.
 
 Bad input (an unknown ``--set`` key, a dataset folder without those silos, a silo folder that
 is not a silo, a missing certificate, a wrong key, an unreadable policy) is one line on
@@ -70,6 +71,8 @@ def local_plan(args: argparse.Namespace) -> tuple[Any, list[str]]:
         _check_silo(cfg.dataset_dir() / "silos" / silo)
     if not any(item.split("=", 1)[0].strip() == "min-nodes" for item in args.set or ()):
         cfg = cfg.replace(**{"min-nodes": len(silos)})
+    if not any(item.split("=", 1)[0].strip() == "secure-aggregation" for item in args.set or ()):
+        cfg = cfg.replace(**{"secure-aggregation": True})  # on by default here (--set secure-aggregation=false)
     if cfg.min_nodes > len(silos):
         raise ValueError(f"min-nodes = {cfg.min_nodes} but only {len(silos)} silos are deployed: no round would start")
     return cfg.replace(**{"out-dir": str(Path(args.out).expanduser().resolve())}), silos
@@ -181,7 +184,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "silo, start one flower-supernode per silo with its own disk under OUT/silos/<silo>/\n"
             "(data copy, state, policy.toml), submit the app with flwr run and stream the per-round\n"
             "table. Writes what `fedshift simulate` writes to OUT, plus deployment.json and the\n"
-            "processes' logs. Exit 0 only when Flower reports the run completed; 1 when not;\n"
+            "processes' logs, and OUT/silo-keys (the silos' ledger public keys, for `fedshift audit\n"
+            "OUT --silo-keys OUT/silo-keys`). Secure aggregation is ON unless --set\n"
+            "secure-aggregation=false. Exit 0 only when Flower reports the run completed; 1 when not;\n"
             "2 on bad input (nothing started)."),
     )
     loc.add_argument("--silos", type=int, metavar="N", help="deploy the first N silos of the dataset (required "

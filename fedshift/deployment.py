@@ -32,6 +32,7 @@ import psutil
 from fedshift.deploy_credentials import Certificates, SupernodeKey, write_certificates, write_supernode_keys
 from fedshift.flower_processes import APP_DIR, FLOWER_ENV, free_port, relay, toml_value, write_run_config
 from shared_model.config import RunConfig
+from shared_model.privacy.ledger_signatures import gather_public_keys
 from shared_model.io_utils import write_bytes_atomic
 
 CONNECTION = "fedshift"
@@ -101,7 +102,8 @@ class LocalDeployment:
         return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.flwr_home)}
 
     def prepare(self, allow_non_private: bool = False) -> None:
-        """Certificates, keys, each silo's disk (data copy, state folder, policy)."""
+        """Certificates, keys, each silo's disk (data copy, state folder, policy), and each
+        silo's ledger public key gathered into ``OUT/silo-keys``."""
         if not self.certs.ca_cert.is_file():
             write_certificates(self.certs.folder)
         missing = [s for s in self.silos if not self.keys[s].private.is_file()]
@@ -113,6 +115,8 @@ class LocalDeployment:
                 shutil.copytree(self.dataset / "silos" / silo, disk.data)
             disk.state.mkdir(parents=True, exist_ok=True)
             write_policy(disk.policy, allow_non_private)
+            # the silo's ledger-signing public key beside the run, for `fedshift audit OUT --silo-keys OUT/silo-keys`
+            gather_public_keys(disk.state, [silo], self.folder / "silo-keys")
 
     def start_superlink(self) -> None:
         """TLS, SuperNode authentication, a database; then the CLI connection in FLWR_HOME."""

@@ -16,6 +16,9 @@ or ``refused`` (its policy), with the reason. The silo's durable privacy state (
 policy, secret) lives under ``<state-root>/<silo>/`` (node config ``state-dir``, else
 ``$FEDSHIFT_STATE``, else ``~/.local/share/fedshift``); ``Context.state`` holds the
 in-memory view between rounds.
+
+With run config ``secure-aggregation = true`` the train reply carries masked arrays instead
+(:mod:`fl_client.secure_aggregation`; the ``query.secagg_*`` handlers are its other stages).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fl_client import flower_edge as edge
+from fl_client import secure_aggregation as secagg
 from fl_client.silo_gate import open_gate
 from fl_client.silo_round import (SiloSetup, TrainRequest, budget_run_id, count_train_users, evaluate_silo_round,
                                   refused_evaluation, refused_reply, train_silo)
@@ -44,7 +48,29 @@ def train(msg: Message, context: Context) -> Message:
     reply = train_silo(TrainRequest(silo, run_id=run_id, server_round=server_round, load=edge.loader(msg),
                                     privacy=edge.kept_state(context),
                                     resumed_in=str(context.run_id) if run_id != context.run_id else None))
-    return edge.train_message(msg, context, reply, dp=gate.cfg.dp)
+    if "secagg" not in msg.content:
+        return edge.train_message(msg, context, reply, dp=gate.cfg.dp)
+    masked, why_not = secagg.masked_reply(msg, context, edge.trained_arrays(reply), int(reply.metrics["num-examples"]),
+                                          silo.data.name)
+    if why_not:  # the silo sends nothing (its own range check, or the drop test hook)
+        reply.status, reply.reason = "failed", why_not
+        reply.metrics["num-examples"] = 0
+    return edge.train_message(msg, context, reply, dp=gate.cfg.dp, masked=masked)
+
+
+@app.query("secagg_keys")
+def secagg_keys(msg: Message, context: Context) -> Message:
+    return secagg.advertise_keys(msg, context)
+
+
+@app.query("secagg_share")
+def secagg_share(msg: Message, context: Context) -> Message:
+    return secagg.share_keys(msg, context)
+
+
+@app.query("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    return secagg.unmask(msg, context)
 
 
 @app.evaluate()

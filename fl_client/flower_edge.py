@@ -91,15 +91,27 @@ def kept_state(context: Context) -> PrivacyState | None:
     return state_from_record(context.state[STATE_KEY]) if STATE_KEY in context.state else None
 
 
-def train_message(msg: Message, context: Context, reply: TrainReply, dp: bool) -> Message:
-    """Keep the state on the node (DP rounds that trained) and pack the reply."""
+def trained_arrays(reply: TrainReply) -> ArrayRecord | None:
+    """The arrays a trained reply would send in the clear (the test hook applied), else None."""
+    if reply.status != "trained" or reply.model is None:
+        return None
+    return _test_corruption(to_arrays(reply.model), reply.info.get("silo", ""))
+
+
+def train_message(msg: Message, context: Context, reply: TrainReply, dp: bool,
+                  masked: ArrayRecord | None = None) -> Message:
+    """Keep the state on the node (DP rounds that trained) and pack the reply; under secure
+    aggregation (a ``secagg`` record in ``msg``) the arrays are ``masked`` or absent."""
     if dp and reply.model is not None and reply.privacy is not None:
         context.state[STATE_KEY] = state_to_record(reply.privacy)
     status = {"status": reply.status, **({"rule": reply.rule} if reply.rule else {}),
               **({"reason": reply.reason} if reply.reason else {})}
     content = RecordDict({"metrics": MetricRecord(reply.metrics), "info": ConfigRecord(reply.info),
                           "status": ConfigRecord(status)})
-    if reply.status != "failed":  # a failed silo sends no arrays
+    if "secagg" in msg.content:
+        if masked is not None:
+            content["arrays"] = masked
+    elif reply.status != "failed":  # a failed silo sends no arrays
         arrays = to_arrays(reply.model) if reply.model is not None else msg.content["arrays"]
         content["arrays"] = _test_corruption(arrays, reply.info.get("silo", "")) if reply.model is not None else arrays
     _pack_ledger(content, ([reply.record] if reply.record is not None else []) + list(reply.released))

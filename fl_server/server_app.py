@@ -9,6 +9,10 @@ A run config with ``resume-run-id`` resumes the run in ``out-dir``
 (:func:`shared_model.run_folder.resume_plan`): the last checkpoint is the initial model,
 rounds are numbered after it up to ``num-server-rounds``, and ``metrics.json`` keeps the
 interrupted run's records (``run.resumed`` names each resuming Flower run).
+
+Run config ``secure-aggregation = true`` hands the strategy a
+:class:`~fl_server.secure_aggregation.SecureAggregation`: the server never holds a silo's
+clear update, only the weighted sum (docs/secure-aggregation.md).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fl_server.records import RunRecords
+from fl_server.secure_aggregation import SecureAggregation
 from fl_server.strategy import RecordingFedAvg
 from shared_model.adapters import from_arrays, load_checkpoint, save_checkpoint, to_arrays
 from shared_model.checkpoint_signature import SERVER_PUB, run_signing_key, verify_checkpoint
@@ -119,7 +124,11 @@ def main(grid: Grid, context: Context) -> None:
         min_evaluate_nodes=num_nodes,
         min_available_nodes=num_nodes,
         first_round=first_round,
+        secure=SecureAggregation(cfg.secagg_threshold) if cfg.secure_aggregation else None,
     )
+    if cfg.secure_aggregation:
+        log(INFO, "fedshift: secure aggregation on: the server receives masked updates and learns only their "
+            "weighted sum (threshold setting %g)", cfg.secagg_threshold)
     if first_round == 1:
         strategy.evaluate_initial(grid, initial, timeout=3600)
     if first_round <= cfg.num_server_rounds:

@@ -3,7 +3,14 @@ silos' privacy-ledger records (rounds, refusals, metric releases) into the run's
 budget is exhausted or whose own policy refused the run (printed with the silo and rule,
 kept in ``refusals`` for metrics.json, never aggregated), refuses malformed or non-finite
 updates (:mod:`fl_server.update_checks`), records every failed reply in ``metrics.json``,
-ends the run when no silo can train, and checkpoints the global model each round."""
+ends the run when no silo can train, and checkpoints the global model each round.
+
+With ``secure`` (:class:`fl_server.secure_aggregation.SecureAggregation`, run config
+``secure-aggregation = true``) the server holds only masked updates: each round it runs the
+key stages before training, checks what it can of each masked reply
+(:func:`fl_server.update_checks.masked_problem`), unmasks the sum, and checks the decoded
+mean (finite, sane size); when fewer silos than the reconstruction threshold are left it
+REFUSES the round (logged, in ``problems`` and ``secure-aggregation``), the model unchanged."""
 
 from __future__ import annotations
 
@@ -17,11 +24,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
 from fl_server.records import RunRecords
-from fl_server.update_checks import cap_weights, update_problem
+from fl_server.secure_aggregation import SecureAggregation
+from fl_server.update_checks import cap_weights, masked_problem, update_problem
 from shared_model.adapters import arrays_sha256
 from shared_model.dataset import FEDERATION_MISMATCH
 from shared_model.privacy.ledger import Ledger, LedgerError
 from shared_model.privacy.records import parse_record, write_record
+from shared_model.secure_aggregation.protocol import ProtocolError
 
 
 class AllBudgetsExhausted(Exception):
@@ -114,6 +123,7 @@ class RecordingFedAvg(FedAvg):
         on_round_end: Callable[[int, ArrayRecord], None] | None = None,
         ledger: Ledger | None = None,
         first_round: int = 1,
+        secure: SecureAggregation | None = None,
         **kwargs: object,
     ) -> None:
         kwargs.setdefault("evaluate_metrics_aggr_fn", mean_of_defined)
@@ -122,6 +132,8 @@ class RecordingFedAvg(FedAvg):
         self.records = records
         self.on_round_end = on_round_end
         self.ledger = ledger
+        self.secure = secure
+        self.grid: Grid | None = None  # the round's grid (secure aggregation's extra stages)
         self.exhausted: set[int] = set()  # budget exhausted or refused by the silo's policy
         self.refusals: list[dict[str, object]] = []  # {round, phase, silo, node-id, status, reason}
         self.ended_early: int | None = None  # round at which no silo could train
@@ -156,8 +168,32 @@ class RecordingFedAvg(FedAvg):
         kept = [m for m in messages if m.metadata.dst_node_id not in self.exhausted]
         if len(kept) < len(messages):
             log(INFO, "round %d: not sampling %d silo(s) with exhausted budgets", server_round, len(messages) - len(kept))
+        if self.secure is not None and kept:
+            kept = self._secure_setup(server_round, kept, grid)
         self.sampled[server_round] = {m.metadata.dst_node_id for m in kept}
         return kept
+
+    def _secure_setup(self, server_round: int, kept: list[Message], grid: Grid) -> list[Message]:
+        """Secure aggregation's key stages; the train messages of the share holders (none when refused)."""
+        assert self.secure is not None
+        self.grid = grid
+        try:
+            holders = set(self.secure.setup(grid, sorted(m.metadata.dst_node_id for m in kept), server_round))
+        except ProtocolError as exc:
+            self._refuse_secure(server_round, str(exc))
+            return []
+        for m in kept:
+            m.content["secagg"] = self.secure.train_record(server_round)
+        return [m for m in kept if m.metadata.dst_node_id in holders]
+
+    def _refuse_secure(self, server_round: int, reason: str) -> None:
+        """Refuse to aggregate the round: too few silos for secure aggregation's threshold."""
+        reason = f"secure aggregation refused to aggregate: {reason}"
+        log(WARNING, "round %d: %s; the global model is unchanged", server_round, reason)
+        self.records.problem(server_round, "train", "secure-aggregation", 0, "refused", reason)
+        if self.secure is not None and self.secure.rounds and self.secure.rounds[-1]["round"] == server_round:
+            self.secure.rounds[-1]["refused"] = reason
+        self.records.run_info["secure-aggregation"] = self.secure.rounds if self.secure is not None else []
 
     def note_missing(self, server_round: int, replied: set[int]) -> None:
         """Record (in metrics.json ``missing``) the silos asked to train that sent no reply."""
@@ -188,7 +224,8 @@ class RecordingFedAvg(FedAvg):
             silo = self._silo(msg)
             if "arrays" in msg.content:
                 metrics["tensor-bytes"], metrics["payload-bytes"] = payload_bytes(msg.content["arrays"])
-                metrics["update-sha256"] = arrays_sha256(msg.content["arrays"])  # the audit matches the ledger's
+                # the audit matches update-sha256 with the ledger's model-sha256; masked arrays match nothing
+                metrics["masked-sha256" if self.secure else "update-sha256"] = arrays_sha256(msg.content["arrays"])
             metrics["device"] = _device(msg)
             self.records.add(server_round, "train", silo, node, {**metrics, **_release(msg)})
             if self.ledger is not None:
@@ -211,25 +248,54 @@ class RecordingFedAvg(FedAvg):
                 log(WARNING, "round %d: silo %s has exhausted its privacy budget (%s); it will not be sampled again",
                     server_round, silo, reason or "no reason given")
                 declined += 1
-            elif (problem := update_problem(msg.content["arrays"], self.sent, metrics.get("num-examples"))
+            elif (problem := self._update_problem(msg.content["arrays"], metrics.get("num-examples"))
                   if "arrays" in msg.content else "no arrays in the reply"):
                 log(WARNING, "round %d: refusing silo %s's update: %s", server_round, silo, problem)
                 self.records.problem(server_round, "train", silo, node, "refused", problem)
                 failed += 1
             else:
                 training.append(msg)
-        self._cap_weights(server_round, training)
-        self.records.outcome(server_round, "train", len(training), failed, declined)
+        if self.secure is None:
+            self._cap_weights(server_round, training)
         self.note_missing(server_round, {m.metadata.src_node_id for m in replies if not m.has_error()})
         arrays, metrics = (None, None)
-        if training:
+        if training and self.secure is not None:
+            arrays, metrics = self._secure_aggregate(server_round, training)
+            if arrays is None:
+                training = []
+        elif training:
             arrays, metrics = super().aggregate_train(server_round, training)
-        else:
+        self.records.outcome(server_round, "train", len(training), failed, declined)
+        if not training:
             log(WARNING, "round %d: no silo's update was accepted; the global model is unchanged", server_round)
         self.records.write()
         if arrays is not None and self.on_round_end is not None:
             self.on_round_end(server_round, arrays)
         return arrays, metrics
+
+    def _update_problem(self, arrays: ArrayRecord, num_examples: object) -> str | None:
+        if self.secure is None:
+            return update_problem(arrays, self.sent, num_examples)
+        assert self.sent is not None
+        return masked_problem(arrays, self.sent, num_examples)
+
+    def _secure_aggregate(self, server_round: int, training: list[Message]) -> tuple[ArrayRecord | None,
+                                                                                     MetricRecord | None]:
+        """Unmask the sum of the accepted masked replies; None when the round is refused."""
+        assert self.secure is not None and self.grid is not None and self.sent is not None
+        masked = {m.metadata.src_node_id: m.content["arrays"] for m in training}
+        weights = {m.metadata.src_node_id: int(m.content["metrics"]["num-examples"]) for m in training}
+        try:
+            arrays = self.secure.finish(self.grid, server_round, masked, weights, self.sent)
+        except ProtocolError as exc:
+            self._refuse_secure(server_round, str(exc))
+            return None, None
+        problem = update_problem(arrays, self.sent, sum(weights.values()))
+        if problem:
+            self._refuse_secure(server_round, f"the decoded weighted mean is unacceptable: {problem}")
+            return None, None
+        self.records.run_info["secure-aggregation"] = self.secure.rounds
+        return arrays, self.train_metrics_aggr_fn([m.content for m in training], self.weighted_by_key)
 
     def _note_refusal(self, server_round: int, phase: str, silo: str, node_id: int, status: str, reason: str) -> None:
         """Print and keep a silo's policy refusal (once per silo and phase)."""

@@ -13,6 +13,11 @@ A reply is refused (left out of the average, named in the log and in ``metrics.j
 * ``num-examples`` (the FedAvg weight: the silo's training users) is missing, not a
   positive integer, or above ``MAX_NUM_EXAMPLES`` (10⁹ users: implausible for any silo).
 
+Under secure aggregation (:func:`masked_problem`) a reply holds masked uint32 arrays that
+look uniformly random: only the keys, shapes, dtype and ``num-examples`` can be checked per
+silo; finiteness and size are checked on the decoded weighted mean instead, and weights
+cannot be capped (each silo applies its own inside the mask).
+
 A plausible but outsized ``num-examples`` is *capped*, not refused
 (:func:`cap_weights`): no silo weighs more than ``WEIGHT_CAP_FACTOR`` × the median of the
 other accepted silos' claims, so one silo claiming 10¹² users cannot set the average alone.
@@ -61,6 +66,22 @@ def update_problem(update: ArrayRecord, sent: ArrayRecord | None, num_examples: 
         if step > MAX_UPDATE_RATIO * max(size, 1.0):
             return (f"update norm {step:.3g} exceeds {MAX_UPDATE_RATIO:g} × max(global norm {size:.3g}, 1) "
                     f"(absurdly large)")
+    return num_examples_problem(num_examples)
+
+
+def masked_problem(update: ArrayRecord, sent: ArrayRecord, num_examples: object) -> str | None:
+    """Why the server refuses a masked update (one line), or ``None``: what can still be
+    checked per silo under secure aggregation (keys, shapes, uint32, ``num-examples``)."""
+    try:
+        got = _arrays(update)
+    except Exception as exc:
+        return f"arrays do not decode ({type(exc).__name__}: {exc})"
+    ref = _arrays(sent)
+    if list(got) != list(ref):
+        return f"masked array keys differ from the global model's ({len(got)} arrays, expected {len(ref)})"
+    for key, want in ref.items():
+        if got[key].dtype != np.uint32 or got[key].shape != want.shape:
+            return f"masked array {key!r} is {got[key].dtype}{list(got[key].shape)}, expected uint32{list(want.shape)}"
     return num_examples_problem(num_examples)
 
 

@@ -86,6 +86,7 @@ RULES: dict[str, tuple[Any, str]] = {
     "grad-sample-mode": (lambda v: v in GRAD_SAMPLE_MODES, f"must be one of {', '.join(GRAD_SAMPLE_MODES)}"),
     "silo-lifetime-epsilon": _NON_NEGATIVE,
     "release-metrics": (lambda v: v in ("none", "dp", "plain"), "must be one of none, dp, plain"),
+    "secagg-threshold": (lambda v: 0 < v <= 1 or (v > 1 and v == int(v)), "must be a fraction in (0, 1] or a whole count > 1"),
     "max-eval-users": _NON_NEGATIVE,
     "eval-batch-size": _AT_LEAST_1,
     "eval-candidates": _NON_NEGATIVE,
@@ -142,6 +143,9 @@ class RunConfig:
     silo_lifetime_epsilon: float = 0.0
     audit_broken_noise: bool = False
     release_metrics: str = "dp"  # asked; the silo's policy may only make it more private
+    # secure aggregation (docs/secure-aggregation.md): the server learns only the weighted sum
+    secure_aggregation: bool = False
+    secagg_threshold: float = 0.5  # ≤ 1: fraction of the round's silos; > 1: a count (never below a majority)
     # evaluation
     max_eval_users: int = 256
     eval_batch_size: int = 64

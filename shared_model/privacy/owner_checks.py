@@ -15,7 +15,8 @@ Every failure names the file and line it found (paths relative to the audited fo
 * :func:`coverage_failures`: every silo-round that ``metrics.json`` records has its ledger
   record (a DP-SGD round when the silo trained, a refusal when it declined) with the same
   σ, q, steps, δ and ε, and a ``model-sha256`` equal to the ``update-sha256`` the server
-  computed of the arrays it received; every ledger record has its metrics row; every
+  computed of the arrays it received (under secure aggregation the server records only
+  ``masked-sha256``, of masked arrays, and that match is not possible); every ledger record has its metrics row; every
   checkpoint ``checkpoints/round-NNN`` names the run and a round in which some silo trained.
 
 Unreadable inputs (``metrics.json``, a checkpoint's ``fedshift.json``) raise
@@ -307,9 +308,12 @@ def run_folder_checks(run_dir: Path, doc: dict[str, Any], server: list[Line]) ->
     rows = [r for r in doc.get("records", []) if isinstance(r, dict) and r.get("phase") == "train"]
     ckpts = len(list((run_dir / "checkpoints").glob("round-*/fedshift.json")))
     cov = coverage_failures(run_dir, doc, mine)
+    masked = any("masked-sha256" in r for r in rows)  # secure aggregation: the server never saw a clear update
+    same = ("σ, q, steps, δ, ε agree; secure aggregation: the server received masked arrays only, so model-sha256 "
+            "stays the silo's own" if masked else "σ, q, steps, δ, ε and model-sha256 = the update the server received agree")
     checks.append(("rounds-on-ledger", not cov, summary(cov, (
-        f"each of the {len(rows)} silo-rounds of metrics.json has its ledger record (σ, q, steps, δ, ε and "
-        f"model-sha256 = the update the server received agree) and each of the {ckpts} checkpoints names run {run_id}"))))
+        f"each of the {len(rows)} silo-rounds of metrics.json has its ledger record ({same}) and each of the "
+        f"{ckpts} checkpoints names run {run_id}"))))
     text = (run_dir / "metrics.json").read_text(encoding="utf-8")
     state = run_dir / "silo-state"
     folders = sorted(p for p in state.iterdir() if (p / LEDGER_NAME).is_file() or (p / POLICY_NAME).is_file()) \
