@@ -17,7 +17,8 @@ def _bench(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict]:
 
 
 def test_traffic_json_has_the_goal_keys_and_measures_the_sent_arrays(
-        small_dataset: Path, tiny_bert: Path, cache_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        small_dataset: Path, tiny_bert: Path, cache_dir: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
     from shared_model.encoder import load_encoder
 
     out = tmp_path / "bench"

@@ -38,7 +38,8 @@ def catalogue_throughput(items: int, dataset: str = "", base_model: str = "", lo
         "catalogue_items": len(texts), "embedded_items": n, "threads": torch.get_num_threads(),
         "max_item_tokens": cfg.max_item_tokens, "embed_s": round(embed_s, 3),
         "embed_items_per_s": round(n / embed_s, 1), "embed_cpu_s": round(embed_cpu_s, 3),
-        "embed_items_per_cpu_s": round(n / embed_cpu_s, 1), "full_catalogue_embed_s_extrapolated": round(len(texts) * embed_s / n, 1),
+        "embed_items_per_cpu_s": round(n / embed_cpu_s, 1),
+        "full_catalogue_embed_s_extrapolated": round(len(texts) * embed_s / n, 1),
     }
     log(f"catalogue: cache-hit path ({cache_dir()})")
     first = time.perf_counter()

@@ -37,7 +37,6 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 MODES = ("hooks", "functorch", "ew", "ghost")
 
@@ -170,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         row = dp_overhead(args.steps, args.batch_size, args.silo, dataset=args.dataset, base_model=args.base_model,
                           log=lambda m: print(m, file=sys.stderr))
     else:
-        row = run_setting(args.mode, args.steps, args.batch_size, args.silo, args.profile, args.dataset, args.base_model)
+        row = run_setting(args.mode, args.steps, args.batch_size, args.silo, args.profile, args.dataset,
+                          args.base_model)
     print(json.dumps(row) if args.json else json.dumps(row, indent=2))
     return 0
 

@@ -98,7 +98,8 @@ def cold_start(checkpoint: Path, platform: str, titles: list[str]) -> dict[str, 
     if proc.returncode != 0:
         return {"ok": False, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
     out = json.loads(proc.stdout)
-    return {"ok": True, "process_s": round(wall, 2), "timing_ms": out["timing_ms"], "index_source": out["index"]["source"]}
+    return {"ok": True, "process_s": round(wall, 2), "timing_ms": out["timing_ms"],
+            "index_source": out["index"]["source"]}
 
 
 def serving(work_dir: Path, calls: int, history: int = 10, profile: bool = True, goal_ms: float = 10.0,
@@ -139,7 +140,8 @@ def serving(work_dir: Path, calls: int, history: int = 10, profile: bool = True,
             "p99_ms": round(percentile_ms(samples, 99), 3), "max_ms": round(float(np.max(samples)) * 1000, 3),
             "cpu_p50_ms": round(percentile_ms(cpu, 50), 3), "cpu_p99_ms": round(percentile_ms(cpu, 99), 3),
             "split_median_ms": split, "three_titles_p50_ms": round(percentile_ms(short, 50), 3),
-            "three_titles_p99_ms": round(percentile_ms(short, 99), 3), "first_load_s": round(first_load, 2), "first_load_timing_s": {
+            "three_titles_p99_ms": round(percentile_ms(short, 99), 3), "first_load_s": round(first_load, 2),
+            "first_load_timing_s": {
                 k: round(v, 3) for k, v in scorer.timings.items()}, "goal_ms": goal_ms,
         }
         out["met"] = out["p99_ms"] <= goal_ms
