@@ -147,8 +147,8 @@ def dp_overhead(steps: int, batch_size: int = 32, silo: int = 0, modes: tuple[st
                               "dp_step_ratio": best["ratio"] if best else None}
     out["met"] = bool(best and best["ratio"] <= goal)
     if best and not out["met"] and profile_if_missed:
-        log(f"dp: goal missed; profiling plain and {best['mode']}")
         profiled = (best["mode"],) if quick else ("plain", best["mode"])
+        log(f"dp: goal missed; profiling {' and '.join(profiled)}")
         out["profile"] = {m: _child(m, steps, batch_size, silo, True, timeout, *where).get("profile", "")
                           for m in profiled}
     return out
