@@ -42,10 +42,11 @@ sections (all by default; pick some with --only):
   dp         seconds per training step of the silo's own round (fl_client.dp_train) with
              DP-SGD and without, at the same expected batch, for each Opacus
              grad-sample-mode (hooks, functorch, ew, ghost; a mode that cannot run says
-             why), each in its own process for its peak memory -> dp_step_ratio = the
-             best mode's CPU seconds per example over plain training's (goal <= 1.15;
-             the wall-time ratios beside it); a cProfile of the best mode (and of
-             plain training, without --quick) when the goal is missed
+             why), each in its own process (one torch thread; --dp-threads) for its
+             peak memory -> dp_step_ratio = the best mode's CPU seconds per example
+             over plain training's (goal <= 1.15; the wall-time ratios beside it); a
+             cProfile of the best mode (and of plain training, without --quick) when
+             the goal is missed
   scale      federations of 4, 16, 64, 100 silos (4 and 16 with --quick) on generated
              data: round time and peak RSS of the process tree, and how the round time
              grows with users and items (simulations.benchmarks.scale)
@@ -79,6 +80,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"run only these sections ({', '.join(SECTIONS)})")
     p.add_argument("--dataset", metavar="DIR", default="", help="dataset folder (default: the bundled one)")
     p.add_argument("--base-model", metavar="DIR", default="", help="BERT folder (default: the bundled encoder)")
+    p.add_argument("--dp-threads", type=int, default=1, metavar="N",
+                   help="torch threads of the dp section's processes (default: 1, whose CPU time other work on "
+                        "the machine does not inflate; 0: torch's default)")
     p.set_defaults(func=run)
 
 
@@ -122,7 +126,7 @@ def _scale(quick: bool, out_dir: Path, log: Callable[[str], None]) -> dict[str, 
 
 
 def run_sections(sections: list[str], quick: bool, work: Path, scale_dir: Path, dataset: str, base_model: str,
-                 log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, str]]:
+                 log: Callable[[str], None], dp_threads: int = 1) -> tuple[dict[str, Any], dict[str, str]]:
     """Each section's figures, and the one-line error of each section that failed (``work``: a
     scratch folder; ``scale_dir``: where the scale section keeps its runs)."""
     from simulations.benchmarks import catalogue, dp_overhead, serving, traffic
@@ -133,7 +137,7 @@ def run_sections(sections: list[str], quick: bool, work: Path, scale_dir: Path, 
         "serving": lambda: serving.serving(work, 200 if quick else 1000, goal_ms=GOALS["recommend_p99_ms"],
                                            dataset=dataset, base_model=base_model, log=log),
         "dp": lambda: dp_overhead.dp_overhead(3 if quick else 8, goal=GOALS["dp_step_ratio"], dataset=dataset,
-                                              base_model=base_model, quick=quick, log=log),
+                                              base_model=base_model, quick=quick, threads=dp_threads, log=log),
         "scale": lambda: _scale(quick, scale_dir, log),
     }
     results: dict[str, Any] = {}
@@ -209,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
         report["sections"], report["errors"] = run_sections(sections, args.quick, Path(tmp), out or Path(tmp),
-                                                            dataset, base_model, log)
+                                                            dataset, base_model, log, args.dp_threads)
     report["seconds"] = round(time.perf_counter() - started, 1)
     summary(report)
     text = json.dumps(report, indent=2, default=str)

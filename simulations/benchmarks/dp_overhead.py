@@ -15,6 +15,10 @@ seconds per example (the process's CPU time around the timed steps, all its thre
 machine shared with other work the wall time of two processes minutes apart differs by
 tens of percent for reasons that are not theirs, while their CPU time does not; the wall
 ratios (``wall_ratio`` per example, ``step_ratio`` per step) are reported beside it.
+The processes run on ``threads`` torch threads (default 1): with more, a thread whose
+partner is descheduled by other work spins at each parallel region's barrier, and on a
+loaded 2-core machine that spinning tripled plain training's CPU time per example (0.136
+s on 2 threads against 0.046 s on 1), so even CPU ratios stop meaning anything.
 
 A mode that fails is reported with its one-line reason: ``ghost`` (Opacus' ghost
 clipping) needs the loss wrapped by ``make_private(criterion=…)``, which the silo's
@@ -97,7 +101,7 @@ def run_setting(mode: str, steps: int, batch_size: int, silo: int, profile: bool
 
 
 def _child(mode: str, steps: int, batch_size: int, silo: int, profile: bool, timeout: float,
-           dataset: str, base_model: str) -> dict[str, object]:
+           dataset: str, base_model: str, threads: int = 1) -> dict[str, object]:
     from shared_model.config import ConfigError, RunConfig
 
     try:  # a mode the run config refuses needs no process
@@ -107,9 +111,12 @@ def _child(mode: str, steps: int, batch_size: int, silo: int, profile: bool, tim
     cmd = [sys.executable, "-m", "simulations.benchmarks.dp_overhead", "--mode", mode, "--steps", str(steps),
            "--batch-size", str(batch_size), "--silo", str(silo), "--dataset", dataset, "--base-model", base_model,
            "--json"] + (["--profile"] if profile else [])
+    env = os.environ.copy()
+    if threads > 0:  # torch's intra-op threads follow OMP_NUM_THREADS at start-up
+        env["OMP_NUM_THREADS"] = str(threads)
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"mode": mode, "ok": False, "error": f"timed out after {timeout:.0f} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -123,12 +130,12 @@ def _child(mode: str, steps: int, batch_size: int, silo: int, profile: bool, tim
 
 def dp_overhead(steps: int, batch_size: int = 32, silo: int = 0, modes: tuple[str, ...] = MODES,
                 profile_if_missed: bool = True, goal: float = 1.15, timeout: float = 600,
-                dataset: str = "", base_model: str = "", quick: bool = False,
+                dataset: str = "", base_model: str = "", quick: bool = False, threads: int = 1,
                 log=lambda msg: None) -> dict[str, object]:
     """Plain and every mode, each in its own process; the best mode's ratio; when the goal
     is missed, a profile of the best mode (and of plain training unless ``quick``)."""
-    log(f"dp: plain training, {steps} steps, batch {batch_size}")
-    where = (dataset, base_model)
+    log(f"dp: plain training, {steps} steps, batch {batch_size}, {threads or 'default'} torch thread(s)")
+    where = (dataset, base_model, threads)
     plain = _child("plain", steps, batch_size, silo, False, timeout, *where)
     rows = []
     for mode in modes:
@@ -163,11 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="cProfile the timed steps (top 12 by own time)")
     p.add_argument("--dataset", default="", help="dataset folder (default: bundled)")
     p.add_argument("--base-model", default="", help="BERT folder (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each process (all; default 1, 0: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     args = p.parse_args(argv)
     if args.mode == "all":
         row = dp_overhead(args.steps, args.batch_size, args.silo, dataset=args.dataset, base_model=args.base_model,
-                          log=lambda m: print(m, file=sys.stderr))
+                          threads=args.threads, log=lambda m: print(m, file=sys.stderr))
     else:
         row = run_setting(args.mode, args.steps, args.batch_size, args.silo, args.profile, args.dataset,
                           args.base_model)
