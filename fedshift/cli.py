@@ -9,8 +9,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from fedshift import (audit_cmd, data_cmd, deploy_cmd, evaluate_cmd, experiment_cmd, recommend_cmd, simulate_cmd,
-                     verify_cmd)
+from fedshift import (audit_cmd, bench_cmd, data_cmd, deploy_cmd, evaluate_cmd, experiment_cmd, recommend_cmd,
+                      simulate_cmd, verify_cmd)
 
 DESCRIPTION = """\
 fedshift learns how shoppers' interests migrate between categories, federated over data
@@ -31,6 +31,8 @@ commands:
   verify CHECKPOINT     check a checkpoint against the server's signed manifest
   experiment            the experiment grid (baselines, federated DP at several ε, local-only,
                         centralised, leave-one-platform-out): results.md/.csv and plots
+  bench                 DP overhead, traffic, serving latency, catalogue throughput and
+                        scale, measured on this machine against their goals
 """
 
 
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cmd.add_parser(sub)
     verify_cmd.add_parser(sub)
     experiment_cmd.add_parser(sub)
+    bench_cmd.add_parser(sub)
     return parser
 
 
