@@ -139,6 +139,8 @@ def measure(point: Point, out_dir: Path, *, timeout: float = 3600) -> dict:
         "run_dir": str(run_dir),
     }
     _MEASURED[point.key()] = row
+    (out_dir / "rows").mkdir(parents=True, exist_ok=True)  # each point as it is measured
+    (out_dir / "rows" / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
     return dict(row)
 
 
@@ -203,6 +205,40 @@ def cost_growth(*, quick: bool, out_dir: Path, silos: int = 4, model: str = "tin
     return result
 
 
+def plot_rows(rows: list[dict], path: Path, goal_gib: float = 8.0) -> Path:
+    """Round time and peak memory (RSS and PSS of the whole tree) against the number of silos."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted((r for r in rows if r.get("round_s")), key=lambda r: r["silos"])
+    silos = [r["silos"] for r in rows]
+    fig, left = plt.subplots(figsize=(6.4, 4.0))
+    left.plot(silos, [r["round_s"] for r in rows], "o-", color="tab:blue", label="round time (s)")
+    if all(r.get("round0_s") for r in rows):
+        left.plot(silos, [r["round0_s"] for r in rows], "o:", color="tab:cyan",
+                  label="round 0 (s): evaluation, cold actors")
+    left.set_ylim(bottom=0)
+    left.set_xlabel("simulated silos")
+    left.set_ylabel("seconds per round", color="tab:blue")
+    right = left.twinx()
+    right.plot(silos, [r["peak_rss_gib"] for r in rows], "s-", color="tab:red", label="peak RSS, process tree")
+    right.plot(silos, [r["peak_pss_gib"] for r in rows], "s--", color="tab:orange", label="peak PSS, process tree")
+    right.axhline(goal_gib, color="grey", linestyle=":", label=f"goal {goal_gib:g} GiB")
+    right.set_ylabel("GiB", color="tab:red")
+    right.set_ylim(0, max(goal_gib * 1.1, max(r["peak_rss_gib"] for r in rows) * 1.1))
+    handles = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    left.legend(handles, [str(h.get_label()) for h in handles], loc="upper left", fontsize=8)
+    first = rows[0]
+    left.set_title(f"{first['actors']} Ray actors on {first['num_cpus']} CPUs, {first['users_per_silo']} users/silo, "
+                   f"{first['items']} items, tiny BERT, DP", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m simulations.benchmarks.scale", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -213,13 +249,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="server rounds per scale point (default 1)")
     p.add_argument("--client-cpus", type=int, default=BACKEND["client-resources-num-cpus"],
                    help="Flower's client-resources-num-cpus: CPUs per Ray actor (default 1)")
-    p.add_argument("--out", type=Path, required=True, help="folder for datasets, runs and scale.json")
+    p.add_argument("--out", type=Path, help="folder for datasets, runs and scale.json (required to measure)")
+    p.add_argument("--plot", type=Path, help="PNG of round time and peak memory against silos (with --silos)")
+    p.add_argument("--plot-from", type=Path, metavar="JSON", help="only plot (--plot) the scale rows of this scale.json")
     a = p.parse_args(argv)
+    if not a.plot_from and not a.out:
+        p.error("--out is required to measure")
+    if a.plot_from:
+        plot_rows(json.loads(a.plot_from.read_text())["scale"], a.plot or a.plot_from.with_suffix(".png"))
+        return 0
     a.out.mkdir(parents=True, exist_ok=True)
     doc: dict = {"machine": {"cpus": os.cpu_count(), "memory_gib": round(_total_memory() / 2 ** 30, 1)}}
     if a.silos:
         doc["scale"] = scale_rows(a.silos, quick=a.quick, out_dir=a.out, model=a.model,
                                   backend={"client-resources-num-cpus": a.client_cpus}, rounds=a.rounds)
+    if a.plot and doc.get("scale"):
+        plot_rows(doc["scale"], a.plot)
     if a.growth:
         doc["growth"] = cost_growth(quick=a.quick, out_dir=a.out, model=a.model)
     name = "scale.json" if not a.growth or a.silos else "growth.json"
