@@ -116,8 +116,15 @@ def measure(point: Point, out_dir: Path, *, timeout: float = 3600) -> dict:
     progress = io.StringIO()
     cpus = os.cpu_count() or 1
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     with TreeMemory() as mem:
-        result = run_simulation(cfg, run_dir, timeout=timeout, stream=progress, silo_seed=0, federation=point.backend)
+        for attempt in range(1, 4):
+            result = run_simulation(cfg, run_dir, timeout=timeout, stream=progress, silo_seed=0,
+                                    federation=point.backend)
+            if result.ok or not _superlink_start_failed(result.log):
+                break
+            print(f"scale: {name}: flwr's local SuperLink did not start within its fixed 15 s (machine load "
+                  f"{os.getloadavg()[0]:.1f}); attempt {attempt + 1}", file=sys.stderr, flush=True)
     wall = time.perf_counter() - started
     times = round_times(result.log)
     per_round = [r["round_s"] for r in times["rounds"]]
@@ -125,13 +132,14 @@ def measure(point: Point, out_dir: Path, *, timeout: float = 3600) -> dict:
         "silos": point.silos,
         "round_s": round(sum(per_round) / len(per_round), 1) if per_round else None,
         **mem.peak.as_row(),
-        "ok": result.ok, "status": result.status,
+        "ok": result.ok, "status": result.status, "attempts": attempt,
         "rounds": point.rounds, "round_s_each": per_round,
         "train_s_each": [r["train_s"] for r in times["rounds"]],
         "round0_s": times["round0_s"], "wall_s": round(wall, 1),
         "users_per_silo": point.users_per_silo, "items": point.items,
         "platforms": point.platforms, "regions": point.regions,
         "local_steps": point.local_steps, "batch_size": point.batch_size, "dp": True,
+        "load_avg_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],  # before, after: shared machine
         "model": model_desc, "num_cpus": cpus, "actors": actors(point.backend, cpus),
         "backend": {"name": "ray", **point.backend},
         "rss_by_process_gib": {k: round(v / 2 ** 30, 3) for k, v in sorted(
@@ -142,6 +150,12 @@ def measure(point: Point, out_dir: Path, *, timeout: float = 3600) -> dict:
     (out_dir / "rows").mkdir(parents=True, exist_ok=True)  # each point as it is measured
     (out_dir / "rows" / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
     return dict(row)
+
+
+def _superlink_start_failed(log: Path) -> bool:
+    """flwr 1.42 gives its local SuperLink a fixed 15 s to start (``LOCAL_SUPERLINK_STARTUP_TIMEOUT``,
+    no flag); on a loaded machine it can miss, and nothing ran. Such a run is retried."""
+    return log.is_file() and "Failed to start local SuperLink" in log.read_text(errors="replace")
 
 
 def scale_rows(silos: list[int], *, quick: bool, out_dir: Path, model: str = "tiny",
