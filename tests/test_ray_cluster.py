@@ -75,7 +75,11 @@ def ray_head(env: dict[str, str], num_cpus: int = 2) -> Iterator[tuple[str, Path
     for flag in ("--ray-client-server-port", "--dashboard-agent-listen-port"):  # fixed defaults otherwise
         cmd += [flag, str(free_port())]
     try:
-        started = subprocess.run(cmd, env={**env, HEAD_TAG: tag}, capture_output=True, text=True, timeout=180)
+        for _ in range(2):  # Ray gives the raylet a fixed 30 s to register; a loaded machine can miss it
+            started = subprocess.run(cmd, env={**env, HEAD_TAG: tag}, capture_output=True, text=True, timeout=180)
+            if started.returncode == 0 or "timed out during startup" not in started.stderr + started.stdout:
+                break
+            stop_head(temp, tag)
         assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
         yield f"127.0.0.1:{port}", temp
     finally:

@@ -141,12 +141,14 @@ def test_memoised_accountant_matches_opacus() -> None:
     assert acc.epsilon(list(history), 1e-5) == pytest.approx(want, rel=1e-12)  # the cached answer
 
 
-def test_a_superlink_that_missed_flowers_start_timeout_is_recognised(tmp_path) -> None:
-    from simulations.benchmarks.scale import _superlink_start_failed
+def test_a_start_that_missed_flowers_or_rays_fixed_timeout_is_recognised(tmp_path) -> None:
+    from simulations.benchmarks.scale import _start_failed
 
     log = tmp_path / "flwr.log"
     log.write_text("Starting local SuperLink on 127.0.0.1:37535...\n│ Failed to start local SuperLink within 15s. See logs\n")
-    assert _superlink_start_failed(log)
+    assert _start_failed(log)
+    log.write_text("ERROR:An exception occured!! The current node timed out during startup. This could happen\n")
+    assert _start_failed(log)
     log.write_text(LOG)
-    assert not _superlink_start_failed(log)
-    assert not _superlink_start_failed(tmp_path / "missing.log")
+    assert not _start_failed(log)
+    assert not _start_failed(tmp_path / "missing.log")

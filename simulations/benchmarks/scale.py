@@ -121,10 +121,10 @@ def measure(point: Point, out_dir: Path, *, timeout: float = 3600) -> dict:
         for attempt in range(1, 4):
             result = run_simulation(cfg, run_dir, timeout=timeout, stream=progress, silo_seed=0,
                                     federation=point.backend)
-            if result.ok or not _superlink_start_failed(result.log):
+            if result.ok or not _start_failed(result.log):
                 break
-            print(f"scale: {name}: flwr's local SuperLink did not start within its fixed 15 s (machine load "
-                  f"{os.getloadavg()[0]:.1f}); attempt {attempt + 1}", file=sys.stderr, flush=True)
+            print(f"scale: {name}: Flower's SuperLink or Ray's node missed its fixed start-up time (machine "
+                  f"load {os.getloadavg()[0]:.1f}); attempt {attempt + 1}", file=sys.stderr, flush=True)
     wall = time.perf_counter() - started
     times = round_times(result.log)
     per_round = [r["round_s"] for r in times["rounds"]]
@@ -152,10 +152,17 @@ def measure(point: Point, out_dir: Path, *, timeout: float = 3600) -> dict:
     return dict(row)
 
 
-def _superlink_start_failed(log: Path) -> bool:
-    """flwr 1.42 gives its local SuperLink a fixed 15 s to start (``LOCAL_SUPERLINK_STARTUP_TIMEOUT``,
-    no flag); on a loaded machine it can miss, and nothing ran. Such a run is retried."""
-    return log.is_file() and "Failed to start local SuperLink" in log.read_text(errors="replace")
+START_FAILURES = (
+    "Failed to start local SuperLink",  # flwr 1.42: fixed 15 s (LOCAL_SUPERLINK_STARTUP_TIMEOUT, no flag)
+    "The current node timed out during startup",  # ray 2.55: raylet must register within a fixed 30 s
+)
+
+
+def _start_failed(log: Path) -> bool:
+    """Flower's local SuperLink or Ray's local node missed its fixed start-up time (on a loaded
+    machine), so no round ran; such a run is retried."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    return any(marker in text for marker in START_FAILURES)
 
 
 def scale_rows(silos: list[int], *, quick: bool, out_dir: Path, model: str = "tiny",
