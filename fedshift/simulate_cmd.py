@@ -87,7 +87,7 @@ def simulate(args: argparse.Namespace) -> int:
             state_dir = recorded_state_dir(plan.run_dir, Path(args.state_dir) if args.state_dir else None)
             result = run_simulation(plan.cfg, plan.run_dir, verbose=args.verbose, timeout=args.timeout,
                                     state_dir=state_dir, allow_non_private=not plan.cfg.dp,
-                                    silo_seed=args.silo_seed)
+                                    silo_seed=args.silo_seed, **backend_args(args))
         except ValueError as e:
             return refuse("simulate", e)
         return _finish(result)
@@ -97,10 +97,18 @@ def simulate(args: argparse.Namespace) -> int:
         print(f"fedshift simulate: preset {args.preset}", flush=True)
         result = run_simulation(cfg, out, verbose=args.verbose, timeout=args.timeout,
                                 state_dir=Path(args.state_dir) if args.state_dir else None,
-                                allow_non_private=args.no_dp, silo_seed=args.silo_seed)
-    except ValueError as e:  # ConfigError (--set, flags), or no silos / min-nodes above them
+                                allow_non_private=args.no_dp, silo_seed=args.silo_seed, **backend_args(args))
+    except ValueError as e:  # ConfigError (--set, flags), no silos / min-nodes above them, bad federation key
         return refuse("simulate", e)
     return _finish(result)
+
+
+def backend_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``--federation-config`` items and ``--ray-address`` as :func:`run_simulation` keywords."""
+    from fedshift.simulation import parse_federation_items
+
+    return {"federation": parse_federation_items(getattr(args, "federation_config", None) or []),
+            "ray_address": getattr(args, "ray_address", None)}
 
 
 def _finish(result: Any) -> int:
@@ -156,6 +164,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint, "
                    "into RUN_DIR, with its recorded config (a flag that differs is refused), silo state and "
                    "secrets; each silo charges the rounds to the original run's budget on its own ledger")
+    p.add_argument("--federation-config", action="append", metavar="KEY=VALUE", default=[],
+                   help="Flower's simulation settings (repeatable), e.g. client-resources-num-cpus=1 (one Ray "
+                   "actor per CPU; Flower's default is 2 CPUs per actor) or init-args-num-cpus=4; see "
+                   "docs/performance.md")
+    p.add_argument("--ray-address", metavar="HOST:PORT", help="run the silos on an existing Ray cluster (its head, "
+                   "started with `ray start --head`) through Flower's Ray backend instead of a local Ray")
     p.add_argument("--timeout", type=int, default=3600, help="seconds before the run is stopped (default 3600)")
     p.add_argument("-v", "--verbose", action="store_true", help="show Flower's whole log")
     p.set_defaults(func=simulate)

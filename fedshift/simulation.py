@@ -29,11 +29,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import psutil
 
-from fedshift.flower_processes import APP_DIR, FLOWER_ENV, free_port, relay, terminate, write_run_config
+from fedshift.flower_processes import APP_DIR, FLOWER_ENV, free_port, relay, terminate, toml_value, write_run_config
 from shared_model.config import RunConfig
 from shared_model.io_utils import write_bytes_atomic
 
@@ -148,9 +148,58 @@ def recorded_state_dir(out: Path, asked: Path | None = None) -> Path | None:
     return asked or recorded
 
 
+def _simulation_fields() -> dict[str, Any]:
+    """Flower's simulation settings: dashed key → protobuf field (``SimulationConfig``)."""
+    from flwr.proto.federation_config_pb2 import SimulationConfig
+
+    return {f.name.replace("_", "-"): f for f in SimulationConfig.DESCRIPTOR.fields}
+
+
+def parse_federation_items(items: list[str]) -> dict[str, Any]:
+    """``["KEY=VALUE", …]`` (``--federation-config``) → typed values by Flower's field types;
+    ``ValueError`` with one line for an unknown key or a value of the wrong type."""
+    fields = _simulation_fields()
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = (x.strip() for x in item.partition("="))
+        if not sep or key not in fields:
+            raise ValueError(f"--federation-config {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(fields))}")
+        kind = fields[key].cpp_type
+        try:
+            if kind == fields[key].CPPTYPE_BOOL:
+                if raw.lower() not in {"true", "false"}:
+                    raise ValueError
+                out[key] = raw.lower() == "true"
+            elif kind in (fields[key].CPPTYPE_FLOAT, fields[key].CPPTYPE_DOUBLE):
+                out[key] = float(raw)
+            elif kind == fields[key].CPPTYPE_STRING:
+                out[key] = raw.strip("'\"")
+            else:
+                out[key] = int(raw)
+        except ValueError:
+            raise ValueError(f"--federation-config {item!r}: {raw!r} is not a valid {key}") from None
+    return out
+
+
+def federation_config(silos: int, federation: dict[str, Any] | None = None, ray_address: str | None = None) -> str:
+    """The ``flwr run --federation-config`` value: one virtual SuperNode per silo plus Flower's
+    own simulation keys (``client-resources-num-cpus``, ``init-args-num-cpus``, …; the fields of
+    its ``SimulationConfig``). ``ValueError`` for an unknown key, or for ``init-args-num-*`` with
+    ``ray_address`` (Ray refuses resources when joining an existing cluster)."""
+    keys = {"num-supernodes": silos, **(federation or {})}
+    known = set(_simulation_fields())
+    if unknown := sorted(set(keys) - known):
+        raise ValueError(f"federation config: unknown key(s) {', '.join(unknown)}; Flower's are {', '.join(sorted(known))}")
+    if ray_address and (given := sorted(k for k in keys if k.startswith("init-args-num-"))):
+        raise ValueError(f"federation config: {', '.join(given)} cannot be set when joining the Ray cluster at "
+                         f"{ray_address} (the cluster's nodes declare their own resources)")
+    return " ".join(f"{k}={toml_value(v)}" for k, v in keys.items())
+
+
 def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout: float | None = None,
                    stream: TextIO | None = None, state_dir: Path | None = None, allow_non_private: bool = False,
-                   silo_seed: int | str | None = None) -> SimulationResult:
+                   silo_seed: int | str | None = None, federation: dict[str, Any] | None = None,
+                   ray_address: str | None = None) -> SimulationResult:
     """Run the Flower app on ``cfg`` as a local simulation, one SuperNode per silo of
     ``cfg.dataset``, writing into ``out``; return Flower's final status.
 
@@ -163,6 +212,13 @@ def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout:
     ``min-nodes`` exceeds them (the server would wait forever). Progress goes to ``stream``
     (default stdout); Flower's whole log to OUT/flwr.log. After ``timeout`` seconds the run
     is stopped. The local SuperLink is stopped at the end, also on SIGTERM/SIGHUP.
+
+    ``federation`` adds Flower's simulation keys (:func:`federation_config`), e.g.
+    ``{"client-resources-num-cpus": 1}`` for one Ray actor per CPU. ``ray_address``
+    (``HOST:PORT`` of a running Ray head) makes Flower's Ray backend join that cluster
+    instead of starting a local Ray: it is ``RAY_ADDRESS`` for the simulation process, which
+    ``ray.init()`` in Flower's backend reads. The cluster's workers get only ``PYTHONPATH``
+    from Flower, so its nodes must be started with fedshift's environment (docs/performance.md).
     """
     from shared_model.dataset import list_silos
     from shared_model.privacy.ledger_signatures import gather_public_keys
@@ -176,6 +232,7 @@ def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout:
         raise ValueError(f"{dataset}: no silos (expected silos/<name>/events.csv)")
     if cfg.min_nodes > len(silos):
         raise ValueError(f"min-nodes = {cfg.min_nodes} but {dataset} has {len(silos)} silos: no round would start")
+    federation_arg = federation_config(len(silos), federation, ray_address)
     out.mkdir(parents=True, exist_ok=True)
     state_dir = Path(state_dir).expanduser().resolve() if state_dir else out / "silo-state"
     prepare_silo_state(state_dir, silos, allow_non_private=allow_non_private, silo_seed=silo_seed)
@@ -190,12 +247,14 @@ def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout:
 
     flwr_home = Path(tempfile.mkdtemp(prefix="fedshift-flwr-"))
     env = {**local_superlink_env(flwr_home), "FEDSHIFT_STATE": str(state_dir)}
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     config_file = flwr_home / "run-config.toml"
     write_run_config(cfg.to_run_config(), config_file)
     cmd = [
         shutil.which("flwr") or "flwr", "run", str(APP_DIR), "--stream",
         "--run-config", str(config_file),
-        "--federation-config", f"num-supernodes={len(silos)}",
+        "--federation-config", federation_arg,
     ]
     started = time.time()
     status = "not started"
