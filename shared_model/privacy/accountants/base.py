@@ -38,7 +38,7 @@ class Accountant:
 # Memoised, as pure functions of their arguments: Opacus's RDP at fractional orders takes
 # seconds per call on 2 busy cores, and a simulation process serves many silos with the same
 # (σ, q, steps) — without this each of 100 simulated silos recalibrated the same σ
-# (docs/performance-scale.md measures it).
+# (docs/performance.md, section 5, measures it).
 @functools.lru_cache(maxsize=4096)
 def _epsilon(kind: type[Accountant], history: tuple[tuple[float, float, int], ...], delta: float) -> float:
     acc = kind.opacus_class()
