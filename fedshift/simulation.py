@@ -186,6 +186,9 @@ def federation_config(silos: int, federation: dict[str, Any] | None = None, ray_
     own simulation keys (``client-resources-num-cpus``, ``init-args-num-cpus``, …; the fields of
     its ``SimulationConfig``). ``ValueError`` for an unknown key, or for ``init-args-num-*`` with
     ``ray_address`` (Ray refuses resources when joining an existing cluster)."""
+    if ray_address is not None and not _is_ray_address(ray_address):
+        raise ValueError(f"--ray-address {ray_address!r}: expected HOST:PORT of a running Ray head "
+                         "(e.g. 127.0.0.1:6379) or auto")
     keys = {"num-supernodes": silos, **(federation or {})}
     known = set(_simulation_fields())
     if unknown := sorted(set(keys) - known):
@@ -194,6 +197,14 @@ def federation_config(silos: int, federation: dict[str, Any] | None = None, ray_
         raise ValueError(f"federation config: {', '.join(given)} cannot be set when joining the Ray cluster at "
                          f"{ray_address} (the cluster's nodes declare their own resources)")
     return " ".join(f"{k}={toml_value(v)}" for k, v in keys.items())
+
+
+def _is_ray_address(address: str) -> bool:
+    """``auto`` (Ray's own lookup of a running cluster) or ``HOST:PORT`` with a port in 1–65535."""
+    if address == "auto":
+        return True
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
 def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout: float | None = None,

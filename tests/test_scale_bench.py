@@ -4,10 +4,12 @@ settings passed to `flwr run`, and the memoised accountant against Opacus."""
 
 from __future__ import annotations
 
+import argparse
 import math
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -124,6 +126,22 @@ def test_simulate_refuses_a_bad_federation_key_before_creating_anything(tmp_path
                               "--federation-config", "client-cpus=1"])
     assert args.func(args) == 2
     assert capsys.readouterr().err.strip().startswith("fedshift simulate: --federation-config 'client-cpus=1'")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("address", ["notanaddress", "127.0.0.1:", ":6379", "127.0.0.1:70000", "host:port"])
+def test_a_malformed_ray_address_exits_2_before_anything_is_written(tmp_path: Path, small_dataset: Path,
+                                                                     capsys: pytest.CaptureFixture[str],
+                                                                     address: str) -> None:
+    from fedshift import simulate_cmd
+
+    parser = argparse.ArgumentParser()
+    simulate_cmd.add_parser(parser.add_subparsers())
+    out = tmp_path / "run"
+    args = parser.parse_args(["simulate", "--dataset", str(small_dataset), "--out", str(out), "--ray-address", address])
+    assert args.func(args) == 2
+    assert capsys.readouterr().err.strip() == (f"fedshift simulate: --ray-address {address!r}: expected HOST:PORT of a "
+                                               "running Ray head (e.g. 127.0.0.1:6379) or auto")
     assert not out.exists()
 
 
