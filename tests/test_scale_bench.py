@@ -160,7 +160,7 @@ def test_memoised_accountant_matches_opacus() -> None:
 
 
 def test_a_start_that_missed_flowers_or_rays_fixed_timeout_is_recognised(tmp_path) -> None:
-    from simulations.benchmarks.scale import _start_failed
+    from simulations.benchmarks.start_retry import start_failed as _start_failed
 
     log = tmp_path / "flwr.log"
     log.write_text("Starting local SuperLink on 127.0.0.1:37535...\n│ Failed to start local SuperLink within 15s. See logs\n")
@@ -170,3 +170,4 @@ def test_a_start_that_missed_flowers_or_rays_fixed_timeout_is_recognised(tmp_pat
     log.write_text(LOG)
     assert not _start_failed(log)
     assert not _start_failed(tmp_path / "missing.log")
+    assert _start_failed(tmp_path / "missing.log", "no run")  # Flower knows of no run at all

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from simulations.benchmarks.process_memory import TreeMemory
 from simulations.benchmarks.round_log import round_times
+from simulations.benchmarks.start_retry import run_with_start_retries
 
 PLATFORMS = 4
 BACKEND = {"client-resources-num-cpus": 1}  # one Ray actor per CPU (Flower's default: 2 CPUs per actor)
@@ -96,7 +97,6 @@ def measure(point: Point, out_dir: Path, *, timeout: float = 3600) -> dict:
     """Run one simulation of ``point`` under ``out_dir``; return its row."""
     if point.key() in _MEASURED:
         return dict(_MEASURED[point.key()])
-    from fedshift.simulation import run_simulation
     from shared_model.config import RunConfig
     from simulations.datasets.generator import generate
 
@@ -118,13 +118,11 @@ def measure(point: Point, out_dir: Path, *, timeout: float = 3600) -> dict:
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
     with TreeMemory() as mem:
-        for attempt in range(1, 4):
-            result = run_simulation(cfg, run_dir, timeout=timeout, stream=progress, silo_seed=0,
-                                    federation=point.backend)
-            if result.ok or not _start_failed(result.log):
-                break
-            print(f"scale: {name}: Flower's SuperLink or Ray's node missed its fixed start-up time (machine "
-                  f"load {os.getloadavg()[0]:.1f}); attempt {attempt + 1}", file=sys.stderr, flush=True)
+        result, attempt = run_with_start_retries(
+            cfg, run_dir, attempts=3, timeout=timeout, stream=progress, silo_seed=0, federation=point.backend,
+            on_retry=lambda n: print(f"scale: {name}: Flower's SuperLink or Ray's node missed its fixed start-up "
+                                     f"time (machine load {os.getloadavg()[0]:.1f}); attempt {n}",
+                                     file=sys.stderr, flush=True))
     wall = time.perf_counter() - started
     times = round_times(result.log)
     per_round = [r["round_s"] for r in times["rounds"]]
@@ -150,19 +148,6 @@ def measure(point: Point, out_dir: Path, *, timeout: float = 3600) -> dict:
     (out_dir / "rows").mkdir(parents=True, exist_ok=True)  # each point as it is measured
     (out_dir / "rows" / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
     return dict(row)
-
-
-START_FAILURES = (
-    "Failed to start local SuperLink",  # flwr 1.42: fixed 15 s (LOCAL_SUPERLINK_STARTUP_TIMEOUT, no flag)
-    "The current node timed out during startup",  # ray 2.55: raylet must register within a fixed 30 s
-)
-
-
-def _start_failed(log: Path) -> bool:
-    """Flower's local SuperLink or Ray's local node missed its fixed start-up time (on a loaded
-    machine), so no round ran; such a run is retried."""
-    text = log.read_text(errors="replace") if log.is_file() else ""
-    return any(marker in text for marker in START_FAILURES)
 
 
 def scale_rows(silos: list[int], *, quick: bool, out_dir: Path, model: str = "tiny",

@@ -27,9 +27,9 @@ import sys
 from pathlib import Path
 
 from fedshift.config_args import parse_set
-from fedshift.simulation import run_simulation
 from shared_model.config import RunConfig
 from shared_model.dataset import list_silos
+from simulations.benchmarks.start_retry import run_with_start_retries
 
 
 def completed(run: Path, cfg: RunConfig) -> bool:
@@ -76,12 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for name, secure in (("plain", False), ("secure", True)):
         run_cfg = cfg.replace(**{"secure-aggregation": secure})
-        for attempt in range(5):
-            if completed(out / name, run_cfg):
-                print(f"{name}: reusing the completed run in {out / name}", flush=True)
-                break
-            result = run_simulation(run_cfg, out / name, silo_seed=0)
-            if not result.ok and (result.status != "no run" or attempt == 4):
+        if completed(out / name, run_cfg):
+            print(f"{name}: reusing the completed run in {out / name}", flush=True)
+        else:
+            result, _ = run_with_start_retries(run_cfg, out / name, attempts=5, silo_seed=0)
+            if not result.ok:
                 print(f"{name}: the run did not complete ({result.status}); see {result.log}", file=sys.stderr)
                 return 1
         wall = float(json.loads((out / name / "metrics.json").read_text())["run"]["wall-seconds"])
