@@ -56,16 +56,25 @@ def stop_local_superlink(flwr_home: Path) -> int:
         cmd = " ".join(proc.info.get("cmdline") or [])
         if "flower-superlink" in cmd and str(flwr_home) in cmd:
             family = proc.children(recursive=True) + [proc]
-            for p in family:
-                try:
-                    p.terminate()
-                except psutil.NoSuchProcess:
-                    pass
-            _, alive = psutil.wait_procs(family, timeout=10)
-            for p in alive:
-                p.kill()
+            terminate_then_kill(family, timeout=10)
             stopped += len(family)
     return stopped
+
+
+def terminate_then_kill(procs: list[psutil.Process], timeout: float) -> None:
+    """SIGTERM every process, wait up to ``timeout`` seconds, SIGKILL those still alive; a
+    process that is already gone is skipped."""
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
 
 
 def run_status(flwr_home: Path, env: dict[str, str]) -> str:

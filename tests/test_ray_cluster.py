@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 from fedshift.flower_processes import FLOWER_ENV, free_port
+from fedshift.simulation import terminate_then_kill
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -49,17 +50,7 @@ def _head_processes(temp: Path, tag: str) -> list[psutil.Process]:
 def stop_head(temp: Path, tag: str) -> int:
     """Terminate (then kill) every process of the head started in ``temp``; return how many."""
     procs = _head_processes(temp, tag)
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
+    terminate_then_kill(procs, timeout=15)
     return len(procs)
 
 
