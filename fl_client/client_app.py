@@ -17,6 +17,10 @@ policy, secret) lives under ``<state-root>/<silo>/`` (node config ``state-dir``,
 ``$FEDSHIFT_STATE``, else ``~/.local/share/fedshift``); ``Context.state`` holds the
 in-memory view between rounds.
 
+Before the first round the server asks every silo for its popularity release
+(``query.popularity``, :mod:`fl_client.silo_popularity`): a Gaussian histogram of its training
+users' items and its ``popularity-release`` record; later messages carry the summed prior.
+
 With run config ``secure-aggregation = true`` the train reply carries masked arrays instead
 (:mod:`fl_client.secure_aggregation`; the ``query.secagg_*`` handlers are its other stages).
 """
@@ -29,6 +33,7 @@ from flwr.clientapp import ClientApp
 from fl_client import flower_edge as edge
 from fl_client import secure_aggregation as secagg
 from fl_client.silo_gate import open_gate
+from fl_client.silo_popularity import refused_popularity, release_popularity
 from fl_client.silo_round import (SiloSetup, TrainRequest, budget_run_id, count_train_users, evaluate_silo_round,
                                   refused_evaluation, refused_reply, train_silo)
 
@@ -71,6 +76,18 @@ def secagg_share(msg: Message, context: Context) -> Message:
 @app.query("secagg_unmask")
 def secagg_unmask(msg: Message, context: Context) -> Message:
     return secagg.unmask(msg, context)
+
+
+@app.query("popularity")
+def popularity(msg: Message, context: Context) -> Message:
+    node_config = dict(context.node_config)
+    gate = open_gate(dict(context.run_config), node_config, lambda cfg: count_train_users(cfg, node_config))
+    if not gate.admitted:
+        return edge.popularity_message(msg, refused_popularity(gate), context)
+    assert gate.cfg is not None
+    silo = SiloSetup.admitted(gate, node_config)
+    reply = release_popularity(silo, budget_run_id(gate.cfg, context.run_id), edge.kept_state(context))
+    return edge.popularity_message(msg, reply, context)
 
 
 @app.evaluate()

@@ -5,7 +5,10 @@ Privacy argument (Abadi et al., CCS 2016, "Deep Learning with Differential Priva
 each step Poisson-samples *users* (one example per user), clips each example's gradient
 to ``max-grad-norm`` and adds Gaussian noise ``σ·C``. An example's loss depends only on
 that example and public data: its own target item, and negatives drawn from the public
-catalogue of the silo's platform — never other users' items.
+catalogue of the silo's platform — never other users' items — and the popularity prior
+(``popularity-prior``), a differentially private release of the silos' item counts that the
+silo's accountant has already charged (adaptive composition: a later mechanism may depend on
+an earlier DP output; the ledger composes both).
 
 Randomness: every random choice of a round comes from explicit generators seeded from the
 round's ``seed`` (:func:`sub_seed` per purpose): the Poisson sampling (the DataLoader's
@@ -55,8 +58,13 @@ def interest_loss(
     input_ids, mask, rows, cats, feats = batch
     user, cat_logits = model(input_ids, mask, feats)
     cat_logits = mask_to_platform(cat_logits, category_mask)
-    pos = own_item_scores(user, cat_logits, item_emb[rows], prior_index[rows], cfg.logit_scale, cfg.category_prior_weight)
-    neg = item_scores(user, cat_logits, item_emb[negatives], prior_index[negatives], cfg.logit_scale, cfg.category_prior_weight)
+    # the popularity term of the target and the negatives in ONE call of its head (Opacus per-sample gradients)
+    inner = getattr(model, "_module", model)
+    pop = inner.popularity_scores(torch.cat([rows.unsqueeze(1), negatives.unsqueeze(0).expand(len(rows), -1)], 1))
+    pos = own_item_scores(user, cat_logits, item_emb[rows], prior_index[rows], cfg.logit_scale, cfg.category_prior_weight,
+                          None if pop is None else pop[:, 0])
+    neg = item_scores(user, cat_logits, item_emb[negatives], prior_index[negatives], cfg.logit_scale,
+                      cfg.category_prior_weight, None if pop is None else pop[:, 1:])
     neg = neg.masked_fill(negatives.unsqueeze(0) == rows.unsqueeze(1), float("-inf"))
     return _combined_loss(pos, neg, cat_logits, cats, cfg)
 
@@ -81,6 +89,9 @@ def adapted_interest_loss(
     cat_logits = mask_to_platform(cat_logits, category_mask)
     prior = category_prior(cat_logits).gather(1, prior_index[cand_rows])  # [B, 1+K]
     scores = cfg.logit_scale * (items * user.unsqueeze(1)).sum(-1).float() + cfg.category_prior_weight * prior
+    pop = inner.popularity_scores(cand_rows)
+    if pop is not None:
+        scores = scores + pop.float()
     neg = scores[:, 1:].masked_fill(negatives == rows.unsqueeze(1), float("-inf"))
     return _combined_loss(scores[:, 0], neg, cat_logits, cats, cfg)
 
@@ -131,11 +142,12 @@ class RoundResult:
 
 
 #: Few-coordinate head parameters that learn at ``head-learning-rate``: θ of the history
-#: features (shared and per category) and the per-category biases (the class prior). With Adam a coordinate moves at
+#: features (shared and per category), the per-category biases (the class prior) and the
+#: popularity prior's weight. With Adam a coordinate moves at
 #: most ≈ lr per step, so at ``learning-rate`` they could not leave their zero start within a
 #: DP run of a few dozen steps; they are a handful of coordinates, so the noise each one
 #: gets stays small next to the signal every example carries.
-FAST_PARAMETERS = ("history_head.shared", "history_head.per_category", "category_head.bias")
+FAST_PARAMETERS = ("history_head.shared", "history_head.per_category", "category_head.bias", "popularity_head.weight")
 
 
 def parameter_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict[str, object]]:

@@ -20,6 +20,7 @@ import os
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fl_client.silo_popularity import PopularityReply
 from fl_client.silo_round import EvaluateReply, Loader, TrainReply
 from shared_model.adapters import from_arrays, to_arrays
 from shared_model.privacy.state import PrivacyState
@@ -36,9 +37,18 @@ def _test_corruption(arrays: ArrayRecord, silo: str) -> ArrayRecord:
     return ArrayRecord({k: Array(np.full_like(arrays[k].numpy(), np.nan)) for k in arrays.keys()})
 
 
+#: The message record that carries the global popularity prior (server → silos).
+PRIOR_KEY = "popularity"
+
+
 def loader(msg: Message) -> Loader:
-    """Loads the global arrays the server sent into a model."""
-    return lambda model: from_arrays(model, msg.content["arrays"])
+    """Loads the global arrays the server sent into a model, and the popularity prior when
+    the message carries one (``popularity``: ``log-prior`` over the catalogue's items)."""
+    def load(model) -> None:  # type: ignore[no-untyped-def]
+        from_arrays(model, msg.content["arrays"])
+        if PRIOR_KEY in msg.content and model.popularity_prior is not None:
+            model.popularity_prior.set_prior(msg.content[PRIOR_KEY]["log-prior"].numpy())
+    return load
 
 
 def state_to_record(state: PrivacyState) -> ConfigRecord:
@@ -58,6 +68,7 @@ def state_to_record(state: PrivacyState) -> ConfigRecord:
             "release-metrics": state.release_metrics,
             "metric-noise-multiplier": float(state.metric_noise_multiplier),
             "planned-releases": int(state.planned_releases),
+            "popularity-noise-multiplier": float(state.popularity_noise_multiplier),
         }
     )
 
@@ -83,6 +94,7 @@ def state_from_record(rec: ConfigRecord) -> PrivacyState:
         release_metrics=str(rec.get("release-metrics", "none")),
         metric_noise_multiplier=float(rec.get("metric-noise-multiplier", 0.0)),
         planned_releases=int(rec.get("planned-releases", 0)),
+        popularity_noise_multiplier=float(rec.get("popularity-noise-multiplier", 0.0)),
     )
 
 
@@ -132,5 +144,20 @@ def evaluate_message(msg: Message, reply: EvaluateReply, context: Context | None
     status = {"status": reply.status, **({"rule": reply.rule, "reason": reply.reason} if reply.rule else {})}
     content = RecordDict({"metrics": MetricRecord(reply.metrics), "info": ConfigRecord(reply.info),
                           "status": ConfigRecord(status)})
+    _pack_ledger(content, list(reply.records))
+    return Message(content=content, reply_to=msg)
+
+
+def popularity_message(msg: Message, reply: PopularityReply, context: Context) -> Message:
+    """Pack a popularity reply: ``counts`` (the noisy or, with dp = false, exact histogram),
+    ``metrics`` (public: items, noise-std), the ledger lines; the accountant state is kept."""
+    if reply.privacy is not None:
+        context.state[STATE_KEY] = state_to_record(reply.privacy)
+    status = {"status": reply.status, **({"reason": reply.reason} if reply.reason else {})}
+    content = RecordDict({"info": ConfigRecord(reply.info), "status": ConfigRecord(status),
+                          "metrics": MetricRecord({"noise-std": float(reply.noise_std),
+                                                   "items": int(len(reply.counts) if reply.counts is not None else 0)})})
+    if reply.counts is not None:
+        content["counts"] = ArrayRecord({"counts": Array(np.asarray(reply.counts, dtype=np.float64))})
     _pack_ledger(content, list(reply.records))
     return Message(content=content, reply_to=msg)

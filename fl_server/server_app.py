@@ -10,6 +10,10 @@ A run config with ``resume-run-id`` resumes the run in ``out-dir``
 rounds are numbered after it up to ``num-server-rounds``, and ``metrics.json`` keeps the
 interrupted run's records (``run.resumed`` names each resuming Flower run).
 
+Run config ``popularity-prior = true``: before round 1 every silo releases a DP histogram of
+its training users' items (:mod:`fl_server.popularity`); the per-platform prior built from
+them travels with every later message and every checkpoint.
+
 Run config ``secure-aggregation = true`` hands the strategy a
 :class:`~fl_server.secure_aggregation.SecureAggregation`: the server never holds a silo's
 clear update, only the weighted sum (docs/secure-aggregation.md).
@@ -26,6 +30,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from fl_server.popularity import collect_prior, prior_record
 from fl_server.records import RunRecords
 from fl_server.secure_aggregation import SecureAggregation
 from fl_server.strategy import RecordingFedAvg
@@ -87,7 +92,8 @@ def main(grid: Grid, context: Context) -> None:
         problems = verify_checkpoint(plan.checkpoint, signing_key.public_key())
         if problems:  # resume only from the checkpoint this run signed
             raise ValueError(f"{plan.checkpoint}: does not verify against {out / SERVER_PUB}: {problems[0]}")
-        initial = to_arrays(load_checkpoint(plan.checkpoint)[0])
+        resumed_model = load_checkpoint(plan.checkpoint)[0]
+        initial = to_arrays(resumed_model)
         records = RunRecords.resumed(out, read_metrics(out), {
             "run-id": context.run_id, "from-round": plan.last_round, "started": run_info["started"]})
         log(INFO, "fedshift: resuming run %s from %s: rounds %d-%d", plan.run_id, plan.checkpoint, first_round,
@@ -108,11 +114,10 @@ def main(grid: Grid, context: Context) -> None:
             "interests": catalogue.interest_choice,
             "config": cfg.to_run_config(),
             "run-id": context.run_id,
+            **({"popularity": records.run_info["popularity"]} if "popularity" in records.run_info else {}),
         }
         save_checkpoint(model, out / "checkpoints" / f"round-{server_round:03d}", meta, signing_key)
 
-    if first_round == 1:
-        checkpoint(0, initial)
     num_nodes = max(1, cfg.min_nodes)
     strategy = RecordingFedAvg(
         records,
@@ -126,6 +131,16 @@ def main(grid: Grid, context: Context) -> None:
         first_round=first_round,
         secure=SecureAggregation(cfg.secagg_threshold) if cfg.secure_aggregation else None,
     )
+    if cfg.popularity_prior and model.popularity_prior is not None:
+        if first_round == 1:  # every silo releases its DP item counts once, before round 1
+            prior, records.run_info["popularity"] = collect_prior(grid, cfg, catalogue, records, strategy.append_ledger,
+                                                                  num_nodes)
+            model.popularity_prior.set_prior(prior)
+        else:  # a resumed run keeps the prior of the checkpoint it resumes from
+            model.popularity_prior.set_prior(resumed_model.popularity_prior.log_prior)
+        strategy.popularity = prior_record(model.popularity_prior.log_prior.numpy())
+    if first_round == 1:
+        checkpoint(0, initial)
     if cfg.secure_aggregation:
         log(INFO, "fedshift: secure aggregation on: the server receives masked updates and learns only their "
             "weighted sum (threshold setting %g)", cfg.secagg_threshold)

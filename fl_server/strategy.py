@@ -23,6 +23,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
+from fl_server.popularity import PRIOR_KEY
 from fl_server.records import RunRecords
 from fl_server.secure_aggregation import SecureAggregation
 from fl_server.update_checks import cap_weights, masked_problem, update_problem
@@ -138,6 +139,7 @@ class RecordingFedAvg(FedAvg):
         self.refusals: list[dict[str, object]] = []  # {round, phase, silo, node-id, status, reason}
         self.ended_early: int | None = None  # round at which no silo could train
         self.sent: ArrayRecord | None = None  # the global arrays of the current round
+        self.popularity: ArrayRecord | None = None  # the popularity prior every message carries (if any)
         self.sampled: dict[int, set[int]] = {}  # round -> node ids asked to train
         self.silo_of: dict[int, str] = {}  # node id -> silo name, from the node's replies
         self.missing: list[dict[str, object]] = []  # {round, node-ids, silos}: asked, no reply
@@ -164,7 +166,7 @@ class RecordingFedAvg(FedAvg):
             raise AllBudgetsExhausted(f"all {len(nodes)} silo(s) have exhausted their privacy budgets "
                                       "or refused the run under their own privacy policy")
         self.sent = arrays
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = self._with_prior(super().configure_train(server_round, arrays, config, grid))
         kept = [m for m in messages if m.metadata.dst_node_id not in self.exhausted]
         if len(kept) < len(messages):
             log(INFO, "round %d: not sampling %d silo(s) with exhausted budgets", server_round, len(messages) - len(kept))
@@ -344,7 +346,15 @@ class RecordingFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        return self._with_prior(super().configure_evaluate(server_round + self.round_offset, arrays, config, grid))
+
+    def _with_prior(self, messages: Iterable[Message]) -> list[Message]:
+        """``messages`` each carrying the popularity prior (record ``popularity``), when there is one."""
+        out = list(messages)
+        if self.popularity is not None:
+            for m in out:
+                m.content[PRIOR_KEY] = self.popularity
+        return out
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset

@@ -27,7 +27,9 @@ from shared_model.config import RunConfig
 from shared_model.model import InterestModel, build_model
 
 HEADS_FILE = "heads.safetensors"
-HEAD_MODULES = ("category_head", "history_head")  # the non-LoRA trainable modules
+#: The non-LoRA modules saved in the heads file (popularity_prior holds the run's prior, a buffer:
+#: saved with the checkpoint, never exchanged).
+HEAD_MODULES = ("category_head", "history_head", "popularity_head", "popularity_prior")
 META_FILE = "fedshift.json"
 
 
@@ -122,8 +124,9 @@ def read_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
 def checkpoint_config(meta: dict[str, Any], base_model: str | None = None) -> RunConfig:
     """The run config a checkpoint was trained with (``base_model`` overrides its encoder).
 
-    A checkpoint written before ``history-features`` existed has no such key and no θ."""
-    saved = {"history-features": False, **meta["config"]}
+    A checkpoint written before ``history-features`` (``popularity-prior``) existed has no such
+    key and no θ (no popularity head)."""
+    saved = {"history-features": False, "popularity-prior": False, **meta["config"]}
     return RunConfig.from_run_config(saved if not base_model else {**saved, "base-model": base_model})
 
 
@@ -141,10 +144,13 @@ def load_checkpoint(folder: str | os.PathLike[str], base_model: str | None = Non
     for name in HEAD_MODULES:
         module = getattr(model, name)
         saved = {k.split(".", 1)[1]: v for k, v in heads.items() if k.startswith(name + ".")}
+        switch = "popularity-prior" if name.startswith("popularity_") else "history-features"
         if module is None and saved:
-            raise ValueError(f"{folder / HEADS_FILE}: has {name} but config.history-features is off")
+            raise ValueError(f"{folder / HEADS_FILE}: has {name} but config.{switch} is off")
         if module is not None:
             if not saved:
-                raise ValueError(f"{folder / HEADS_FILE}: missing {name} (config.history-features is on)")
+                raise ValueError(f"{folder / HEADS_FILE}: missing {name} (config.{switch} is on)")
+            if "log_prior" in saved:  # the buffer's length is the catalogue's, set by the server
+                module.set_prior(saved["log_prior"])
             module.load_state_dict(saved)
     return model.eval(), meta

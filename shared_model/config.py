@@ -75,6 +75,9 @@ RULES: dict[str, tuple[Any, str]] = {
     "item-loss-weight": _NON_NEGATIVE,
     "category-loss-weight": _NON_NEGATIVE,
     "migration-k": _AT_LEAST_1,
+    "popularity-max-items": _AT_LEAST_1,
+    "popularity-epsilon-share": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "popularity-threshold": _NON_NEGATIVE,
     "learning-rate": _POSITIVE,
     "head-learning-rate": _NON_NEGATIVE,
     "local-steps": _AT_LEAST_1,
@@ -126,6 +129,13 @@ class RunConfig:
     category_loss_weight: float = 1.0
     history_features: bool = True
     migration_k: int = 5
+    # DP popularity prior (shared_model/popularity.py, docs/popularity-prior.md): each silo releases
+    # a Gaussian histogram of its training users' items; item score += w·log prior (w trained)
+    popularity_prior: bool = True
+    popularity_max_items: int = 8  # c: a user's most recent distinct items counted (unit weight each)
+    popularity_epsilon_share: float = 0.1  # of ε: what the release alone would spend
+    popularity_threshold: float = 3.0  # summed counts below this many noise std are treated as 0
+    popularity_weight: float = 1.0  # initial w (then trained under DP-SGD like the heads)
     # optimisation
     learning_rate: float = 3e-3
     head_learning_rate: float = 0.1

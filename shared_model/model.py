@@ -4,9 +4,11 @@
 * next-interest head: ``Linear(H, C)`` over the interest classes of the public catalogue,
   plus (``history-features``) :class:`HistoryFeatureHead`, a conditional logit over
   per-category features of the user's own history;
-* next-item head: ``score(u, i) = s·cos(h, e_i) + w·log p(category(i) | u)`` — scaled cosine
-  against the item tower plus the next-interest head's log-probability of the item's
-  category, so the interest-migration prediction steers which items are recommended. The
+* next-item head: ``score(u, i) = s·cos(h, e_i) + w·log p(category(i) | u) + v·log prior(i)`` —
+  scaled cosine against the item tower plus the next-interest head's log-probability of the
+  item's category, so the interest-migration prediction steers which items are recommended,
+  plus (``popularity-prior``) :class:`PopularityHead`, the DP popularity prior of the item's
+  platform with a trained weight v. The
   item tower is either frozen (:mod:`shared_model.item_index`, the base encoder's space) or
   adapted (:meth:`InterestModel.forward_with_items`; see docs/item-tower.md).
 
@@ -57,6 +59,45 @@ class HistoryFeatureHead(nn.Module):
         return (features * (self.shared + self.per_category)).sum(-1)
 
 
+class PopularityPrior(nn.Module):
+    """The run's popularity prior: ``log_prior``, a buffer over the catalogue's items in
+    item-index row order (:mod:`shared_model.popularity`). The server sets it from the silos'
+    releases (:meth:`set_prior`) and it is saved with the checkpoint; it is never trained or
+    averaged (no parameters: Opacus refuses trainable layers that hold buffers). Until it is
+    set every item's prior is 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("log_prior", torch.zeros(0))
+
+    def set_prior(self, values: object) -> None:
+        self.log_prior = torch.as_tensor(values, dtype=torch.float32).to(self.log_prior.device).flatten()
+
+    @property
+    def has_prior(self) -> bool:
+        return self.log_prior.numel() > 0
+
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        """The prior values of item ``rows`` (any shape, on ``rows``' device), 0 without a prior."""
+        if not self.has_prior:
+            return torch.zeros(rows.shape, device=rows.device)
+        return self.log_prior.to(rows.device)[rows]
+
+
+class PopularityHead(nn.Module):
+    """``score(u, i) += w · log prior(i)``: the popularity prior as an additive item score with
+    one trained weight ``w`` (a head parameter: exchanged, averaged and trained under DP-SGD
+    like θ). ``forward`` takes the candidates' prior values ``[B, M]`` (so that Opacus sees a
+    batch dimension) and returns ``w ·`` them."""
+
+    def __init__(self, weight: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor([float(weight)]))
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        return self.weight * values.to(self.weight.device)
+
+
 class InterestModel(nn.Module):
     """User tower + next-interest head. ``forward`` returns (unit user vector, category logits).
 
@@ -65,11 +106,20 @@ class InterestModel(nn.Module):
     (:mod:`shared_model.interest_features`, a conditional logit: :class:`HistoryFeatureHead`).
     """
 
-    def __init__(self, encoder: PeftModel, num_categories: int, history_features: bool = True):
+    def __init__(self, encoder: PeftModel, num_categories: int, history_features: bool = True,
+                 popularity_weight: float | None = None):
         super().__init__()
         self.encoder = encoder
         self.category_head = nn.Linear(encoder.config.hidden_size, num_categories)
         self.history_head = HistoryFeatureHead(num_categories, len(FEATURES)) if history_features else None
+        self.popularity_head = PopularityHead(popularity_weight) if popularity_weight is not None else None
+        self.popularity_prior = PopularityPrior() if popularity_weight is not None else None
+
+    def popularity_scores(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """``w · log prior`` of item ``rows`` ``[B, M]`` (None without a popularity head)."""
+        if self.popularity_head is None or self.popularity_prior is None:
+            return None
+        return self.popularity_head(self.popularity_prior.lookup(rows))
 
     def interest_logits(self, h: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """``[B, C]`` next-interest logits from user vectors ``h`` and history features ``[B, C, F]``."""
@@ -151,14 +201,17 @@ def item_scores(
     item_prior_index: torch.Tensor,
     logit_scale: float,
     category_weight: float,
+    popularity: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scores ``[B, N]`` of N candidate items for each user.
 
     ``item_emb``: unit item vectors ``[N, H]``; ``item_prior_index``: each item's category
-    index ``[N]`` (C, the number of categories, for unlabelled items).
+    index ``[N]`` (C, the number of categories, for unlabelled items); ``popularity``: the
+    items' popularity term ``[B, N]`` or ``[1, N]`` (:meth:`InterestModel.popularity_scores`).
     """
     prior = category_prior(category_logits)[:, item_prior_index]
-    return logit_scale * (user @ item_emb.T).float() + category_weight * prior
+    scores = logit_scale * (user @ item_emb.T).float() + category_weight * prior
+    return scores if popularity is None else scores + popularity.float()
 
 
 def own_item_scores(
@@ -168,10 +221,13 @@ def own_item_scores(
     item_prior_index: torch.Tensor,
     logit_scale: float,
     category_weight: float,
+    popularity: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Score ``[B]`` of row b's own item ``item_emb[b]`` (the paired form of :func:`item_scores`)."""
+    """Score ``[B]`` of row b's own item ``item_emb[b]`` (the paired form of :func:`item_scores`;
+    ``popularity``: ``[B]``)."""
     prior = category_prior(category_logits).gather(1, item_prior_index.view(-1, 1)).squeeze(1)
-    return logit_scale * (user * item_emb).sum(-1).float() + category_weight * prior
+    scores = logit_scale * (user * item_emb).sum(-1).float() + category_weight * prior
+    return scores if popularity is None else scores + popularity.float()
 
 
 def build_model(cfg: RunConfig, num_categories: int, seed: int | None = None) -> InterestModel:
@@ -193,7 +249,8 @@ def build_model(cfg: RunConfig, num_categories: int, seed: int | None = None) ->
             for name, p in peft_encoder.named_parameters():
                 if ".lora_A." in name:
                     p.requires_grad_(False)
-        model = InterestModel(peft_encoder, num_categories, cfg.history_features)
+        model = InterestModel(peft_encoder, num_categories, cfg.history_features,
+                              cfg.popularity_weight if cfg.popularity_prior else None)
         nn.init.zeros_(model.category_head.bias)
     finally:
         torch.random.set_rng_state(generator_state)

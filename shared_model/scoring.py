@@ -9,7 +9,8 @@ scores of candidate items → history items excluded → rank of the target.
   ``sample`` items drawn once (the same for every user) that always holds the target: each
   user's own target is scored in column 0, and a target drawn into the sample too is ranked
   once.
-* :func:`score_candidates`: :func:`shared_model.model.item_scores` over the candidates.
+* :func:`score_candidates`: :func:`shared_model.model.item_scores` over the candidates, with
+  the model's popularity term (the prior of each candidate's own platform).
 * :func:`exclude_history`: the one history exclusion (score −inf; the target never is).
 * :func:`rank_of_target`: the one ranking (0-based): how many candidates score above the
   target and how many tie with it. Ties are broken uniformly at random *in expectation*:
@@ -136,18 +137,20 @@ def candidates(tower: ItemTower, rows: torch.Tensor, device: torch.device, batch
 
 
 def score_candidates(user: torch.Tensor, category_logits: torch.Tensor, cands: Candidates, cfg: RunConfig,
-                     target_rows: torch.Tensor | None = None) -> torch.Tensor:
+                     target_rows: torch.Tensor | None = None, model: InterestModel | None = None) -> torch.Tensor:
     """``[B, N]`` scores (on the CPU) of the candidates; with a sample ``[B, 1 + N]``, column 0
-    each user's own target (``target_rows``)."""
+    each user's own target (``target_rows``). ``model``'s popularity term is added when it has one."""
+    pop = model.popularity_scores(cands.rows.to(user.device).unsqueeze(0)) if model is not None else None
     scores = item_scores(user, category_logits, cands.emb, cands.prior, cfg.logit_scale,
-                         cfg.category_prior_weight).cpu()
+                         cfg.category_prior_weight, pop).cpu()
     if cands.own_target is not None:
         if target_rows is None:
             raise ValueError("sampled candidates need the targets' item rows")
         tower, device = cands.own_target, user.device
+        own_pop = model.popularity_scores(target_rows.to(device).unsqueeze(1)) if model is not None else None
         own = own_item_scores(user, category_logits, tower.vectors(target_rows, device),
                               tower.prior_index[target_rows].to(device), cfg.logit_scale,
-                              cfg.category_prior_weight).cpu()
+                              cfg.category_prior_weight, None if own_pop is None else own_pop[:, 0]).cpu()
         scores = torch.cat([own.unsqueeze(1), scores], dim=1)
     return scores
 
@@ -249,7 +252,7 @@ def rank_examples(model: InterestModel, batcher: ExampleBatcher, examples: Seque
         chunk = examples[s : s + cfg.eval_batch_size]
         input_ids, mask, target_rows, true_cats, feats = collate([batcher(ex) for ex in chunk], batcher.pad_id)
         user, cat_logits = user_vectors(model, input_ids, mask, feats, category_mask, device)
-        scores = score_candidates(user, cat_logits, cands, cfg, target_rows)
+        scores = score_candidates(user, cat_logits, cands, cfg, target_rows, model)
         seen = [cands.seen_columns({batcher.item_row.get(e.item_id) for e in ex.history}, int(target_rows[i]))
                 for i, ex in enumerate(chunk)]
         ranked = rank_targets(scores, cands.target_columns(target_rows), seen, what)
@@ -354,7 +357,7 @@ class Scorer:
         cands, mask = self.platform(platform)
         input_ids, att, _, _, feats = collate([(ids, 0, 0, f) for ids, f in encoded], self.batcher.pad_id)
         user, logits = user_vectors(self.model, input_ids, att, feats, mask, self.device)
-        scores = score_candidates(user, logits, cands, self.cfg)
+        scores = score_candidates(user, logits, cands, self.cfg, model=self.model)
         return scores, torch.softmax(logits, -1).cpu()
 
     def predict(self, histories: Sequence[Sequence[Event]], platform: str, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:

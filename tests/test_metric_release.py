@@ -49,7 +49,8 @@ def test_dp_accounting_gaussian_matches_the_analytic_gaussian_mechanism(sigma: f
 
 
 def test_calibration_gives_metrics_their_share_and_the_whole_plan_fits_the_budget() -> None:
-    cfg = RunConfig(num_server_rounds=3, local_steps=8, batch_size=32, epsilon=8.0, delta=1e-5)
+    cfg = RunConfig(num_server_rounds=3, local_steps=8, batch_size=32, epsilon=8.0, delta=1e-5,
+                    popularity_prior=False)  # the popularity release's share: tests/test_popularity_prior.py
     plain = PrivacyState.calibrate("s", cfg, num_users=400)
     dp = PrivacyState.calibrate("s", cfg, num_users=400, release_metrics="dp", metric_share=0.1)
     k = planned_releases(cfg, "dp")

@@ -21,8 +21,9 @@ from typing import Any
 
 from shared_model.io_utils import write_bytes_atomic
 
-KIND_LABELS = {"dp-sgd-round": "DP-SGD round", "metric-release": "metric release (Gaussian)"}
-KIND_MARKERS = {"dp-sgd-round": "o", "metric-release": "x"}
+KIND_LABELS = {"dp-sgd-round": "DP-SGD round", "metric-release": "metric release (Gaussian)",
+               "popularity-release": "popularity release (Gaussian histogram)"}
+KIND_MARKERS = {"dp-sgd-round": "o", "metric-release": "x", "popularity-release": "s"}
 
 
 def sections(result: dict[str, Any]) -> list[str]:
@@ -32,17 +33,22 @@ def sections(result: dict[str, Any]) -> list[str]:
     if silos:
         lines += ["", "## Where each silo's ε went, by release kind", "",
                   "| silo | ε spent (δ, accountant) | budget | DP-SGD alone | metric releases alone | "
-                  "metric coordinates | metrics' share of ε |", "|---|---|---|---|---|---|---|"]
+                  "metric coordinates | metrics' share of ε | popularity release alone | popularity's share of ε |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for silo, s in silos.items():
             lines.append(f"| {silo} | {s['epsilon-reported']:.4f} (δ={s['delta']:g}, {s['accountant']}) | "
                          f"{s['epsilon-budget']:g} | {s.get('epsilon-dp-sgd-alone', float('nan')):.4f} | "
                          f"{s.get('epsilon-metric-releases-alone', 0.0):.4f} | {s.get('metric-releases', 0)} | "
-                         f"{s.get('metric-share-of-epsilon', 0.0):.1%} |")
-        lines += ["", "ε composes sub-additively, so the two kinds' ε do not add up to the total. The metrics' share "
-                  "is their marginal cost: (ε spent − ε of the DP-SGD rounds alone) / ε spent. A metric release "
+                         f"{s.get('metric-share-of-epsilon', 0.0):.1%} | "
+                         f"{s.get('epsilon-popularity-release-alone', 0.0):.4f} | "
+                         f"{s.get('popularity-share-of-epsilon', 0.0):.1%} |")
+        lines += ["", "ε composes sub-additively, so the kinds' ε do not add up to the total. A kind's share "
+                  "is its marginal cost: (ε spent − ε of everything else alone) / ε spent. A metric release "
                   "is one Gaussian mechanism per released sum or count (each user's contribution clipped to [0, 1], "
-                  "no sampling), composed with the DP-SGD rounds in the silo's own accountant and recomputed "
-                  "above by dp-accounting (RDP and PLD) as one heterogeneous composition."]
+                  "no sampling); the popularity release is one Gaussian mechanism on the silo's item histogram "
+                  "(each user's ≤ c most recent distinct items, L2 sensitivity √c, no sampling). Both are composed "
+                  "with the DP-SGD rounds in the silo's own accountant and recomputed above by dp-accounting "
+                  "(RDP and PLD) as one heterogeneous composition."]
     lines += ["", "## Numbers that left a silo outside ε", ""]
     plain = result.get("outside-epsilon", [])
     if plain:

@@ -32,7 +32,8 @@ from shared_model.privacy import audit_page
 from shared_model.privacy.ledger import LEDGER_NAME, Ledger, LedgerError
 from shared_model.privacy.policy import POLICY_NAME, load_policy
 from shared_model.privacy.owner_checks import read_lines, read_metrics, run_folder_checks, silo_folder_checks
-from shared_model.privacy.records import (DpSgdRound, MetricRelease, PlainRelease, Record, history_of, of_run,
+from shared_model.privacy.records import (DpSgdRound, MetricRelease, PlainRelease, PopularityRelease, Record, Spending,
+                                         history_of, of_run,
                                           read_records, refusals, spending)
 from shared_model.privacy.recompute import label as accountant_label
 from shared_model.privacy.recompute import opacus_epsilon, opacus_rdp, recompute
@@ -67,16 +68,25 @@ def silo_policies(run_dir: Path, run_id: Any = None) -> dict[str, dict[str, Any]
     return out
 
 
-def by_kind(recs: list[DpSgdRound | MetricRelease], delta: float, accountant: str) -> dict[str, Any]:
-    """ε of each release kind alone, and the metric releases' share of the silo's ε: the
-    marginal cost ε(all) − ε(DP-SGD alone) over ε(all) (composition is not additive)."""
-    sgd = history_of([r for r in recs if isinstance(r, DpSgdRound)])
-    metric = history_of([r for r in recs if isinstance(r, MetricRelease)])
-    joint = opacus_epsilon(accountant, sgd + metric, delta)
-    alone = opacus_epsilon(accountant, sgd, delta)
-    return {"epsilon-dp-sgd-alone": alone, "epsilon-metric-releases-alone": opacus_epsilon(accountant, metric, delta),
+def by_kind(recs: list[Spending], delta: float, accountant: str) -> dict[str, Any]:
+    """ε of each release kind alone, and each release kind's share of the silo's ε: its
+    marginal cost ε(all) − ε(all but that kind) over ε(all) (composition is not additive)."""
+    def of(kind: type) -> list[tuple[float, float, int]]:
+        return history_of([r for r in recs if isinstance(r, kind)])
+
+    sgd, metric, popularity = of(DpSgdRound), of(MetricRelease), of(PopularityRelease)
+    joint = opacus_epsilon(accountant, sgd + metric + popularity, delta)
+
+    def share(without: list[tuple[float, float, int]]) -> float:
+        return (joint - opacus_epsilon(accountant, without, delta)) / joint if joint > 0 else 0.0
+
+    return {"epsilon-dp-sgd-alone": opacus_epsilon(accountant, sgd, delta),
+            "epsilon-metric-releases-alone": opacus_epsilon(accountant, metric, delta),
             "metric-releases": sum(int(n) for _, _, n in metric),
-            "metric-share-of-epsilon": (joint - alone) / joint if joint > 0 else 0.0}
+            "metric-share-of-epsilon": share(sgd + popularity),
+            "epsilon-popularity-release-alone": opacus_epsilon(accountant, popularity, delta),
+            "popularity-releases": len(popularity),
+            "popularity-share-of-epsilon": share(sgd + metric)}
 
 
 def release_checks(doc: dict[str, Any] | None, records: list[Record]) -> list[dict[str, Any]]:
@@ -137,7 +147,7 @@ def audit_run(run_dir: Path, canary: dict[str, Any] | list[dict[str, Any]] | Non
     result["policies"] = silo_policies(run_dir, info.get("run-id"))
     several_runs = len({r.run_id for r in rounds}) > 1  # a silo's own ledger: audit each run
     result["several-runs"] = several_runs
-    per_silo: dict[str, list[DpSgdRound | MetricRelease]] = {}
+    per_silo: dict[str, list[Spending]] = {}
     for r in rounds:
         per_silo.setdefault(f"{r.silo} (run {r.run_id})" if several_runs else r.silo, []).append(r)
     all_history = []

@@ -11,8 +11,8 @@ value is ``None`` is left off the line (optional fields, which older records may
 
 Adding a kind (a histogram release, a metric release, …): subclass :class:`Record`, set
 ``KIND``, decorate it with :func:`register`. Nothing else changes: the ledger stores
-lines, and ε is computed from the records :func:`spending` returns (:class:`DpSgdRound`
-and :class:`MetricRelease`), so a new kind spends nothing until the accounting is taught
+lines, and ε is computed from the records :func:`spending` returns (:class:`DpSgdRound`,
+:class:`MetricRelease` and :class:`PopularityRelease`), so a new kind spends nothing until the accounting is taught
 about it.
 """
 
@@ -164,6 +164,47 @@ class MetricRelease(Record):
 
 @register
 @dataclasses.dataclass(frozen=True)
+class PopularityRelease(Record):
+    """A silo's item histogram released with the Gaussian mechanism (``popularity-prior``).
+
+    Each training user counts their ``max-items`` most recent distinct items of the silo's
+    platform, weight 1 each (L2 sensitivity ``sensitivity`` = √max-items); every one of the
+    platform's ``items`` catalogue coordinates got Gaussian noise of standard deviation
+    ``noise_multiplier × sensitivity`` (the silo's secret randomness;
+    :mod:`shared_model.popularity`). To the accountant it is one Gaussian mechanism without
+    sampling, ``(noise_multiplier, 1.0, 1)``, composed with the silo's DP-SGD rounds;
+    ``epsilon-cumulative`` is the run's ε after it."""
+
+    KIND: ClassVar[str] = "popularity-release"
+    run_id: str
+    silo: str
+    round: int  # 0: released before the first round
+    platform: str
+    items: int  # catalogue coordinates released
+    max_items: int
+    noise_multiplier: float
+    sensitivity: float
+    delta: float
+    accountant: str
+    epsilon_release: float  # of this release alone
+    epsilon_cumulative: float  # this run, after this release
+    epsilon_budget: float
+    users: int | None = None  # training users counted (public in this threat model)
+    time: str | None = None
+
+    @property
+    def phase(self) -> str:
+        """The phase of the server's records that holds the reply (``metrics.json``)."""
+        return "popularity"
+
+    @property
+    def mechanism(self) -> tuple[float, float, int]:
+        """``(σ, 1.0, 1)``: this release's entry in an accountant history."""
+        return (float(self.noise_multiplier), 1.0, 1)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
 class PlainRelease(Record):
     """Numbers a silo sent WITHOUT noise (``release-metrics = "plain"``): declared outside ε.
     Spends nothing in the accounting, because nothing protects them."""
@@ -234,9 +275,13 @@ def dp_rounds(records: Iterable[Record]) -> list[DpSgdRound]:
     return [r for r in records if isinstance(r, DpSgdRound)]
 
 
-def spending(records: Iterable[Record]) -> list[DpSgdRound | MetricRelease]:
-    """The records that spend ε (DP-SGD rounds and Gaussian metric releases), in ledger order."""
-    return [r for r in records if isinstance(r, (DpSgdRound, MetricRelease))]
+Spending = DpSgdRound | MetricRelease | PopularityRelease
+
+
+def spending(records: Iterable[Record]) -> list[Spending]:
+    """The records that spend ε (DP-SGD rounds, Gaussian metric and popularity releases), in
+    ledger order."""
+    return [r for r in records if isinstance(r, (DpSgdRound, MetricRelease, PopularityRelease))]
 
 
 def refusals(records: Iterable[Record]) -> list[Refusal]:
@@ -249,7 +294,7 @@ def of_run(records: Iterable[R], run_id: int | str, silo: str | None = None) -> 
             and (silo is None or getattr(r, "silo", None) == silo)]
 
 
-def history_of(rounds: Iterable[DpSgdRound | MetricRelease]) -> list[tuple[float, float, int]]:
+def history_of(rounds: Iterable[Spending]) -> list[tuple[float, float, int]]:
     """Accountant history ``[(σ, q, steps), …]`` of spending records (:func:`spending`), in order."""
     return [r.mechanism for r in rounds]
 

@@ -6,7 +6,9 @@ Noise is calibrated once from the *total* budget (ε_total, δ) for the planned
 last planned step is ≤ ε_total (Opacus ``get_noise_multiplier``). A restarted silo
 rebuilds the history from its ledger's DP-SGD round records of the run (:meth:`restore`).
 
-With ``release-metrics = "dp"`` the run also plans Gaussian metric releases
+With ``popularity-prior`` the run plans one Gaussian histogram release
+(:mod:`shared_model.popularity`) whose noise alone would spend ``popularity-epsilon-share × ε``;
+with ``release-metrics = "dp"`` the run also plans Gaussian metric releases
 (:mod:`shared_model.privacy.metric_release`): their noise multiplier is calibrated so that
 the planned releases alone spend ``metric-epsilon-share × ε_total``, and the DP-SGD noise is
 then calibrated so that DP-SGD *and* the planned releases, composed in one accountant, spend
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from shared_model.config import RunConfig
 from shared_model.privacy import accountants
 from shared_model.privacy.accountants import Accountant
-from shared_model.privacy.records import DpSgdRound, MetricRelease, history_of
+from shared_model.privacy.records import DpSgdRound, MetricRelease, PopularityRelease, Spending, history_of
 
 History = list[tuple[float, float, int]]
 
@@ -91,23 +93,34 @@ class PrivacyState:
     release_metrics: str = "none"  # none | dp | plain (the admitted mode)
     metric_noise_multiplier: float = 0.0  # dp: σ of each released coordinate, in sensitivities
     planned_releases: int = 0  # dp: Gaussian metric coordinates planned for the run
+    popularity_noise_multiplier: float = 0.0  # popularity-prior: z of the histogram release (0: none planned)
 
     @classmethod
     def calibrate(cls, silo: str, cfg: RunConfig, num_users: int, release_metrics: str = "none",
                   metric_share: float = 0.0) -> "PrivacyState":
+        """Noise for the run: the planned releases first (metrics: ``metric_share`` of ε;
+        the popularity histogram: ``popularity-epsilon-share`` of ε, each as if alone), then
+        DP-SGD's σ so that everything composed spends ≤ ε."""
         from shared_model.privacy.metric_release import planned_releases
 
         q = sample_rate_for(num_users, cfg.batch_size)
         planned = cfg.num_server_rounds * cfg.local_steps
         acc = accountants.create(cfg.accountant)
         releases = planned_releases(cfg, release_metrics) if cfg.dp else 0
+        fixed: History = []
+        z = zp = 0.0
         if releases and metric_share > 0:
             z = acc.noise_multiplier(metric_share * cfg.epsilon, cfg.delta, 1.0, releases)
-            sigma = joint_noise_multiplier(acc, cfg.epsilon, cfg.delta, q, planned, [(z, 1.0, releases)])
+            fixed.append((z, 1.0, releases))
+        if cfg.dp and cfg.popularity_prior:
+            zp = acc.noise_multiplier(cfg.popularity_epsilon_share * cfg.epsilon, cfg.delta, 1.0, 1)
+            fixed.append((zp, 1.0, 1))
+        if fixed:
+            sigma = joint_noise_multiplier(acc, cfg.epsilon, cfg.delta, q, planned, fixed)
         else:
-            z, sigma = 0.0, acc.noise_multiplier(cfg.epsilon, cfg.delta, q, planned)
+            sigma = acc.noise_multiplier(cfg.epsilon, cfg.delta, q, planned)
         return cls(silo, cfg.accountant, cfg.epsilon, cfg.delta, sigma, q, planned, release_metrics=release_metrics,
-                   metric_noise_multiplier=z, planned_releases=releases)
+                   metric_noise_multiplier=z, planned_releases=releases, popularity_noise_multiplier=zp)
 
     def epsilon_of(self, history: History) -> float:
         """ε(δ) of a mechanism history under this state's accountant."""
@@ -131,6 +144,12 @@ class PrivacyState:
         self.history = list(self.history) + [entry]
         return entry
 
+    def record_popularity(self) -> tuple[float, float, int]:
+        """Add the popularity histogram release; returns its history entry."""
+        entry = (self.popularity_noise_multiplier, 1.0, 1)
+        self.history = list(self.history) + [entry]
+        return entry
+
     def record_round(self, server_round: int, steps: int) -> tuple[float, float, int]:
         """Add a round of ``steps`` steps at the calibrated noise; returns its history entry."""
         step = (self.noise_multiplier, self.sample_rate, int(steps))
@@ -138,7 +157,7 @@ class PrivacyState:
         self.rounds.append(server_round)
         return step
 
-    def restore(self, run_rounds: list[DpSgdRound | MetricRelease]) -> "PrivacyState":
+    def restore(self, run_rounds: list[Spending]) -> "PrivacyState":
         """Continue from this run's spending records (DP-SGD rounds and metric releases, in
         ledger order: a restarted silo process).
 
@@ -152,6 +171,12 @@ class PrivacyState:
                     raise RuntimeError(
                         f"silo {self.silo}: ledger metric release of round {rec.round} used σ={rec.noise_multiplier:g} "
                         f"but this run calibrates σ={self.metric_noise_multiplier:g} for metrics; refusing to continue")
+                continue
+            if isinstance(rec, PopularityRelease):
+                if not math.isclose(float(rec.noise_multiplier), self.popularity_noise_multiplier, rel_tol=1e-9):
+                    raise RestoreMismatch(
+                        f"silo {self.silo}: ledger popularity release used z={rec.noise_multiplier:g} but this run "
+                        f"calibrates z={self.popularity_noise_multiplier:g}; refusing to continue")
                 continue
             sigma, q = float(rec.noise_multiplier), float(rec.sample_rate)
             if not (math.isclose(sigma, self.noise_multiplier, rel_tol=1e-9) and math.isclose(q, self.sample_rate, rel_tol=1e-9)):

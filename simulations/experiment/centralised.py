@@ -10,6 +10,8 @@ local training, but without DP-SGD and without federation.
   of each step is drawn with probability proportional to its number of training users,
   so over the run every training user is equally likely to be seen, as in one pooled
   shuffle. Within a silo, batches are plain shuffled passes over its users.
+* **Popularity prior.** With ``popularity-prior`` the model scores with the exact prior of
+  the pooled training users (the federated run's prior is the sum of the silos' noisy releases).
 * **Budget.** ``num-server-rounds × local-steps × #silos`` optimiser steps of
   ``batch-size`` examples: the same number of gradient steps (and examples) as all silos
   together take in a federated run of the same config. One AdamW optimiser for the whole
@@ -42,7 +44,21 @@ from shared_model.dataset import list_silos
 from shared_model.encoder import model_hash, resolve_base_model
 from shared_model.item_index import catalogue_hash
 from shared_model.io_utils import write_bytes_atomic
+from shared_model.examples import train_user_ids
 from shared_model.model import build_model
+from shared_model.popularity import item_counts, log_prior, prior_vector
+
+
+def exact_prior(datas: list[Any], cfg: RunConfig) -> Any:
+    """The popularity prior of every silo's training users, counted exactly (no noise: this
+    trainer is the non-private reference), by the federated prior's own functions."""
+    catalogue = datas[0].catalogue
+    sums: dict[str, Any] = {}
+    for d in datas:
+        ids = catalogue.platform_item_ids(d.platform)
+        counts = item_counts(d.silo, train_user_ids(d.silo), ids, cfg.popularity_max_items)
+        sums[d.platform] = sums.get(d.platform, 0) + counts
+    return prior_vector(catalogue, {p: log_prior(c, 0.0, cfg.popularity_threshold) for p, c in sums.items()})
 
 
 def train_centralised(cfg: RunConfig, out: Path, progress: Any = None) -> Path:
@@ -57,6 +73,8 @@ def train_centralised(cfg: RunConfig, out: Path, progress: Any = None) -> Path:
     datas = [open_silo(cfg, {"silo-dir": str(dataset / "silos" / s)}) for s in silos]
     categories = datas[0].categories
     model = build_model(cfg, num_categories=len(categories))
+    if model.popularity_prior is not None:  # the exact (non-private) prior of the pooled training users
+        model.popularity_prior.set_prior(exact_prior(datas, cfg))
     model.train()
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.learning_rate)
 
