@@ -21,6 +21,7 @@ from shared_model.adapters import get_trainable_state, load_checkpoint
 from shared_model.privacy.ledger import Ledger
 from shared_model.privacy.records import history_of, read_records, spending
 from shared_model.encoder import load_encoder, load_tokenizer, mean_pool
+from shared_model.schema import Event
 
 pytestmark = pytest.mark.slow
 
@@ -123,11 +124,15 @@ def test_audit_of_a_dp_metrics_run_passes_and_shows_the_metrics_share(tiny_run: 
     for silo, s in result["silos"].items():
         assert s["kinds"].count("metric-release") == 4 and s["metric-releases"] == 28, silo  # rounds 0..3
         assert 0 < s["metric-share-of-epsilon"] < 1 and s["epsilon-dp-sgd-alone"] < s["epsilon-reported"]
+        # the popularity release (popularity-prior, the default): one Gaussian histogram, first on the ledger
+        assert s["kinds"][0] == "popularity-release" and s["popularity-releases"] == 1, silo
+        assert 0 < s["popularity-share-of-epsilon"] < 1 and s["epsilon-popularity-release-alone"] > 0
     write_report(tiny_run, result)
     md = (tiny_run / "audit.md").read_text()
     assert "## Where each silo's ε went, by release kind" in md and "None recorded" in md
     share = result["silos"]["p0-r0"]["metric-share-of-epsilon"]
     assert f"| {share:.1%} |" in md
+    assert f"| {result['silos']['p0-r0']['popularity-share-of-epsilon']:.1%} |" in md
 
 
 def test_titles_only_dataset_trains_finite_with_derived_interests(tmp_path: Path, small_dataset: Path,
@@ -160,6 +165,30 @@ def test_payload_is_exactly_the_trainable_tensors(tiny_run: Path) -> None:
     assert {rec["tensor-bytes"] for rec in train} == {expected}
     # serialised size = tensors + a small header per array, nothing else
     assert all(0 < rec["payload-bytes"] - expected < 200 * len(get_trainable_state(model)) for rec in train)
+
+
+def test_checkpoint_scores_a_cross_platform_history_with_the_target_platform_s_prior(tiny_run: Path) -> None:
+    """The server's summed popularity releases travel with every checkpoint; ranking platform B's
+    items for a history from platform A (``fedshift recommend --platform B``) adds w · B's prior."""
+    from shared_model.scoring import Scorer
+
+    doc = json.loads((tiny_run / "metrics.json").read_text())
+    released = doc["run"]["popularity"]["platforms"]
+    assert set(released) == {"p0", "p1", "p2"} and all(p["silos"] == [f"{name}-r0"] for name, p in released.items())
+    scorer = Scorer.from_checkpoint(tiny_run / "checkpoints" / "round-003")
+    prior, head = scorer.model.popularity_prior, scorer.model.popularity_head
+    assert prior.log_prior.shape == (len(scorer.index.item_ids),) and float(head.weight.detach()) != 1.0  # trained
+    rows = scorer.index.platform_rows("p1")
+    p1 = prior.log_prior[rows]
+    assert torch.isclose(torch.logsumexp(p1, 0), torch.tensor(0.0), atol=1e-4)  # a distribution over p1's items
+    history = [e for e in scorer.catalogue.items.values() if e.platform == "p0"][:3]
+    encoded = [scorer.encode_history([Event("u", it.item_id, n) for n, it in enumerate(history)])]
+    with_prior, _ = scorer.score(encoded, "p1")
+    w = float(head.weight.detach())
+    with torch.no_grad():
+        head.weight.zero_()
+    without, _ = scorer.score(encoded, "p1")
+    assert torch.allclose(with_prior - without, (w * p1).unsqueeze(0).float(), atol=1e-4)
 
 
 def test_lora_b_changes_and_checkpoint_loads_with_plain_peft(tiny_run: Path, tiny_bert: Path) -> None:
