@@ -141,11 +141,11 @@ def canary_scores(model: InterestModel, data: SiloData, cfg: RunConfig, users: l
     """
     model.eval()
     batcher = data.batcher(cfg)
-    input_ids, mask, rows, _, feats = collate(
+    input_ids, mask, rows, _, feats, last = collate(
         [batcher(training_example(data.silo, data.catalogue, u)) for u in users], batcher.pad_id)
     user, cat_logits = user_vectors(model, input_ids, mask, feats, None, input_ids.device)  # unmasked
     cands = candidates(item_tower(model, data, cfg), data.items.platform_rows(data.platform), input_ids.device)
-    logp = torch.log_softmax(score_candidates(user, cat_logits, cands, cfg, model=model).float(), dim=1)
+    logp = torch.log_softmax(score_candidates(user, cat_logits, cands, cfg, model=model, last_rows=last).float(), dim=1)
     target = cands.target_columns(rows)
     matrix = logp[:, target]  # [history a, target b] = log p(t_b | h_a)
     n = len(users)

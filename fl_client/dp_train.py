@@ -36,7 +36,8 @@ from shared_model.batches import IGNORE_INDEX, collate
 from shared_model.privacy.state import PrivacyState
 from shared_model.item_index import ItemTokens
 from shared_model.config import RunConfig
-from shared_model.model import InterestModel, category_prior, item_scores, mask_to_platform, own_item_scores
+from shared_model.model import (InterestModel, category_prior, item_scores, last_item_similarity, mask_to_platform,
+                                own_item_scores)
 
 
 def interest_loss(
@@ -55,16 +56,20 @@ def interest_loss(
     constants, so sharing them couples no two examples); a negative equal to the target
     is masked.
     """
-    input_ids, mask, rows, cats, feats = batch
+    input_ids, mask, rows, cats, feats, last = batch
     user, cat_logits = model(input_ids, mask, feats)
     cat_logits = mask_to_platform(cat_logits, category_mask)
-    # the popularity term of the target and the negatives in ONE call of its head (Opacus per-sample gradients)
+    # the additive terms (popularity prior, newest history item) of the target and the negatives
+    # in ONE call of each head (Opacus per-sample gradients)
     inner = getattr(model, "_module", model)
-    pop = inner.popularity_scores(torch.cat([rows.unsqueeze(1), negatives.unsqueeze(0).expand(len(rows), -1)], 1))
+    cand = torch.cat([rows.unsqueeze(1), negatives.unsqueeze(0).expand(len(rows), -1)], 1)  # [B, 1+K]
+    sim = (last_item_similarity(item_emb[last.clamp_min(0)], last >= 0, item_emb[cand], cfg.logit_scale)
+           if inner.last_item_head is not None else None)
+    extra = inner.extra_scores(cand, sim)
     pos = own_item_scores(user, cat_logits, item_emb[rows], prior_index[rows], cfg.logit_scale, cfg.category_prior_weight,
-                          None if pop is None else pop[:, 0])
+                          None if extra is None else extra[:, 0])
     neg = item_scores(user, cat_logits, item_emb[negatives], prior_index[negatives], cfg.logit_scale,
-                      cfg.category_prior_weight, None if pop is None else pop[:, 1:])
+                      cfg.category_prior_weight, None if extra is None else extra[:, 1:])
     neg = neg.masked_fill(negatives.unsqueeze(0) == rows.unsqueeze(1), float("-inf"))
     return _combined_loss(pos, neg, cat_logits, cats, cfg)
 
@@ -81,17 +86,21 @@ def adapted_interest_loss(
     """Adapted item tower: the same loss, with example b's target and its own negatives
     ``negatives[b]`` (``[B, K]`` public platform rows) encoded by the LoRA encoder in b's
     rows of one encoder call (:meth:`InterestModel.forward_with_items`)."""
-    input_ids, mask, rows, cats, feats = batch
+    input_ids, mask, rows, cats, feats, last = batch
     cand_rows = torch.cat([rows.unsqueeze(1), negatives], dim=1)  # [B, 1+K]
-    item_ids, item_mask = item_tokens.take(cand_rows.cpu())
     inner = getattr(model, "_module", model)  # Opacus' GradSampleModule: hooks sit on the submodules
+    with_last = inner.last_item_head is not None  # the newest history item is encoded in b's rows too
+    encoded_rows = torch.cat([cand_rows, last.clamp_min(0).unsqueeze(1)], dim=1) if with_last else cand_rows
+    item_ids, item_mask = item_tokens.take(encoded_rows.cpu())
     user, cat_logits, items = inner.forward_with_items(input_ids, mask, feats, item_ids.to(input_ids.device), item_mask.to(input_ids.device))
+    sim = last_item_similarity(items[:, -1], last >= 0, items[:, :-1], cfg.logit_scale) if with_last else None
+    items = items[:, :-1] if with_last else items
     cat_logits = mask_to_platform(cat_logits, category_mask)
     prior = category_prior(cat_logits).gather(1, prior_index[cand_rows])  # [B, 1+K]
     scores = cfg.logit_scale * (items * user.unsqueeze(1)).sum(-1).float() + cfg.category_prior_weight * prior
-    pop = inner.popularity_scores(cand_rows)
-    if pop is not None:
-        scores = scores + pop.float()
+    extra = inner.extra_scores(cand_rows, sim)
+    if extra is not None:
+        scores = scores + extra.float()
     neg = scores[:, 1:].masked_fill(negatives == rows.unsqueeze(1), float("-inf"))
     return _combined_loss(scores[:, 0], neg, cat_logits, cats, cfg)
 
@@ -143,11 +152,12 @@ class RoundResult:
 
 #: Few-coordinate head parameters that learn at ``head-learning-rate``: θ of the history
 #: features (shared and per category), the per-category biases (the class prior) and the
-#: popularity prior's weight. With Adam a coordinate moves at
+#: weights of the popularity prior and the newest-item term. With Adam a coordinate moves at
 #: most ≈ lr per step, so at ``learning-rate`` they could not leave their zero start within a
 #: DP run of a few dozen steps; they are a handful of coordinates, so the noise each one
 #: gets stays small next to the signal every example carries.
-FAST_PARAMETERS = ("history_head.shared", "history_head.per_category", "category_head.bias", "popularity_head.weight")
+FAST_PARAMETERS = ("history_head.shared", "history_head.per_category", "category_head.bias", "popularity_head.weight",
+                   "last_item_head.weight")
 
 
 def parameter_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict[str, object]]:

@@ -11,7 +11,7 @@ is post-processing. A platform with no release gets no prior (0 for its items).
 The counts travel in the clear: each is already differentially private (or, with
 ``dp = false``, the run is not private and the silo declares them outside ε). The summed
 summary goes to ``metrics.json`` (``run.popularity``); the prior travels with every
-later message (``popularity`` record) and with every checkpoint (the popularity head's buffer).
+later message (``popularity`` record) and with every checkpoint (the popularity_prior buffer).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from shared_model.model import InterestModel, build_model
 HEADS_FILE = "heads.safetensors"
 #: The non-LoRA modules saved in the heads file (popularity_prior holds the run's prior, a buffer:
 #: saved with the checkpoint, never exchanged).
-HEAD_MODULES = ("category_head", "history_head", "popularity_head", "popularity_prior")
+HEAD_MODULES = ("category_head", "history_head", "popularity_head", "popularity_prior", "last_item_head")
 META_FILE = "fedshift.json"
 
 
@@ -126,7 +126,7 @@ def checkpoint_config(meta: dict[str, Any], base_model: str | None = None) -> Ru
 
     A checkpoint written before ``history-features`` (``popularity-prior``) existed has no such
     key and no θ (no popularity head)."""
-    saved = {"history-features": False, "popularity-prior": False, **meta["config"]}
+    saved = {"history-features": False, "popularity-prior": False, "last-item-score": False, **meta["config"]}
     return RunConfig.from_run_config(saved if not base_model else {**saved, "base-model": base_model})
 
 
@@ -144,7 +144,8 @@ def load_checkpoint(folder: str | os.PathLike[str], base_model: str | None = Non
     for name in HEAD_MODULES:
         module = getattr(model, name)
         saved = {k.split(".", 1)[1]: v for k, v in heads.items() if k.startswith(name + ".")}
-        switch = "popularity-prior" if name.startswith("popularity_") else "history-features"
+        switch = {"popularity_head": "popularity-prior", "popularity_prior": "popularity-prior",
+                  "last_item_head": "last-item-score"}.get(name, "history-features")
         if module is None and saved:
             raise ValueError(f"{folder / HEADS_FILE}: has {name} but config.{switch} is off")
         if module is not None:

@@ -3,7 +3,7 @@ the scoring needs.
 
 * :class:`ExampleBatcher`: a history → token ids (``history_text`` under the
   ``max-seq-len`` token budget) and ``[C, F]`` history features; an example → those plus its
-  target item row and target category index.
+  target item row, target category index and its newest history item's row.
 * :func:`collate`: pad a list of encoded examples into one batch.
 * :func:`prior_index`: each item row's category index (the next-item head's category prior).
 * :func:`platform_category_mask`: which next-interest classes occur on a platform.
@@ -26,6 +26,7 @@ from shared_model.schema import Catalogue, Event, Example
 from shared_model.serialize import history_text
 
 IGNORE_INDEX = -100  # target category of an example whose next item is unlabelled
+NO_ITEM = -1  # last-item row of a history whose newest item is not in the item index
 
 
 def platform_category_mask(catalogue: Catalogue, categories: Sequence[str], platform: str) -> torch.Tensor:
@@ -69,20 +70,25 @@ class ExampleBatcher:
         feats = history_features(history, cat, self.category_index, self.cfg.migration_k)
         return torch.tensor(ids, dtype=torch.long), feats
 
-    def __call__(self, ex: Example) -> tuple[torch.Tensor, int, int, torch.Tensor]:
+    def last_row(self, history: Sequence[Event]) -> int:
+        """The item row of the history's newest event (:data:`NO_ITEM` when empty or not in the index)."""
+        return self.item_row.get(history[-1].item_id, NO_ITEM) if history else NO_ITEM
+
+    def __call__(self, ex: Example) -> tuple[torch.Tensor, int, int, torch.Tensor, int]:
         ids, feats = self.history(ex.history)
         cat = self.category_index.get(ex.target_category, IGNORE_INDEX) if ex.target_category else IGNORE_INDEX
-        return ids, self.item_row[ex.target.item_id], cat, feats
+        return ids, self.item_row[ex.target.item_id], cat, feats, self.last_row(ex.history)
 
 
-def collate(batch: Sequence[tuple[torch.Tensor, int, int, torch.Tensor]], pad_id: int = 0,
-            num_categories: int = 0) -> tuple[torch.Tensor, ...]:
-    """Pad to the longest history in the batch →
-    (input_ids, attention_mask, item_rows, categories, history features ``[B, C, F]``)."""
+def collate(batch: Sequence[tuple], pad_id: int = 0, num_categories: int = 0) -> tuple[torch.Tensor, ...]:
+    """Pad to the longest history in the batch → (input_ids, attention_mask, item_rows,
+    categories, history features ``[B, C, F]``, last-item rows); an entry is ``(ids, row, cat,
+    feats[, last_row])`` (:data:`NO_ITEM` when it has no last row)."""
     if not batch:
         empty = torch.zeros((0, 1), dtype=torch.long)
         feats = torch.zeros((0, num_categories, len(FEATURES)))
-        return empty, empty, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), feats
+        none = torch.zeros(0, dtype=torch.long)
+        return empty, empty, none, none, feats, none
     longest = max(len(b[0]) for b in batch)
     input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), longest), dtype=torch.long)
@@ -92,4 +98,5 @@ def collate(batch: Sequence[tuple[torch.Tensor, int, int, torch.Tensor]], pad_id
     rows = torch.tensor([b[1] for b in batch], dtype=torch.long)
     cats = torch.tensor([b[2] for b in batch], dtype=torch.long)
     feats = torch.stack([b[3] for b in batch])
-    return input_ids, mask, rows, cats, feats
+    last = torch.tensor([b[4] if len(b) > 4 else NO_ITEM for b in batch], dtype=torch.long)
+    return input_ids, mask, rows, cats, feats, last

@@ -4,11 +4,13 @@
 * next-interest head: ``Linear(H, C)`` over the interest classes of the public catalogue,
   plus (``history-features``) :class:`HistoryFeatureHead`, a conditional logit over
   per-category features of the user's own history;
-* next-item head: ``score(u, i) = s·cos(h, e_i) + w·log p(category(i) | u) + v·log prior(i)`` —
+* next-item head: ``score(u, i) = s·cos(h, e_i) + w·log p(category(i) | u) + v·log prior(i) + b·s·cos(e_last, e_i)`` —
   scaled cosine against the item tower plus the next-interest head's log-probability of the
   item's category, so the interest-migration prediction steers which items are recommended,
-  plus (``popularity-prior``) :class:`PopularityHead`, the DP popularity prior of the item's
-  platform with a trained weight v. The
+  plus (``popularity-prior``) the DP popularity prior of the item's platform with a trained
+  weight v, plus (``last-item-score``) ``b·s·cos(e_last, e_i)``, the content similarity of the
+  item to the user's newest history item in the same item tower, with a trained weight b
+  (both :class:`ScoreTerm`). The
   item tower is either frozen (:mod:`shared_model.item_index`, the base encoder's space) or
   adapted (:meth:`InterestModel.forward_with_items`; see docs/item-tower.md).
 
@@ -84,11 +86,13 @@ class PopularityPrior(nn.Module):
         return self.log_prior.to(rows.device)[rows]
 
 
-class PopularityHead(nn.Module):
-    """``score(u, i) += w · log prior(i)``: the popularity prior as an additive item score with
-    one trained weight ``w`` (a head parameter: exchanged, averaged and trained under DP-SGD
-    like θ). ``forward`` takes the candidates' prior values ``[B, M]`` (so that Opacus sees a
-    batch dimension) and returns ``w ·`` them."""
+class ScoreTerm(nn.Module):
+    """``score(u, i) += w · value(u, i)``: an additive item-score term with one trained weight
+    ``w`` (a head parameter: exchanged, averaged and trained under DP-SGD like θ). Two use it:
+    the popularity prior (value: ``log prior(i)``, :class:`PopularityPrior`) and the newest
+    history item (value: ``logit-scale · cos(e_last, e_i)`` in the item tower,
+    :func:`last_item_similarity`). ``forward`` takes the values ``[B, M]`` (so that Opacus
+    sees a batch dimension) and returns ``w ·`` them."""
 
     def __init__(self, weight: float):
         super().__init__()
@@ -96,6 +100,14 @@ class PopularityHead(nn.Module):
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
         return self.weight * values.to(self.weight.device)
+
+
+def last_item_similarity(last: torch.Tensor, valid: torch.Tensor, items: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """``[B, M]`` ``logit-scale · cos(e_last_b, e_i)``: each user's newest history item ``last``
+    ``[B, H]`` against candidates ``items`` (``[M, H]`` shared, or ``[B, M, H]`` per user),
+    0 where the user has no newest item in the tower (``valid`` ``[B]`` false). Unit vectors."""
+    sim = last @ items.T if items.dim() == 2 else (items * last.unsqueeze(1)).sum(-1)
+    return logit_scale * sim.float() * valid.to(sim.device).unsqueeze(1).float()
 
 
 class InterestModel(nn.Module):
@@ -107,19 +119,33 @@ class InterestModel(nn.Module):
     """
 
     def __init__(self, encoder: PeftModel, num_categories: int, history_features: bool = True,
-                 popularity_weight: float | None = None):
+                 popularity_weight: float | None = None, last_item_weight: float | None = None):
         super().__init__()
         self.encoder = encoder
         self.category_head = nn.Linear(encoder.config.hidden_size, num_categories)
         self.history_head = HistoryFeatureHead(num_categories, len(FEATURES)) if history_features else None
-        self.popularity_head = PopularityHead(popularity_weight) if popularity_weight is not None else None
+        self.popularity_head = ScoreTerm(popularity_weight) if popularity_weight is not None else None
         self.popularity_prior = PopularityPrior() if popularity_weight is not None else None
+        self.last_item_head = ScoreTerm(last_item_weight) if last_item_weight is not None else None
 
     def popularity_scores(self, rows: torch.Tensor) -> torch.Tensor | None:
         """``w · log prior`` of item ``rows`` ``[B, M]`` (None without a popularity head)."""
         if self.popularity_head is None or self.popularity_prior is None:
             return None
         return self.popularity_head(self.popularity_prior.lookup(rows))
+
+    def last_item_scores(self, similarity: torch.Tensor) -> torch.Tensor | None:
+        """``b · similarity`` (:func:`last_item_similarity` ``[B, M]``; None without the term)."""
+        return None if self.last_item_head is None else self.last_item_head(similarity)
+
+    def extra_scores(self, rows: torch.Tensor, similarity: torch.Tensor | None) -> torch.Tensor | None:
+        """The additive item-score terms of candidates ``rows`` ``[B or 1, M]``: the popularity
+        prior and (``similarity`` given) the newest history item; None when there are none."""
+        terms = [t for t in (self.popularity_scores(rows),
+                             None if similarity is None else self.last_item_scores(similarity)) if t is not None]
+        if not terms:
+            return None
+        return terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
     def interest_logits(self, h: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """``[B, C]`` next-interest logits from user vectors ``h`` and history features ``[B, C, F]``."""
@@ -201,17 +227,17 @@ def item_scores(
     item_prior_index: torch.Tensor,
     logit_scale: float,
     category_weight: float,
-    popularity: torch.Tensor | None = None,
+    extra: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scores ``[B, N]`` of N candidate items for each user.
 
     ``item_emb``: unit item vectors ``[N, H]``; ``item_prior_index``: each item's category
-    index ``[N]`` (C, the number of categories, for unlabelled items); ``popularity``: the
-    items' popularity term ``[B, N]`` or ``[1, N]`` (:meth:`InterestModel.popularity_scores`).
+    index ``[N]`` (C, the number of categories, for unlabelled items); ``extra``: the items'
+    additive terms ``[B, N]`` or ``[1, N]`` (:meth:`InterestModel.extra_scores`).
     """
     prior = category_prior(category_logits)[:, item_prior_index]
     scores = logit_scale * (user @ item_emb.T).float() + category_weight * prior
-    return scores if popularity is None else scores + popularity.float()
+    return scores if extra is None else scores + extra.float()
 
 
 def own_item_scores(
@@ -221,13 +247,13 @@ def own_item_scores(
     item_prior_index: torch.Tensor,
     logit_scale: float,
     category_weight: float,
-    popularity: torch.Tensor | None = None,
+    extra: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Score ``[B]`` of row b's own item ``item_emb[b]`` (the paired form of :func:`item_scores`;
-    ``popularity``: ``[B]``)."""
+    ``extra``: ``[B]``)."""
     prior = category_prior(category_logits).gather(1, item_prior_index.view(-1, 1)).squeeze(1)
     scores = logit_scale * (user * item_emb).sum(-1).float() + category_weight * prior
-    return scores if popularity is None else scores + popularity.float()
+    return scores if extra is None else scores + extra.float()
 
 
 def build_model(cfg: RunConfig, num_categories: int, seed: int | None = None) -> InterestModel:
@@ -250,7 +276,8 @@ def build_model(cfg: RunConfig, num_categories: int, seed: int | None = None) ->
                 if ".lora_A." in name:
                     p.requires_grad_(False)
         model = InterestModel(peft_encoder, num_categories, cfg.history_features,
-                              cfg.popularity_weight if cfg.popularity_prior else None)
+                              cfg.popularity_weight if cfg.popularity_prior else None,
+                              cfg.last_item_weight if cfg.last_item_score else None)
         nn.init.zeros_(model.category_head.bias)
     finally:
         torch.random.set_rng_state(generator_state)

@@ -17,7 +17,7 @@ release, and the per-platform log prior the server builds from the silos' releas
   (the item-index row order is the catalogue order), 0 where a platform had no release.
 
 The prior is used by the model as an additive score term ``w · log prior(item)`` with a
-trained weight w (:class:`shared_model.model.PopularityHead`).
+trained weight w (:class:`shared_model.model.ScoreTerm`).
 """
 
 from __future__ import annotations

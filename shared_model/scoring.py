@@ -10,7 +10,8 @@ scores of candidate items → history items excluded → rank of the target.
   user's own target is scored in column 0, and a target drawn into the sample too is ranked
   once.
 * :func:`score_candidates`: :func:`shared_model.model.item_scores` over the candidates, with
-  the model's popularity term (the prior of each candidate's own platform).
+  the model's additive terms (the popularity prior of each candidate's own platform; the
+  similarity to the user's newest history item in the same tower).
 * :func:`exclude_history`: the one history exclusion (score −inf; the target never is).
 * :func:`rank_of_target`: the one ranking (0-based): how many candidates score above the
   target and how many tie with it. Ties are broken uniformly at random *in expectation*:
@@ -48,7 +49,7 @@ from shared_model.checkpoint_index import IndexInfo, checkpoint_item_index
 from shared_model.config import RunConfig
 from shared_model.dataset import load_catalogue
 from shared_model.item_index import ItemIndex, ItemTokens, catalogue_hash, embed_items
-from shared_model.model import InterestModel, item_scores, mask_to_platform, own_item_scores
+from shared_model.model import InterestModel, item_scores, last_item_similarity, mask_to_platform, own_item_scores
 from shared_model.schema import Catalogue, Event, Example
 
 
@@ -94,6 +95,7 @@ class Candidates:
     emb: torch.Tensor  # [N, H] on the scoring device
     prior: torch.Tensor  # [N] category index, on the scoring device
     own_target: ItemTower | None = None
+    tower: ItemTower | None = None  # the tower the vectors come from (users' newest items are read from it)
 
     def __post_init__(self) -> None:
         shift = 1 if self.own_target is not None else 0
@@ -133,24 +135,37 @@ def candidates(tower: ItemTower, rows: torch.Tensor, device: torch.device, batch
     if sampled:
         rows = sample_rows(rows, sample, seed)
     emb = tower.vectors(rows, device, batch_size)
-    return Candidates(rows, emb, tower.prior_index[rows].to(device), tower if sampled else None)
+    return Candidates(rows, emb, tower.prior_index[rows].to(device), tower if sampled else None, tower)
 
 
 def score_candidates(user: torch.Tensor, category_logits: torch.Tensor, cands: Candidates, cfg: RunConfig,
-                     target_rows: torch.Tensor | None = None, model: InterestModel | None = None) -> torch.Tensor:
+                     target_rows: torch.Tensor | None = None, model: InterestModel | None = None,
+                     last_rows: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, N]`` scores (on the CPU) of the candidates; with a sample ``[B, 1 + N]``, column 0
-    each user's own target (``target_rows``). ``model``'s popularity term is added when it has one."""
-    pop = model.popularity_scores(cands.rows.to(user.device).unsqueeze(0)) if model is not None else None
+    each user's own target (``target_rows``). ``model``'s additive terms are added when it has
+    them: the popularity prior of each candidate's own platform, and (``last_rows``: each user's
+    newest history item, :data:`~shared_model.batches.NO_ITEM` for none) the newest item's
+    similarity in the candidates' tower."""
+    device = user.device
+    last = None
+    if model is not None and model.last_item_head is not None and last_rows is not None and cands.tower is not None:
+        valid = last_rows >= 0
+        last = (cands.tower.vectors(last_rows.clamp_min(0), device), valid)
+    extra = (model.extra_scores(cands.rows.to(device).unsqueeze(0), None if last is None else
+                                last_item_similarity(last[0], last[1], cands.emb, cfg.logit_scale))
+             if model is not None else None)
     scores = item_scores(user, category_logits, cands.emb, cands.prior, cfg.logit_scale,
-                         cfg.category_prior_weight, pop).cpu()
+                         cfg.category_prior_weight, extra).cpu()
     if cands.own_target is not None:
         if target_rows is None:
             raise ValueError("sampled candidates need the targets' item rows")
-        tower, device = cands.own_target, user.device
-        own_pop = model.popularity_scores(target_rows.to(device).unsqueeze(1)) if model is not None else None
-        own = own_item_scores(user, category_logits, tower.vectors(target_rows, device),
-                              tower.prior_index[target_rows].to(device), cfg.logit_scale,
-                              cfg.category_prior_weight, None if own_pop is None else own_pop[:, 0]).cpu()
+        tower = cands.own_target
+        own_emb = tower.vectors(target_rows, device)
+        own_extra = (model.extra_scores(target_rows.to(device).unsqueeze(1), None if last is None else
+                                        last_item_similarity(last[0], last[1], own_emb.unsqueeze(1), cfg.logit_scale))
+                     if model is not None else None)
+        own = own_item_scores(user, category_logits, own_emb, tower.prior_index[target_rows].to(device), cfg.logit_scale,
+                              cfg.category_prior_weight, None if own_extra is None else own_extra[:, 0]).cpu()
         scores = torch.cat([own.unsqueeze(1), scores], dim=1)
     return scores
 
@@ -250,9 +265,9 @@ def rank_examples(model: InterestModel, batcher: ExampleBatcher, examples: Seque
     cats: list[torch.Tensor] = []
     for s in range(0, len(examples), cfg.eval_batch_size):
         chunk = examples[s : s + cfg.eval_batch_size]
-        input_ids, mask, target_rows, true_cats, feats = collate([batcher(ex) for ex in chunk], batcher.pad_id)
+        input_ids, mask, target_rows, true_cats, feats, last = collate([batcher(ex) for ex in chunk], batcher.pad_id)
         user, cat_logits = user_vectors(model, input_ids, mask, feats, category_mask, device)
-        scores = score_candidates(user, cat_logits, cands, cfg, target_rows, model)
+        scores = score_candidates(user, cat_logits, cands, cfg, target_rows, model, last)
         seen = [cands.seen_columns({batcher.item_row.get(e.item_id) for e in ex.history}, int(target_rows[i]))
                 for i, ex in enumerate(chunk)]
         ranked = rank_targets(scores, cands.target_columns(target_rows), seen, what)
@@ -346,18 +361,20 @@ class Scorer:
             self._platform[platform] = (cands, mask)
         return self._platform[platform]
 
-    def encode_history(self, history: Sequence[Event], catalogue: Catalogue | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and ``[C, F]`` history features (:meth:`ExampleBatcher.history`)."""
-        return self.batcher.history(history, catalogue)
+    def encode_history(self, history: Sequence[Event], catalogue: Catalogue | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Token ids, ``[C, F]`` history features (:meth:`ExampleBatcher.history`) and the newest
+        item's row in the index (:meth:`ExampleBatcher.last_row`)."""
+        ids, feats = self.batcher.history(history, catalogue)
+        return ids, feats, self.batcher.last_row(history)
 
     @torch.inference_mode()
-    def score(self, encoded: Sequence[tuple[torch.Tensor, torch.Tensor]], platform: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(self, encoded: Sequence[tuple[torch.Tensor, torch.Tensor, int]], platform: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``([B, N_p] item scores over the platform's catalogue order, [B, C] next-interest probabilities)``
         for histories encoded by :meth:`encode_history`."""
         cands, mask = self.platform(platform)
-        input_ids, att, _, _, feats = collate([(ids, 0, 0, f) for ids, f in encoded], self.batcher.pad_id)
+        input_ids, att, _, _, feats, last = collate([(ids, 0, 0, f, r) for ids, f, r in encoded], self.batcher.pad_id)
         user, logits = user_vectors(self.model, input_ids, att, feats, mask, self.device)
-        scores = score_candidates(user, logits, cands, self.cfg, model=self.model)
+        scores = score_candidates(user, logits, cands, self.cfg, model=self.model, last_rows=last)
         return scores, torch.softmax(logits, -1).cpu()
 
     def predict(self, histories: Sequence[Sequence[Event]], platform: str, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ from opacus import GradSampleModule
 from torch import nn
 
 from shared_model.config import RunConfig
-from shared_model.model import PopularityHead, PopularityPrior, item_scores
+from shared_model.model import ScoreTerm, PopularityPrior, item_scores
 from shared_model.popularity import item_counts, log_prior, noisy_counts, prior_vector, sensitivity, user_items
 from shared_model.privacy.audit_report import by_kind
 from shared_model.privacy.recompute import INTEGER_ORDERS, opacus_rdp, recompute
@@ -112,7 +112,7 @@ def test_heterogeneous_composition_agrees_across_libraries_and_shows_the_share()
 
 
 def test_item_scores_gain_the_weighted_log_prior_of_each_candidate() -> None:
-    prior, head = PopularityPrior(), PopularityHead(0.5)
+    prior, head = PopularityPrior(), ScoreTerm(0.5)
     rows = torch.tensor([[2, 0, 1]])
     assert torch.equal(head(prior.lookup(rows)), torch.zeros(1, 3))  # no prior yet: no term
     prior.set_prior([-1.0, -2.0, -4.0])
@@ -128,7 +128,7 @@ def test_item_scores_gain_the_weighted_log_prior_of_each_candidate() -> None:
 class _Scorer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.head = PopularityHead(1.0)
+        self.head = ScoreTerm(1.0)
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
         return self.head(values)
