@@ -63,18 +63,24 @@ def test_prior_vector_puts_each_platform_s_prior_on_its_own_items() -> None:
         prior_vector(catalogue, {"A": np.array([0.0])})
 
 
-def test_calibration_plans_the_release_and_the_whole_plan_fits_the_budget() -> None:
+def test_calibration_gives_the_release_its_marginal_share_and_the_whole_plan_fits_the_budget() -> None:
     cfg = RunConfig(num_server_rounds=3, local_steps=8, batch_size=32, epsilon=8.0, delta=1e-5,
                     popularity_epsilon_share=0.1)
     with_prior = PrivacyState.calibrate("s", cfg, num_users=400)
     without = PrivacyState.calibrate("s", cfg.replace(**{"popularity-prior": False}), num_users=400)
-    z = with_prior.popularity_noise_multiplier
+    z, sgd = with_prior.popularity_noise_multiplier, [(with_prior.noise_multiplier, with_prior.sample_rate, 24)]
     assert without.popularity_noise_multiplier == 0.0 and z > 0
-    alone = with_prior.epsilon_of([(z, 1.0, 1)])
-    assert 0.8 - 0.02 <= alone <= 0.8  # the release alone spends its share (Opacus's tolerance 0.01)
-    plan = [(with_prior.noise_multiplier, with_prior.sample_rate, 8)] * 3 + [(z, 1.0, 1)]
-    assert 8.0 - 0.05 <= with_prior.epsilon_of(plan) <= 8.0
+    assert 7.2 - 0.02 <= with_prior.epsilon_of(sgd) <= 7.2  # DP-SGD alone: (1 − share)·ε
+    total = with_prior.epsilon_of(sgd + [(z, 1.0, 1)])
+    assert 8.0 - 0.011 <= total <= 8.0  # the release takes the rest, never more
+    assert with_prior.epsilon_of(sgd + [(z * 0.98, 1.0, 1)]) > 8.0  # and no less noise would fit
+    assert with_prior.epsilon_of([(z, 1.0, 1)]) > 0.8  # alone it would spend more than its marginal share
     assert with_prior.noise_multiplier > without.noise_multiplier  # DP-SGD pays for the release
+    # with dp metric releases too: all three compose within ε
+    both = PrivacyState.calibrate("s", cfg, num_users=400, release_metrics="dp", metric_share=0.1)
+    plan = [(both.noise_multiplier, both.sample_rate, 24), (both.metric_noise_multiplier, 1.0, both.planned_releases),
+            (both.popularity_noise_multiplier, 1.0, 1)]
+    assert 8.0 - 0.011 <= both.epsilon_of(plan) <= 8.0
 
 
 def _release(**kw: object) -> PopularityRelease:
@@ -162,3 +168,24 @@ def test_checkpoint_keeps_the_prior_and_the_trained_weight(small_dataset: Path, 
     assert float(loaded.popularity_head.weight.detach()) == pytest.approx(0.37)
     off = cfg.replace(**{"popularity-prior": False})
     assert build_model(off, num_categories=3).popularity_head is None
+
+
+# ------------------------------------------------------------ the newest history item's term
+def test_last_item_similarity_is_scaled_cosine_and_zero_without_a_newest_item() -> None:
+    from shared_model.model import last_item_similarity
+
+    last = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    items = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    shared = last_item_similarity(last, torch.tensor([True, False]), items, 20.0)
+    assert torch.allclose(shared, torch.tensor([[20.0, 12.0], [0.0, 0.0]]))  # user 2 has no newest item
+    per_user = last_item_similarity(last, torch.tensor([True, True]), items.unsqueeze(0).expand(2, -1, -1), 20.0)
+    assert torch.allclose(per_user, torch.tensor([[20.0, 12.0], [0.0, 16.0]]))
+
+
+def test_batches_carry_each_example_s_newest_item_row() -> None:
+    from shared_model.batches import NO_ITEM, collate
+
+    a = (torch.tensor([1, 2, 3]), 4, 0, torch.zeros(2, 4), 9)
+    b = (torch.tensor([5]), 6, 1, torch.zeros(2, 4))  # an entry without a newest item row
+    *_, last = collate([a, b])
+    assert last.tolist() == [9, NO_ITEM]

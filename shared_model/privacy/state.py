@@ -7,7 +7,9 @@ last planned step is ≤ ε_total (Opacus ``get_noise_multiplier``). A restarted
 rebuilds the history from its ledger's DP-SGD round records of the run (:meth:`restore`).
 
 With ``popularity-prior`` the run plans one Gaussian histogram release
-(:mod:`shared_model.popularity`) whose noise alone would spend ``popularity-epsilon-share × ε``;
+(:mod:`shared_model.popularity`) whose marginal cost is ``popularity-epsilon-share × ε``:
+everything else is calibrated to the rest of ε, and the release gets the smallest noise that
+keeps the whole composition within ε;
 with ``release-metrics = "dp"`` the run also plans Gaussian metric releases
 (:mod:`shared_model.privacy.metric_release`): their noise multiplier is calibrated so that
 the planned releases alone spend ``metric-epsilon-share × ε_total``, and the DP-SGD noise is
@@ -79,6 +81,31 @@ def joint_noise_multiplier(acc: Accountant, target_epsilon: float, delta: float,
     return hi
 
 
+def release_noise_multiplier(acc: Accountant, target_epsilon: float, delta: float, history: History,
+                             epsilon_tolerance: float = 0.01) -> float:
+    """The smallest noise multiplier z (to ``epsilon_tolerance``) of one more Gaussian mechanism
+    without sampling, ``(z, 1.0, 1)``, such that ``history`` composed with it spends ≤ ε: the
+    release gets what ``history`` leaves of the budget (ε is decreasing in z; bisection on the
+    accountant's own ε of the whole history)."""
+    def eps(z: float) -> float:
+        return acc.epsilon(history + [(z, 1.0, 1)], delta)
+
+    if acc.epsilon(history, delta) >= target_epsilon:
+        raise ValueError(f"the rest of the plan alone spends ε ≥ {target_epsilon:g}; nothing is left for the release")
+    lo, hi = 0.05, 1.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, hi * 2
+    while True:
+        mid = (lo + hi) / 2
+        e = eps(mid)
+        if e > target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+            if e >= target_epsilon - epsilon_tolerance or hi - lo < 1e-4:
+                return hi
+
+
 @dataclass
 class PrivacyState:
     silo: str
@@ -98,27 +125,29 @@ class PrivacyState:
     @classmethod
     def calibrate(cls, silo: str, cfg: RunConfig, num_users: int, release_metrics: str = "none",
                   metric_share: float = 0.0) -> "PrivacyState":
-        """Noise for the run: the planned releases first (metrics: ``metric_share`` of ε;
-        the popularity histogram: ``popularity-epsilon-share`` of ε, each as if alone), then
-        DP-SGD's σ so that everything composed spends ≤ ε."""
+        """Noise for the run. DP-SGD and the metric releases (``metric_share`` of ε as if alone)
+        are calibrated to spend together ``(1 − popularity-epsilon-share) × ε``; the popularity
+        histogram then gets the rest: the smallest noise such that everything composed spends
+        ≤ ε (its *marginal* cost is its share; alone it would spend more, since ε composes
+        sub-additively)."""
         from shared_model.privacy.metric_release import planned_releases
 
         q = sample_rate_for(num_users, cfg.batch_size)
         planned = cfg.num_server_rounds * cfg.local_steps
         acc = accountants.create(cfg.accountant)
         releases = planned_releases(cfg, release_metrics) if cfg.dp else 0
-        fixed: History = []
         z = zp = 0.0
+        popularity = cfg.dp and cfg.popularity_prior
+        # what DP-SGD and the metric releases may spend: all of ε, or what the popularity release leaves
+        rest = cfg.epsilon * (1.0 - cfg.popularity_epsilon_share) if popularity else cfg.epsilon
         if releases and metric_share > 0:
             z = acc.noise_multiplier(metric_share * cfg.epsilon, cfg.delta, 1.0, releases)
-            fixed.append((z, 1.0, releases))
-        if cfg.dp and cfg.popularity_prior:
-            zp = acc.noise_multiplier(cfg.popularity_epsilon_share * cfg.epsilon, cfg.delta, 1.0, 1)
-            fixed.append((zp, 1.0, 1))
-        if fixed:
-            sigma = joint_noise_multiplier(acc, cfg.epsilon, cfg.delta, q, planned, fixed)
+            sigma = joint_noise_multiplier(acc, rest, cfg.delta, q, planned, [(z, 1.0, releases)])
         else:
-            sigma = acc.noise_multiplier(cfg.epsilon, cfg.delta, q, planned)
+            sigma = acc.noise_multiplier(rest, cfg.delta, q, planned)
+        if popularity:
+            before = [(sigma, q, planned)] + ([(z, 1.0, releases)] if releases and metric_share > 0 else [])
+            zp = release_noise_multiplier(acc, cfg.epsilon, cfg.delta, before)
         return cls(silo, cfg.accountant, cfg.epsilon, cfg.delta, sigma, q, planned, release_metrics=release_metrics,
                    metric_noise_multiplier=z, planned_releases=releases, popularity_noise_multiplier=zp)
 
