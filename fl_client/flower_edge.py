@@ -23,6 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from fl_client.silo_popularity import PopularityReply
 from fl_client.silo_round import EvaluateReply, Loader, TrainReply
 from shared_model.adapters import from_arrays, to_arrays
+from shared_model.popularity import PRIOR_RECORD
 from shared_model.privacy.state import PrivacyState
 
 STATE_KEY = "fedshift-privacy"
@@ -37,17 +38,13 @@ def _test_corruption(arrays: ArrayRecord, silo: str) -> ArrayRecord:
     return ArrayRecord({k: Array(np.full_like(arrays[k].numpy(), np.nan)) for k in arrays.keys()})
 
 
-#: The message record that carries the global popularity prior (server → silos).
-PRIOR_KEY = "popularity"
-
-
 def loader(msg: Message) -> Loader:
     """Loads the global arrays the server sent into a model, and the popularity prior when
     the message carries one (``popularity``: ``log-prior`` over the catalogue's items)."""
     def load(model) -> None:  # type: ignore[no-untyped-def]
         from_arrays(model, msg.content["arrays"])
-        if PRIOR_KEY in msg.content and model.popularity_prior is not None:
-            model.popularity_prior.set_prior(msg.content[PRIOR_KEY]["log-prior"].numpy())
+        if PRIOR_RECORD in msg.content and model.popularity_prior is not None:
+            model.popularity_prior.set_prior(msg.content[PRIOR_RECORD]["log-prior"].numpy())
     return load
 
 

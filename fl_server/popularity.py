@@ -29,14 +29,11 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fl_server.records import RunRecords
 from shared_model.config import RunConfig
-from shared_model.popularity import log_prior, prior_vector
+from shared_model.popularity import PRIOR_RECORD, log_prior, prior_vector
 from shared_model.schema import Catalogue
 
-PRIOR_KEY = "popularity"  # the record of a server message that carries the prior (fl_client.flower_edge)
-
-
 def prior_record(prior: np.ndarray) -> ArrayRecord:
-    """The prior as the ``popularity`` record of a message: ``log-prior`` over the catalogue."""
+    """The prior as the :data:`PRIOR_RECORD` record of a message: ``log-prior`` over the catalogue."""
     return ArrayRecord({"log-prior": Array(np.asarray(prior, dtype=np.float32))})
 
 

@@ -23,12 +23,12 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from fl_server.popularity import PRIOR_KEY
 from fl_server.records import RunRecords
 from fl_server.secure_aggregation import SecureAggregation
 from fl_server.update_checks import cap_weights, masked_problem, update_problem
 from shared_model.adapters import arrays_sha256
 from shared_model.dataset import FEDERATION_MISMATCH
+from shared_model.popularity import PRIOR_RECORD
 from shared_model.privacy.ledger import Ledger, LedgerError
 from shared_model.privacy.records import parse_record, write_record
 from shared_model.secure_aggregation.protocol import ProtocolError
@@ -353,7 +353,7 @@ class RecordingFedAvg(FedAvg):
         out = list(messages)
         if self.popularity is not None:
             for m in out:
-                m.content[PRIOR_KEY] = self.popularity
+                m.content[PRIOR_RECORD] = self.popularity
         return out
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -73,7 +73,11 @@ class PopularityPrior(nn.Module):
         self.register_buffer("log_prior", torch.zeros(0))
 
     def set_prior(self, values: object) -> None:
-        self.log_prior = torch.as_tensor(values, dtype=torch.float32).to(self.log_prior.device).flatten()
+        prior = torch.as_tensor(values, dtype=torch.float32).flatten()
+        if not torch.isfinite(prior).all():
+            raise ValueError(f"popularity prior: {int((~torch.isfinite(prior)).sum())} of {prior.numel()} values "
+                             "are not finite")
+        self.log_prior = prior.to(self.log_prior.device)
 
     @property
     def has_prior(self) -> bool:
@@ -83,6 +87,9 @@ class PopularityPrior(nn.Module):
         """The prior values of item ``rows`` (any shape, on ``rows``' device), 0 without a prior."""
         if not self.has_prior:
             return torch.zeros(rows.shape, device=rows.device)
+        if rows.numel() and int(rows.max()) >= self.log_prior.numel():
+            raise ValueError(f"popularity prior: {self.log_prior.numel()} values, but item row {int(rows.max())} "
+                             "was asked (a prior for another catalogue)")
         return self.log_prior.to(rows.device)[rows]
 
 

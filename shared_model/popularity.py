@@ -29,6 +29,9 @@ import numpy as np
 
 from shared_model.schema import Catalogue, Event, Silo
 
+#: The record of a server message that carries the prior (``log-prior`` over the catalogue's items).
+PRIOR_RECORD = "popularity"
+
 
 def user_items(history: Sequence[Event], max_items: int) -> list[str]:
     """The user's most recent ``max_items`` distinct items, newest first."""

@@ -189,3 +189,12 @@ def test_batches_carry_each_example_s_newest_item_row() -> None:
     b = (torch.tensor([5]), 6, 1, torch.zeros(2, 4))  # an entry without a newest item row
     *_, last = collate([a, b])
     assert last.tolist() == [9, NO_ITEM]
+
+
+def test_a_prior_that_is_not_finite_or_not_this_catalogue_s_is_refused() -> None:
+    prior = PopularityPrior()
+    with pytest.raises(ValueError, match="1 of 3 values are not finite"):
+        prior.set_prior([0.0, float("nan"), -1.0])
+    prior.set_prior([-1.0, -2.0])
+    with pytest.raises(ValueError, match="2 values, but item row 5 was asked"):
+        prior.lookup(torch.tensor([[0, 5]]))
