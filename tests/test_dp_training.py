@@ -72,11 +72,14 @@ def test_dp_round_updates_lora_b_and_accounts_every_step(small_dataset: Path, ti
     acc = RDPAccountant()
     acc.history = [(privacy.noise_multiplier, privacy.sample_rate, cfg.local_steps)]
     assert result.epsilon_total == pytest.approx(acc.get_epsilon(cfg.delta), rel=1e-9)
-    # noise calibrated for the whole run: after all planned steps ε ≤ budget, and close to it
-    full = privacy.epsilon_of([(privacy.noise_multiplier, privacy.sample_rate, privacy.planned_steps)])
+    # noise calibrated for the whole run: after all planned steps and the popularity release
+    # (popularity-prior, the default) ε ≤ budget, and close to it
+    full = privacy.epsilon_of([(privacy.noise_multiplier, privacy.sample_rate, privacy.planned_steps),
+                               (privacy.popularity_noise_multiplier, 1.0, 1)])
     assert cfg.epsilon * 0.97 <= full <= cfg.epsilon
     # once the planned steps are spent, one more round would exceed the budget
-    privacy.history = [(privacy.noise_multiplier, privacy.sample_rate, privacy.planned_steps)]
+    privacy.history = [(privacy.noise_multiplier, privacy.sample_rate, privacy.planned_steps),
+                       (privacy.popularity_noise_multiplier, 1.0, 1)]
     assert not can_train(privacy, cfg.local_steps)
 
 
