@@ -152,12 +152,11 @@ class RoundResult:
 
 #: Few-coordinate head parameters that learn at ``head-learning-rate``: θ of the history
 #: features (shared and per category), the per-category biases (the class prior) and the
-#: weights of the popularity prior and the newest-item term. With Adam a coordinate moves at
+#: popularity prior's weight. With Adam a coordinate moves at
 #: most ≈ lr per step, so at ``learning-rate`` they could not leave their zero start within a
 #: DP run of a few dozen steps; they are a handful of coordinates, so the noise each one
 #: gets stays small next to the signal every example carries.
-FAST_PARAMETERS = ("history_head.shared", "history_head.per_category", "category_head.bias", "popularity_head.weight",
-                   "last_item_head.weight")
+FAST_PARAMETERS = ("history_head.shared", "history_head.per_category", "category_head.bias", "popularity_head.weight")
 
 
 def parameter_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict[str, object]]:

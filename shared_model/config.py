@@ -136,9 +136,9 @@ class RunConfig:
     popularity_epsilon_share: float = 0.1  # of ε: what the release alone would spend
     popularity_threshold: float = 3.0  # summed counts below this many noise std are treated as 0
     popularity_weight: float = 1.0  # initial w (then trained under DP-SGD like the heads)
-    # the newest history item's content similarity: item score += b·logit-scale·cos(e_last, e_i), b trained
+    # the newest history item's content similarity: item score += b·logit-scale·cos(e_last, e_i), b fixed
     last_item_score: bool = True
-    last_item_weight: float = 0.5  # initial b
+    last_item_weight: float = 0.75  # b (chosen on validation users; docs/popularity-prior.md)
     # optimisation
     learning_rate: float = 3e-3
     head_learning_rate: float = 0.1

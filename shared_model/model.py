@@ -9,7 +9,8 @@
   item's category, so the interest-migration prediction steers which items are recommended,
   plus (``popularity-prior``) the DP popularity prior of the item's platform with a trained
   weight v, plus (``last-item-score``) ``b·s·cos(e_last, e_i)``, the content similarity of the
-  item to the user's newest history item in the same item tower, with a trained weight b
+  item to the user's newest history item in the same item tower, with a fixed weight b
+  (``last-item-weight``; trained, it drifted negative and lost the gain: docs/popularity-prior.md)
   (both :class:`ScoreTerm`). The
   item tower is either frozen (:mod:`shared_model.item_index`, the base encoder's space) or
   adapted (:meth:`InterestModel.forward_with_items`; see docs/item-tower.md).
@@ -94,8 +95,9 @@ class PopularityPrior(nn.Module):
 
 
 class ScoreTerm(nn.Module):
-    """``score(u, i) += w · value(u, i)``: an additive item-score term with one trained weight
-    ``w`` (a head parameter: exchanged, averaged and trained under DP-SGD like θ). Two use it:
+    """``score(u, i) += w · value(u, i)``: an additive item-score term with one weight ``w``
+    (trained: a head parameter, exchanged, averaged and trained under DP-SGD like θ; or fixed,
+    ``requires_grad`` off: then neither sent nor trained, only saved). Two use it:
     the popularity prior (value: ``log prior(i)``, :class:`PopularityPrior`) and the newest
     history item (value: ``logit-scale · cos(e_last, e_i)`` in the item tower,
     :func:`last_item_similarity`). ``forward`` takes the values ``[B, M]`` (so that Opacus
@@ -285,6 +287,8 @@ def build_model(cfg: RunConfig, num_categories: int, seed: int | None = None) ->
         model = InterestModel(peft_encoder, num_categories, cfg.history_features,
                               cfg.popularity_weight if cfg.popularity_prior else None,
                               cfg.last_item_weight if cfg.last_item_score else None)
+        if model.last_item_head is not None:  # a fixed weight, chosen on validation users (docs/popularity-prior.md)
+            model.last_item_head.weight.requires_grad_(False)
         nn.init.zeros_(model.category_head.bias)
     finally:
         torch.random.set_rng_state(generator_state)

@@ -36,9 +36,10 @@ def test_trainable_state_is_exactly_lora_and_heads(small_dataset: Path, tiny_ber
     state = get_trainable_state(model)
     peft_state = get_peft_model_state_dict(model.encoder)
     lora = {k for k in state if ".lora_" in k}
-    heads = {k for k in state if k.startswith(("category_head.", "history_head.", "popularity_head.", "last_item_head."))}
+    heads = {k for k in state if k.startswith(("category_head.", "history_head.", "popularity_head."))}
     assert lora | heads == set(state)
-    assert state["popularity_head.weight"].shape == state["last_item_head.weight"].shape == (1,)  # the terms' weights
+    assert state["popularity_head.weight"].shape == (1,)  # the prior's weight (the newest-item weight is fixed: not state)
+    assert "last_item_head.weight" not in state
     assert state["history_head.shared"].shape == (4,)  # θ of the 4 history features
     assert state["history_head.per_category"].shape == (7, 4)  # δ per category
     # the same tensors peft would save, by count and size
