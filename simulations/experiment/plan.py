@@ -49,6 +49,10 @@ class ExperimentPreset:
     bootstrap: int = 1000
     seed: int = 0
     generated: dict[str, Any] | None = None  # smoke: generate a dataset + tiny BERT when none is given
+    # unequal silos: each platform's users re-partitioned into a large region and a small one
+    # holding about this share (simulations/datasets/unequal_regions.py); None = the dataset's own silos
+    small_region_share: float | None = None
+    curve_users: int = 500  # learning curve: a seeded subset of ≤ this many validation users per platform
     note: str = ""  # caveat for the caption of results.md
     target_minutes: float | None = None  # the training budget is sized to fit this on 2 CPU cores
     # time model (seconds): per simulation overhead, per silo-step, per silo-round evaluation,
@@ -57,6 +61,9 @@ class ExperimentPreset:
     step_s: float = 1.2
     silo_eval_s: float = 4.0
     full_eval_s: float = 60.0
+    # learning curve: loading one checkpoint, and scoring one user with it
+    checkpoint_load_s: float = 2.0
+    user_score_s: float = 0.015
 
     def config(self) -> RunConfig:
         """The typed run config every training run starts from (defaults + overrides)."""
@@ -73,9 +80,11 @@ EXPERIMENT_PRESETS: dict[str, ExperimentPreset] = {
         federated_nonprivate=False,  # the same code path as federated DP (dp = false); saves one simulation
         bootstrap=100,
         generated={"users": 160, "platforms": 2, "regions": 1, "seed": 1},
+        curve_users=16,
         note="smoke preset: generated data, random tiny BERT; numbers are meaningless",
         target_minutes=3,
-        sim_overhead_s=35.0, step_s=0.1, silo_eval_s=1.0, full_eval_s=5.0,
+        sim_overhead_s=35.0, step_s=0.1, silo_eval_s=1.0, full_eval_s=5.0, checkpoint_load_s=0.5,
+        user_score_s=0.005,
     ),
     "paper": ExperimentPreset(
         name="paper",
@@ -85,6 +94,7 @@ EXPERIMENT_PRESETS: dict[str, ExperimentPreset] = {
         epsilons=(1.0, 4.0, 8.0),
         local_epsilon=8.0,
         bootstrap=1000,
+        small_region_share=0.1,
         target_minutes=60,
     ),
 }
@@ -123,9 +133,13 @@ def help_text(preset: ExperimentPreset) -> str:
     rows = [name for name, on in (("federated-nonprivate", preset.federated_nonprivate),
                                    ("local-only", preset.local_only), ("centralised", preset.centralised),
                                    ("lopo", preset.lopo)) if on]
-    return (f"{preset.data}; ε in {{{eps}}}; {training_budget(preset)}; δ = {cfg.delta:g}; "
+    silos = (f"unequal silos (each platform re-partitioned into a large region and a small one with "
+             f"≈{preset.small_region_share:g} of its users)" if preset.small_region_share else "the dataset's own silos")
+    curves = (f"learning curves on ≤{preset.curve_users} validation users per platform" if preset.curve_users
+              else "no learning curves")
+    return (f"{preset.data}; {silos}; ε in {{{eps}}}; {training_budget(preset)}; δ = {cfg.delta:g}; "
             f"also {', '.join(rows) or 'nothing else'}; {preset.split} split, {preset.bootstrap} bootstrap "
-            f"resamples{fit}")
+            f"resamples; {curves}{fit}")
 
 
 def preset_with(preset: ExperimentPreset, **changes: Any) -> ExperimentPreset:
@@ -168,9 +182,20 @@ class Plan:
     silos: dict[str, str]  # silo -> platform
     runs: dict[str, TrainRun]
     methods: list[Method]
+    curve_methods: list[str] = field(default_factory=list)  # methods with a learning curve
+    curve_users: int = 0  # validation users the learning curve scores (the seeded subset, all platforms)
 
     def estimate_s(self) -> float:
-        return sum(r.estimate_s for r in self.runs.values()) + sum(self.eval_estimate(m) for m in self.methods)
+        return (sum(r.estimate_s for r in self.runs.values()) + sum(self.eval_estimate(m) for m in self.methods)
+                + self.curve_estimate_s())
+
+    def curve_estimate_s(self) -> float:
+        """Learning curves: every round's checkpoint (round 0 included) of each curve method's
+        runs loaded once, and the curve's validation users scored once per round."""
+        checkpoints = self.preset.config().num_server_rounds + 1
+        by_name = {m.name: m for m in self.methods}
+        return sum(checkpoints * (len(by_name[n].runs) * self.preset.checkpoint_load_s
+                                  + self.curve_users * self.preset.user_score_s) for n in self.curve_methods)
 
     def eval_estimate(self, m: Method) -> float:
         if m.family == "baseline":
@@ -189,8 +214,11 @@ def make_plan(preset: ExperimentPreset, dataset: Path, base_model: str | None) -
     from shared_model.dataset import list_silos, load_silo, read_catalogue
 
     catalogue = read_catalogue(dataset)  # platforms only: interests are not needed here
-    silos = {s: load_silo(dataset / "silos" / s, catalogue).platform for s in list_silos(dataset)}
+    loaded = {s: load_silo(dataset / "silos" / s, catalogue) for s in list_silos(dataset)}
+    silos = {s: silo.platform for s, silo in loaded.items()}
     platforms = [p for p in catalogue.platforms if p in silos.values()]
+    valid = {p: sum(1 for s in loaded.values() if s.platform == p for v in s.splits.values() if v == "valid")
+             for p in platforms}
     cfg = preset.config()
     rounds, steps = cfg.num_server_rounds, cfg.local_steps
     runs: dict[str, TrainRun] = {}
@@ -221,6 +249,9 @@ def make_plan(preset: ExperimentPreset, dataset: Path, base_model: str | None) -
         est = 20.0 + len(silos) * rounds * steps * preset.step_s * 0.6  # no per-sample gradients
         runs["centralised"] = TrainRun("centralised", "centralised", everyone, False, None, estimate_s=est)
         methods.append(Method("centralised-nonprivate", "centralised", ("centralised",), None, tuple(platforms)))
+    curves = [m.name for m in methods if m.family in {"federated-nonprivate", "local-only"}
+              or (m.family == "federated-dp" and m.epsilon == curve_epsilon(preset))]
+    curve_users = sum(min(n, preset.curve_users) for n in valid.values()) if preset.curve_users else 0
     if preset.lopo and len(platforms) > 1:
         for a in platforms:
             key = fed_run([s for s, p in silos.items() if p == a], True, preset.local_epsilon)
@@ -228,4 +259,9 @@ def make_plan(preset: ExperimentPreset, dataset: Path, base_model: str | None) -
                 if b != a:
                     methods.append(Method(f"lopo-{a}-to-{b}-eps{preset.local_epsilon:g}", "lopo", (key,),
                                           preset.local_epsilon, (a,), eval_platforms=(b,)))
-    return Plan(preset, dataset, base_model, silos, runs, methods)
+    return Plan(preset, dataset, base_model, silos, runs, methods, curves if curve_users else [], curve_users)
+
+
+def curve_epsilon(preset: ExperimentPreset) -> float:
+    """The ε of the federated DP learning curve: the local-only runs' ε when the grid has it, else the largest."""
+    return preset.local_epsilon if preset.local_epsilon in preset.epsilons else max(preset.epsilons)
