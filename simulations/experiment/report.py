@@ -146,8 +146,8 @@ def results_markdown(doc: Mapping[str, Any]) -> str:
         reused = "reused: " if r.get("status") == "reused" else ""
         lines.append(f"| `{key}` | {', '.join(r['silos'])} | {'yes' if r['dp'] else 'no'} | {eps} | "
                      f"{reused}{r['seconds']:.0f} ({r['estimate-seconds']:.0f}) |")
-    lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in PLOTS) + " (the last one: validation users, from each "
-              "federated run's `metrics.json`).", ""]
+    lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in PLOTS) + " (`metric-vs-round.png`: each federated run's "
+              "own per-round validation from its `metrics.json`; `learning-curve.png`: Table 5).", ""]
     return "\n".join(lines)
 
 
