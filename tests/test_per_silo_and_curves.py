@@ -115,3 +115,30 @@ def test_plan_counts_the_curve_cost(base: Path) -> None:
     want = rounds * ((1 + len(local.runs)) * preset.checkpoint_load_s + 2 * plan.curve_users * preset.user_score_s)
     assert plan.curve_estimate_s() == pytest.approx(want)
     assert make_plan(preset_with(preset, curve_users=0), base, None).curve_estimate_s() == 0.0
+
+
+def test_plan_evaluation_cost_scales_with_held_out_users(base: Path) -> None:
+    from shared_model.dataset import list_silos, load_silo, read_catalogue
+    from simulations.experiment.plan import EXPERIMENT_PRESETS, make_plan, preset_with
+
+    cat = read_catalogue(base)
+    silos = [load_silo(base / "silos" / s, cat) for s in list_silos(base)]
+    test = {p: {u for s in silos if s.platform == p for u, v in s.splits.items() if v == "test"} for p in ("p0", "p1")}
+    on = {p: {u for s in silos if s.platform == p for u in s.splits} for p in ("p0", "p1")}
+    preset = EXPERIMENT_PRESETS["smoke"]
+    plan = make_plan(preset, base, None)
+    assert plan.held_out == {"p0": len(test["p0"]), "p1": len(test["p1"]), "p0->p1": len(test["p1"] & on["p0"]),
+                             "p1->p0": len(test["p0"] & on["p1"])}
+    by = {m.name: m for m in plan.methods}
+    one = preset.user_score_s
+    # one model of both platforms: every platform's users and the cross-platform groups
+    assert plan.eval_estimate(by["federated-dp-eps8"]) == pytest.approx(
+        preset.checkpoint_load_s + one * sum(plan.held_out.values()))
+    # local-only: a model per silo, no cross-platform groups; LOPO: the platform it never saw
+    local = by["local-only-eps8"]
+    assert plan.eval_estimate(local) == pytest.approx(
+        len(local.runs) * preset.checkpoint_load_s + one * (plan.held_out["p0"] + plan.held_out["p1"]))
+    assert plan.eval_estimate(by["lopo-p0-to-p1-eps8"]) == pytest.approx(
+        preset.checkpoint_load_s + one * plan.held_out["p1"])
+    capped = make_plan(preset_with(preset, max_users=2), base, None)
+    assert all(n == min(plan.held_out[g], 2) for g, n in capped.held_out.items())

@@ -21,7 +21,7 @@ that quotes a preset's numbers (CLI help, results.md) is generated here from the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -56,15 +56,14 @@ class ExperimentPreset:
     note: str = ""  # caveat for the caption of results.md
     target_minutes: float | None = None  # the training budget is sized to fit this on 2 CPU cores
     # time model (seconds): per simulation overhead, per silo-step, per silo-round evaluation,
-    # and a full evaluation of one checkpoint on every held-out user of the split
+    # loading one checkpoint for offline scoring, and scoring one held-out user with it (the
+    # last paper run: 58 s for ≈3,850 scored users per method, ≈15.6 ms each; learning curves
+    # on a machine loaded to 3.5-5.5: 25-70 ms)
     sim_overhead_s: float = 35.0
     step_s: float = 1.2
     silo_eval_s: float = 4.0
-    full_eval_s: float = 60.0
-    # learning curve: loading one checkpoint, and scoring one user with it (the paper's test
-    # evaluation measured ≈15.6 ms per scored user; curves on a loaded machine 25-70 ms)
     checkpoint_load_s: float = 3.0
-    user_score_s: float = 0.02
+    user_score_s: float = 0.016
 
     def config(self) -> RunConfig:
         """The typed run config every training run starts from (defaults + overrides)."""
@@ -84,7 +83,7 @@ EXPERIMENT_PRESETS: dict[str, ExperimentPreset] = {
         curve_users=16,
         note="smoke preset: generated data, random tiny BERT; numbers are meaningless",
         target_minutes=3,
-        sim_overhead_s=35.0, step_s=0.1, silo_eval_s=1.0, full_eval_s=5.0, checkpoint_load_s=0.5,
+        sim_overhead_s=35.0, step_s=0.1, silo_eval_s=1.0, checkpoint_load_s=0.5,
         user_score_s=0.005,
     ),
     "paper": ExperimentPreset(
@@ -185,6 +184,7 @@ class Plan:
     methods: list[Method]
     curve_methods: list[str] = field(default_factory=list)  # methods with a learning curve
     curve_users: int = 0  # validation users the learning curve scores (the seeded subset, all platforms)
+    held_out: dict[str, int] = field(default_factory=dict)  # platform (or A->B) -> held-out users the table scores
 
     def estimate_s(self) -> float:
         return (sum(r.estimate_s for r in self.runs.values()) + sum(self.eval_estimate(m) for m in self.methods)
@@ -199,12 +199,15 @@ class Plan:
                                   + self.curve_users * self.preset.user_score_s) for n in self.curve_methods)
 
     def eval_estimate(self, m: Method) -> float:
+        """A baseline ≈2 s; a learned method: its checkpoints loaded, and every held-out user it
+        is evaluated on scored (its platforms, plus the ``A->B`` groups for one model of both)."""
         if m.family == "baseline":
             return 2.0
-        if m.eval_platforms is None:
-            return self.preset.full_eval_s
-        share = sum(1 for p in self.silos.values() if p in m.eval_platforms) / max(len(self.silos), 1)
-        return self.preset.full_eval_s * share
+        plats = m.eval_platforms or [g for g in self.held_out if "->" not in g]
+        users = sum(self.held_out.get(p, 0) for p in plats)
+        if m.eval_platforms is None and m.family not in {"local-only", "lopo"}:
+            users += sum(n for g, n in self.held_out.items() if "->" in g)
+        return len(m.runs) * self.preset.checkpoint_load_s + users * self.preset.user_score_s
 
 
 def eps_label(eps: float) -> str:
@@ -220,6 +223,7 @@ def make_plan(preset: ExperimentPreset, dataset: Path, base_model: str | None) -
     platforms = [p for p in catalogue.platforms if p in silos.values()]
     valid = {p: sum(1 for s in loaded.values() if s.platform == p for v in s.splits.values() if v == "valid")
              for p in platforms}
+    held_out = held_out_users(loaded, platforms, preset.split, preset.max_users)
     cfg = preset.config()
     rounds, steps = cfg.num_server_rounds, cfg.local_steps
     runs: dict[str, TrainRun] = {}
@@ -260,7 +264,19 @@ def make_plan(preset: ExperimentPreset, dataset: Path, base_model: str | None) -
                 if b != a:
                     methods.append(Method(f"lopo-{a}-to-{b}-eps{preset.local_epsilon:g}", "lopo", (key,),
                                           preset.local_epsilon, (a,), eval_platforms=(b,)))
-    return Plan(preset, dataset, base_model, silos, runs, methods, curves if curve_users else [], curve_users)
+    return Plan(preset, dataset, base_model, silos, runs, methods, curves if curve_users else [], curve_users,
+                held_out)
+
+
+def held_out_users(silos: Mapping[str, Any], platforms: Sequence[str], split: str, cap: int) -> dict[str, int]:
+    """Held-out users of ``split`` per platform and, per ``A->B``, those of B also on A (the
+    upper bound of the cross-platform cases), each capped at ``cap`` (0 = no cap)."""
+    users = {p: {u for s in silos.values() if s.platform == p for u, v in s.splits.items() if v == split}
+             for p in platforms}
+    anywhere = {p: {u for s in silos.values() if s.platform == p for u in s.splits} for p in platforms}
+    out = {p: len(u) for p, u in users.items()}
+    out |= {f"{a}->{b}": len(users[b] & anywhere[a]) for a in platforms for b in platforms if a != b}
+    return {g: min(n, cap) if cap else n for g, n in out.items()}
 
 
 def curve_epsilon(preset: ExperimentPreset) -> float:
