@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -31,17 +32,21 @@ Methods:
 Every metric (HR@10, NDCG@10, MRR, next-category accuracy @1/@3, on migrating users,
 migration AUC) carries a 95% percentile interval from a bootstrap over users with the
 same draws for every method (paired); Δ NDCG@10 is the per-user paired difference to
-most-popular. Nothing is tuned: the preset fixes every hyper-parameter; validation users
-only feed the per-round curves, test users only the table.
+most-popular. Per silo, federated DP against local-only DP at the same ε on that silo's
+users, with the paired interval of the difference (Table 4; the paper preset's unequal
+silos make one small region per platform). Learning curves: validation NDCG@10 of every
+round's checkpoint against cumulative DP steps, for federated DP, federated non-private and
+local-only (Table 5). Nothing is tuned: the preset fixes every hyper-parameter; validation
+users only feed the curves, test users only the tables.
 
 Presets:
 {presets}
 
 Writes to OUT: results.md (tables + caption), results.csv (one row per method and
-group, value/low/high/n per metric), results.json, the plots
+group, value/low/high/n per metric), per-silo.csv, learning-curve.csv, results.json, the plots
 {plots},
 runs/<run>/ (each training run's full output: metrics.json, checkpoints/, ledgers, logs),
-views/ (dataset views).
+views/ (dataset views; small-region-<share>/ is the unequal re-partition).
 """
 
 
@@ -85,6 +90,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-users", type=int, metavar="N", help="evaluate a seeded subset of at most N users per "
                    "platform, the same for every method (default: preset; 0 = all)")
     p.add_argument("--bootstrap", type=int, metavar="N", help="bootstrap resamples (default: preset)")
+    p.add_argument("--small-region-share", type=float, metavar="SHARE", help="unequal silos: re-partition each "
+                   "platform's users (by a hash of the user id, all of a user's splits together) into a large region "
+                   "and a small one holding about SHARE of them, in (0, 0.5]; the view is written to OUT/views/ with "
+                   "the catalogue hard-linked (default: preset; paper 0.1)")
+    p.add_argument("--keep-regions", action="store_true", help="train on the dataset's own silos (no re-partition)")
+    p.add_argument("--curve-users", type=int, metavar="N", help="learning curves: a seeded subset of at most N "
+                   "validation users per platform (default: preset; 0 = no learning curves)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per training run (default 3600)")
     add_set_argument(p, "override a run-config key of every training run, e.g. --set local-steps=4 "
                      f"(repeatable; not {', '.join(PER_RUN_KEYS)}: the experiment sets those per run)")
@@ -119,8 +131,24 @@ def _run(args: argparse.Namespace) -> int:
     if (args.max_users is not None and args.max_users < 0) or (args.bootstrap is not None and args.bootstrap < 1):
         print("fedshift experiment: --max-users must be >= 0 and --bootstrap >= 1", file=sys.stderr)
         return 2
+    if args.curve_users is not None and args.curve_users < 0:
+        print("fedshift experiment: --curve-users must be >= 0", file=sys.stderr)
+        return 2
+    if args.small_region_share is not None and args.keep_regions:
+        print("fedshift experiment: --small-region-share and --keep-regions exclude each other", file=sys.stderr)
+        return 2
+    if args.small_region_share is not None:
+        from simulations.datasets.unequal_regions import check_share
+
+        try:
+            check_share(args.small_region_share)
+        except ValueError as e:
+            return refuse("experiment", e)
     preset = preset_with(preset, split=args.split, max_users=args.max_users,
-                         bootstrap=args.bootstrap)
+                         bootstrap=args.bootstrap, small_region_share=args.small_region_share,
+                         curve_users=args.curve_users)
+    if args.keep_regions:
+        preset = replace(preset, small_region_share=None)
     dataset = Path(args.dataset).expanduser() if args.dataset else None
     if dataset is not None and not (dataset / "silos").is_dir():
         print(f"fedshift experiment: {dataset}: not a dataset folder (no silos/)", file=sys.stderr)

@@ -29,7 +29,8 @@ def smoke(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
 
 def test_outputs_exist(smoke: Path) -> None:
     for name in ("results.md", "results.csv", "results.json", "ndcg-vs-epsilon.png",
-                 "migrating-accuracy-vs-epsilon.png", "new-interest-vs-epsilon.png", "metric-vs-round.png"):
+                 "migrating-accuracy-vs-epsilon.png", "new-interest-vs-epsilon.png", "metric-vs-round.png",
+                 "learning-curve.png", "per-silo.csv", "learning-curve.csv"):
         data = (smoke / name).read_bytes()
         assert len(data) > 100, name
         if name.endswith(".png"):
@@ -107,6 +108,32 @@ def test_runs_and_curves(smoke: Path) -> None:
     assert [r for r, _ in doc["curves"]["fed-all-eps8"]["ndcg10"]] == [0, 1]
     assert (smoke / "runs" / "centralised" / "checkpoints" / "round-001" / "fedshift.json").is_file()
     assert sorted(p.name for p in (smoke / "views" / "fed-p0-r0-eps8" / "silos").iterdir()) == ["p0-r0"]
+
+
+def test_per_silo_table_and_learning_curves(smoke: Path) -> None:
+    doc = json.loads((smoke / "results.json").read_text())
+    ps = doc["per-silo"]
+    assert (ps["federated"], ps["local-only"]) == ("federated-dp-eps8", "local-only-eps8")
+    assert set(ps["silos"]) == {"p0-r0", "p1-r0"}
+    for silo, r in ps["silos"].items():
+        # each silo's users are its platform's users here (one region per platform): the same
+        # figures as the platform rows of the two methods
+        plat = doc["methods"]["federated-dp-eps8"]["groups"][r["platform"]]
+        assert r["users"] == plat["users"] and r["federated"]["ndcg10"]["value"] == plat["metrics"]["ndcg10"]["value"]
+        local = doc["methods"]["local-only-eps8"]["groups"][r["platform"]]["metrics"]["ndcg10"]["value"]
+        d = r["delta"]["ndcg10"]
+        assert d["value"] == pytest.approx(r["federated"]["ndcg10"]["value"] - local, abs=2e-6)
+        assert d["ci95"][0] <= d["value"] <= d["ci95"][1]
+    lc = doc["learning-curves"]
+    assert set(lc["methods"]) == {"federated-dp-eps8", "local-only-eps8"}  # smoke: no non-private run
+    assert lc["split"] == "valid" and all(0 < n <= 16 for n in lc["users"].values())
+    for pts in lc["methods"].values():
+        assert [(p["round"], p["dp-steps"]) for p in pts] == [(0, 0), (1, 2)]
+        assert all(p["users"] == sum(lc["users"].values()) and 0 <= p["ndcg10"]["value"] <= 1 for p in pts)
+    text = (smoke / "results.md").read_text()
+    assert "**Table 4.**" in text and "| `p0-r0` | p0 |" in text and "**Table 5.**" in text
+    with open(smoke / "learning-curve.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 4
 
 
 def test_resume_reuses_finished_runs_and_reproduces_the_table(smoke: Path, capsys: pytest.CaptureFixture[str]) -> None:

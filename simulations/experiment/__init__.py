@@ -5,7 +5,9 @@ plan.py         presets, the plan (training runs and methods) and its time estim
 run.py          trains the plan's runs (federated ones through fedshift.simulation.run_simulation)
                 and drives the whole experiment (run_experiment)
 evaluate.py     every method on the held-out users, through simulations.evaluation
-report.py       results.csv / results.json / results.md
+per_silo.py     federated vs local-only on each silo's users (Table 4)
+curves.py       learning curves: every round's checkpoint on validation users (Table 5)
+report.py       results.csv / per-silo.csv / learning-curve.csv / results.json / results.md
 plots.py        the plots
 centralised.py  the centralised, non-private trainer
 """

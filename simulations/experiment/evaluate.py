@@ -41,6 +41,7 @@ from simulations.evaluation import (
     platform_cases,
     summarise,
 )
+from simulations.experiment.per_silo import per_silo_comparison
 from simulations.experiment.plan import Plan
 
 REFERENCE = "most-popular"
@@ -208,7 +209,8 @@ def round_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def evaluate_plan(plan: Plan, out: Path, log: Callable[[str], None], clock: Callable[[], str]) -> dict[str, Any]:
     """Every method of ``plan`` (its runs trained under OUT/runs) on the held-out users of the
-    preset's split: ``{"users": {group: n}, "methods": {name: entry}}`` for results.json."""
+    preset's split: ``{"users": {group: n}, "methods": {name: entry}, "per-silo": table 4}`` for
+    results.json, plus the loaded ``catalogue``, ``silos`` and migration ``k`` for the curves."""
     from shared_model.dataset import load_dataset, load_dataset_info
     from shared_model.examples import DEFAULT_K
     from shared_model.scoring import Scorer
@@ -230,6 +232,8 @@ def evaluate_plan(plan: Plan, out: Path, log: Callable[[str], None], clock: Call
     markov_all = with_overall(markov_per, platforms)
     delta = preset.config().delta
     results: dict[str, Any] = {}
+    fed_name, local_name = per_silo_pair(plan)
+    kept: dict[str, dict[str, PerUser]] = {}
     for n, m in enumerate(plan.methods, 1):
         t0 = time.time()
         evals = list(m.eval_platforms) if m.eval_platforms else platforms
@@ -245,6 +249,8 @@ def evaluate_plan(plan: Plan, out: Path, log: Callable[[str], None], clock: Call
         per = (ref_per if m.name == REFERENCE else markov_per if m.name == INTEREST_REFERENCE
                else evaluate_method(pred, groups, evals, catalogue, k))
         per = {p: u for p, u in per.items() if p in evals}
+        if m.name in (fed_name, local_name):
+            kept[m.name] = per
         # cross-platform groups: every method trained on both platforms' silos with one model
         # (not local-only: a silo model never saw the other platform; not LOPO: it is its own transfer row)
         per_cross = None
@@ -264,4 +270,19 @@ def evaluate_plan(plan: Plan, out: Path, log: Callable[[str], None], clock: Call
                            "train-platforms": list(m.train_platforms), "runs": list(m.runs), "groups": summary}
         del pred
         log(f"{clock()} evaluated {n}/{len(plan.methods)} {m.name} in {time.time() - t0:.0f} s")
-    return {"users": {g: len(v.cases) for g, v in {**groups, **cross}.items()}, "methods": results}
+    per_silo: dict[str, Any] = {}
+    if fed_name in kept and local_name in kept:
+        train_users = {s: sum(1 for v in silo.splits.values() if v == "train") for s, silo in silos.items()}
+        per_silo = {"federated": fed_name, "local-only": local_name, "split": preset.split,
+                    "silos": per_silo_comparison(kept[fed_name], kept[local_name],
+                                                 {p: g.silo for p, g in groups.items()}, reps, seed, train_users)}
+    return {"users": {g: len(v.cases) for g, v in {**groups, **cross}.items()}, "methods": results,
+            "per-silo": per_silo, "catalogue": catalogue, "silos": silos, "k": k}
+
+
+def per_silo_pair(plan: Plan) -> tuple[str | None, str | None]:
+    """(federated DP method at the local-only runs' ε, local-only method) of the per-silo table."""
+    local = next((m for m in plan.methods if m.family == "local-only"), None)
+    fed = next((m for m in plan.methods if m.family == "federated-dp" and local is not None
+                and m.epsilon == local.epsilon), None)
+    return (fed.name if fed else None), (local.name if local else None)

@@ -21,7 +21,7 @@ that quotes a preset's numbers (CLI help, results.md) is generated here from the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,14 +49,21 @@ class ExperimentPreset:
     bootstrap: int = 1000
     seed: int = 0
     generated: dict[str, Any] | None = None  # smoke: generate a dataset + tiny BERT when none is given
+    # unequal silos: each platform's users re-partitioned into a large region and a small one
+    # holding about this share (simulations/datasets/unequal_regions.py); None = the dataset's own silos
+    small_region_share: float | None = None
+    curve_users: int = 500  # learning curve: a seeded subset of ≤ this many validation users per platform
     note: str = ""  # caveat for the caption of results.md
     target_minutes: float | None = None  # the training budget is sized to fit this on 2 CPU cores
     # time model (seconds): per simulation overhead, per silo-step, per silo-round evaluation,
-    # and a full evaluation of one checkpoint on every held-out user of the split
+    # loading one checkpoint for offline scoring, and scoring one held-out user with it (the
+    # last paper run: 58 s for ≈3,850 scored users per method, ≈15.6 ms each; learning curves
+    # on a machine loaded to 3.5-5.5: 25-70 ms)
     sim_overhead_s: float = 35.0
     step_s: float = 1.2
     silo_eval_s: float = 4.0
-    full_eval_s: float = 60.0
+    checkpoint_load_s: float = 3.0
+    user_score_s: float = 0.016
 
     def config(self) -> RunConfig:
         """The typed run config every training run starts from (defaults + overrides)."""
@@ -73,9 +80,11 @@ EXPERIMENT_PRESETS: dict[str, ExperimentPreset] = {
         federated_nonprivate=False,  # the same code path as federated DP (dp = false); saves one simulation
         bootstrap=100,
         generated={"users": 160, "platforms": 2, "regions": 1, "seed": 1},
+        curve_users=16,
         note="smoke preset: generated data, random tiny BERT; numbers are meaningless",
         target_minutes=3,
-        sim_overhead_s=35.0, step_s=0.1, silo_eval_s=1.0, full_eval_s=5.0,
+        sim_overhead_s=35.0, step_s=0.1, silo_eval_s=1.0, checkpoint_load_s=0.5,
+        user_score_s=0.005,
     ),
     "paper": ExperimentPreset(
         name="paper",
@@ -85,6 +94,7 @@ EXPERIMENT_PRESETS: dict[str, ExperimentPreset] = {
         epsilons=(1.0, 4.0, 8.0),
         local_epsilon=8.0,
         bootstrap=1000,
+        small_region_share=0.1,
         target_minutes=60,
     ),
 }
@@ -123,9 +133,13 @@ def help_text(preset: ExperimentPreset) -> str:
     rows = [name for name, on in (("federated-nonprivate", preset.federated_nonprivate),
                                    ("local-only", preset.local_only), ("centralised", preset.centralised),
                                    ("lopo", preset.lopo)) if on]
-    return (f"{preset.data}; ε in {{{eps}}}; {training_budget(preset)}; δ = {cfg.delta:g}; "
+    silos = (f"unequal silos (each platform re-partitioned into a large region and a small one with "
+             f"≈{preset.small_region_share:g} of its users)" if preset.small_region_share else "the dataset's own silos")
+    curves = (f"learning curves on ≤{preset.curve_users} validation users per platform" if preset.curve_users
+              else "no learning curves")
+    return (f"{preset.data}; {silos}; ε in {{{eps}}}; {training_budget(preset)}; δ = {cfg.delta:g}; "
             f"also {', '.join(rows) or 'nothing else'}; {preset.split} split, {preset.bootstrap} bootstrap "
-            f"resamples{fit}")
+            f"resamples; {curves}{fit}")
 
 
 def preset_with(preset: ExperimentPreset, **changes: Any) -> ExperimentPreset:
@@ -168,17 +182,32 @@ class Plan:
     silos: dict[str, str]  # silo -> platform
     runs: dict[str, TrainRun]
     methods: list[Method]
+    curve_methods: list[str] = field(default_factory=list)  # methods with a learning curve
+    curve_users: int = 0  # validation users the learning curve scores (the seeded subset, all platforms)
+    held_out: dict[str, int] = field(default_factory=dict)  # platform (or A->B) -> held-out users the table scores
 
     def estimate_s(self) -> float:
-        return sum(r.estimate_s for r in self.runs.values()) + sum(self.eval_estimate(m) for m in self.methods)
+        return (sum(r.estimate_s for r in self.runs.values()) + sum(self.eval_estimate(m) for m in self.methods)
+                + self.curve_estimate_s())
+
+    def curve_estimate_s(self) -> float:
+        """Learning curves: every round's checkpoint (round 0 included) of each curve method's
+        runs loaded once, and the curve's validation users scored once per round."""
+        checkpoints = self.preset.config().num_server_rounds + 1
+        by_name = {m.name: m for m in self.methods}
+        return sum(checkpoints * (len(by_name[n].runs) * self.preset.checkpoint_load_s
+                                  + self.curve_users * self.preset.user_score_s) for n in self.curve_methods)
 
     def eval_estimate(self, m: Method) -> float:
+        """A baseline ≈2 s; a learned method: its checkpoints loaded, and every held-out user it
+        is evaluated on scored (its platforms, plus the ``A->B`` groups for one model of both)."""
         if m.family == "baseline":
             return 2.0
-        if m.eval_platforms is None:
-            return self.preset.full_eval_s
-        share = sum(1 for p in self.silos.values() if p in m.eval_platforms) / max(len(self.silos), 1)
-        return self.preset.full_eval_s * share
+        plats = m.eval_platforms or [g for g in self.held_out if "->" not in g]
+        users = sum(self.held_out.get(p, 0) for p in plats)
+        if m.eval_platforms is None and m.family not in {"local-only", "lopo"}:
+            users += sum(n for g, n in self.held_out.items() if "->" in g)
+        return len(m.runs) * self.preset.checkpoint_load_s + users * self.preset.user_score_s
 
 
 def eps_label(eps: float) -> str:
@@ -189,8 +218,12 @@ def make_plan(preset: ExperimentPreset, dataset: Path, base_model: str | None) -
     from shared_model.dataset import list_silos, load_silo, read_catalogue
 
     catalogue = read_catalogue(dataset)  # platforms only: interests are not needed here
-    silos = {s: load_silo(dataset / "silos" / s, catalogue).platform for s in list_silos(dataset)}
+    loaded = {s: load_silo(dataset / "silos" / s, catalogue) for s in list_silos(dataset)}
+    silos = {s: silo.platform for s, silo in loaded.items()}
     platforms = [p for p in catalogue.platforms if p in silos.values()]
+    valid = {p: sum(1 for s in loaded.values() if s.platform == p for v in s.splits.values() if v == "valid")
+             for p in platforms}
+    held_out = held_out_users(loaded, platforms, preset.split, preset.max_users)
     cfg = preset.config()
     rounds, steps = cfg.num_server_rounds, cfg.local_steps
     runs: dict[str, TrainRun] = {}
@@ -221,6 +254,9 @@ def make_plan(preset: ExperimentPreset, dataset: Path, base_model: str | None) -
         est = 20.0 + len(silos) * rounds * steps * preset.step_s * 0.6  # no per-sample gradients
         runs["centralised"] = TrainRun("centralised", "centralised", everyone, False, None, estimate_s=est)
         methods.append(Method("centralised-nonprivate", "centralised", ("centralised",), None, tuple(platforms)))
+    curves = [m.name for m in methods if m.family in {"federated-nonprivate", "local-only"}
+              or (m.family == "federated-dp" and m.epsilon == curve_epsilon(preset))]
+    curve_users = sum(min(n, preset.curve_users) for n in valid.values()) if preset.curve_users else 0
     if preset.lopo and len(platforms) > 1:
         for a in platforms:
             key = fed_run([s for s, p in silos.items() if p == a], True, preset.local_epsilon)
@@ -228,4 +264,21 @@ def make_plan(preset: ExperimentPreset, dataset: Path, base_model: str | None) -
                 if b != a:
                     methods.append(Method(f"lopo-{a}-to-{b}-eps{preset.local_epsilon:g}", "lopo", (key,),
                                           preset.local_epsilon, (a,), eval_platforms=(b,)))
-    return Plan(preset, dataset, base_model, silos, runs, methods)
+    return Plan(preset, dataset, base_model, silos, runs, methods, curves if curve_users else [], curve_users,
+                held_out)
+
+
+def held_out_users(silos: Mapping[str, Any], platforms: Sequence[str], split: str, cap: int) -> dict[str, int]:
+    """Held-out users of ``split`` per platform and, per ``A->B``, those of B also on A (the
+    upper bound of the cross-platform cases), each capped at ``cap`` (0 = no cap)."""
+    users = {p: {u for s in silos.values() if s.platform == p for u, v in s.splits.items() if v == split}
+             for p in platforms}
+    anywhere = {p: {u for s in silos.values() if s.platform == p for u in s.splits} for p in platforms}
+    out = {p: len(u) for p, u in users.items()}
+    out |= {f"{a}->{b}": len(users[b] & anywhere[a]) for a in platforms for b in platforms if a != b}
+    return {g: min(n, cap) if cap else n for g, n in out.items()}
+
+
+def curve_epsilon(preset: ExperimentPreset) -> float:
+    """The ε of the federated DP learning curve: the local-only runs' ε when the grid has it, else the largest."""
+    return preset.local_epsilon if preset.local_epsilon in preset.epsilons else max(preset.epsilons)

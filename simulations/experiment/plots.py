@@ -9,7 +9,7 @@ from typing import Any
 
 #: The plot files, in the order :func:`plots` draws them.
 PLOTS = ("ndcg-vs-epsilon.png", "migrating-accuracy-vs-epsilon.png", "new-interest-vs-epsilon.png",
-         "metric-vs-round.png")
+         "metric-vs-round.png", "learning-curve.png")
 
 
 def plots(doc: Mapping[str, Any]) -> dict[str, bytes]:
@@ -84,4 +84,24 @@ def plots(doc: Mapping[str, Any]) -> dict[str, bytes]:
         ax.set_title(f"{label} vs round")
     axes[0].legend(fontsize=7, loc="best")
     out["metric-vs-round.png"] = png(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    lc = doc.get("learning-curves") or {}
+    for n, (name, pts) in enumerate((lc.get("methods") or {}).items()):
+        pts = [p for p in pts if (p.get("ndcg10") or {}).get("value") is not None]
+        if not pts:
+            continue
+        xs, ys = [p["dp-steps"] for p in pts], [p["ndcg10"]["value"] for p in pts]
+        lo = [p["ndcg10"]["ci95"][0] if p["ndcg10"]["ci95"][0] is not None else y for p, y in zip(pts, ys)]
+        hi = [p["ndcg10"]["ci95"][1] if p["ndcg10"]["ci95"][1] is not None else y for p, y in zip(pts, ys)]
+        ax.plot(xs, ys, marker="o", label=name, color=f"C{n % 10}")
+        ax.fill_between(xs, lo, hi, alpha=0.15, color=f"C{n % 10}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("cumulative DP-SGD steps per silo (round × local steps; 0 = untrained)")
+    ax.set_ylabel("NDCG@10 (validation subset)")
+    ax.set_title("Learning curves\n(95 % bootstrap intervals over users)", fontsize=10)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    out["learning-curve.png"] = png(fig)
     return out

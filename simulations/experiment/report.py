@@ -13,6 +13,8 @@ from typing import Any
 from shared_model.io_utils import csv_bytes, write_bytes_atomic
 from simulations.evaluation import METRICS
 from simulations.experiment.evaluate import INTEREST_DELTAS, INTEREST_REFERENCE, REFERENCE_DELTAS
+from simulations.experiment.curves import CURVE_METRICS
+from simulations.experiment.per_silo import SILO_CSV_HEADER, silo_rows
 from simulations.experiment.plots import PLOTS, plots
 
 TABLE_METRICS = (("hr10", "HR@10"), ("ndcg10", "NDCG@10"), ("mrr", "MRR"), ("category-acc1", "cat acc@1"),
@@ -137,14 +139,15 @@ def results_markdown(doc: Mapping[str, Any]) -> str:
             d = _cell(res["metrics"].get("delta-ndcg10"), signed=True) if name != doc["reference"] else "(reference)"
             lines.append("| " + " | ".join([f"`{name}`", eps, delta, g, str(res["users"]),
                                              *(_cell(res["metrics"].get(m)) for m, _ in cross_metrics), d]) + " |")
+    lines += silo_table(doc) + curve_table(doc)
     lines += ["", "## Methods", "", *method_lines(doc), "", "## Training runs", "", "| run | silos | DP | ε | seconds (estimate) |", "|---|---|---|---|---|"]
     for key, r in doc["runs"].items():
         eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:g}"
         reused = "reused: " if r.get("status") == "reused" else ""
         lines.append(f"| `{key}` | {', '.join(r['silos'])} | {'yes' if r['dp'] else 'no'} | {eps} | "
                      f"{reused}{r['seconds']:.0f} ({r['estimate-seconds']:.0f}) |")
-    lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in PLOTS) + " (the last one: validation users, from each "
-              "federated run's `metrics.json`).", ""]
+    lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in PLOTS) + " (`metric-vs-round.png`: each federated run's "
+              "own per-round validation from its `metrics.json`; `learning-curve.png`: Table 5).", ""]
     return "\n".join(lines)
 
 
@@ -152,6 +155,8 @@ def write_outputs(doc: Mapping[str, Any], out: Path) -> list[str]:
     """Write results.json/.csv/.md and the plots (each atomically); returns the plots' names."""
     write_bytes_atomic(out / "results.json", json.dumps(doc, indent=2, default=str).encode())
     write_bytes_atomic(out / "results.csv", csv_bytes(csv_header(), results_rows(doc), compress=False))
+    write_bytes_atomic(out / "per-silo.csv", csv_bytes(SILO_CSV_HEADER, silo_rows(doc), compress=False))
+    write_bytes_atomic(out / "learning-curve.csv", csv_bytes(CURVE_CSV_HEADER, curve_rows(doc), compress=False))
     write_bytes_atomic(out / "results.md", results_markdown(doc).encode())
     pngs = plots(doc)
     for name, data in pngs.items():
@@ -191,3 +196,70 @@ def method_lines(doc: Mapping[str, Any]) -> list[str]:
                          "evaluated on B's held-out users (zero-shot transfer through the text encoder)."),
     }
     return [f"- {text[f]()}" for f in by_family if f in text]
+
+
+def silo_table(doc: Mapping[str, Any]) -> list[str]:
+    """Table 4: federated DP vs local-only DP on each silo's held-out users (empty without both)."""
+    ps = doc.get("per-silo") or {}
+    if not ps.get("silos"):
+        return []
+    fed, loc = ps["federated"], ps["local-only"]
+    regions = doc.get("regions")
+    setting = (f"the unequal setting: each platform's users re-partitioned by a hash of the user id into a large "
+               f"region and a small one holding ≈{regions['share']:g} of them (docs/experiment.md)"
+               if regions else "the dataset's own silos")
+    lines = ["", f"**Table 4.** Does federation help each silo? `{fed}` against `{loc}` (the same ε per silo) on "
+             f"each silo's held-out {ps['split']} users, {setting}. Each cell: value [95 % paired-bootstrap "
+             "interval]; Δ = federated − local-only per user, with its paired interval: federation helps a silo "
+             "only where the interval of Δ lies above 0.", "",
+             "| silo | platform | train users | held-out users | federated NDCG@10 | local-only NDCG@10 | "
+             "Δ NDCG@10 | Δ HR@10 |", "|---|---|---|---|---|---|---|---|"]
+    for s, r in ps["silos"].items():
+        lines.append("| " + " | ".join([f"`{s}`", r["platform"], str(r.get("train-users") or "–"), str(r["users"]),
+                                         _cell(r["federated"].get("ndcg10")), _cell(r["local-only"].get("ndcg10")),
+                                         _cell(r["delta"].get("ndcg10"), signed=True),
+                                         _cell(r["delta"].get("hr10"), signed=True)]) + " |")
+    return lines
+
+
+def curve_table(doc: Mapping[str, Any]) -> list[str]:
+    """Table 5: the learning curves (validation NDCG@10 per cumulative DP step)."""
+    lc = doc.get("learning-curves") or {}
+    methods = lc.get("methods") or {}
+    if not methods:
+        return []
+    rounds = sorted({p["round"] for pts in methods.values() for p in pts})
+    steps = lc.get("steps-per-round")
+    users = ", ".join(f"{p}: {n}" for p, n in lc.get("users", {}).items())
+    lines = ["", f"**Table 5.** Learning curves: NDCG@10 [95 % bootstrap interval] on a seeded subset of "
+             f"**validation** users ({users}; the same users for every method and round) after each round's "
+             f"checkpoint, against cumulative DP-SGD steps per silo (round × {steps} local steps; for the "
+             "non-private run, plain steps). Round 0 is the untrained model. Local-only: each silo's checkpoint "
+             "scores its own silo's users (user-weighted over silos). Plot: `learning-curve.png`.", "",
+             "| round | steps per silo | " + " | ".join(f"`{m}`" for m in methods) + " |",
+             "|" + "---|" * (2 + len(methods))]
+    for r in rounds:
+        cells = []
+        for pts in methods.values():
+            pt = next((p for p in pts if p["round"] == r), None)
+            cells.append(_cell(pt.get("ndcg10")) if pt else "–")
+        lines.append(f"| {r} | {r * steps if steps else '–'} | " + " | ".join(cells) + " |")
+    return lines
+
+
+CURVE_CSV_HEADER = ["method", "round", "dp-steps", "users",
+                    *(f"{m}{c}" for m in CURVE_METRICS for c in ("", "-ci95-low", "-ci95-high"))]
+
+
+def curve_rows(doc: Mapping[str, Any]) -> list[list[Any]]:
+    """CSV rows of the learning curves: one per method and round."""
+    rows = []
+    for name, pts in ((doc.get("learning-curves") or {}).get("methods") or {}).items():
+        for p in pts:
+            row: list[Any] = [name, p["round"], p["dp-steps"], p["users"]]
+            for m in CURVE_METRICS:
+                e = p.get(m) or {}
+                lo, hi = e.get("ci95") or [None, None]
+                row += [_num(e.get("value")), _num(lo), _num(hi)]
+            rows.append(row)
+    return rows

@@ -22,8 +22,11 @@ from typing import Any
 
 from shared_model.config import RunConfig
 from shared_model.io_utils import write_bytes_atomic
+from simulations.experiment.curves import plan_curves
 from simulations.experiment.evaluate import evaluate_plan, last_checkpoint, round_curves
-from simulations.experiment.plan import ExperimentPreset, Plan, TrainRun, caption_note, make_plan, summary
+from simulations.datasets.unequal_regions import describe, plan_regions, write_regions
+from simulations.experiment.plan import (ExperimentPreset, Plan, TrainRun, caption_note, eps_label, make_plan,
+                                         summary)
 from simulations.experiment.report import write_outputs
 
 #: Written into a run's folder when it finished: its settings (:func:`run_stamp`) and seconds.
@@ -128,19 +131,32 @@ def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = N
     ``resume``: a run whose folder records (:data:`STAMP_FILE`) that it finished with the same
     settings (:func:`run_stamp`) is reused instead of retrained; evaluation always reruns."""
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
     def clock() -> str:
         return f"[{time.time() - started:6.0f} s]"
 
-    if dataset is None and preset.generated is not None:
+    generated = dataset is None and preset.generated is not None
+    if not generated:
+        dataset = Path(dataset).expanduser().resolve() if dataset else RunConfig().dataset_dir()
+    # a bad share or a platform too small for two regions fails before anything is written
+    regions = plan_regions(Path(dataset), preset.small_region_share, preset.seed) if (
+        preset.small_region_share is not None and not generated) else None
+    out.mkdir(parents=True, exist_ok=True)
+    if generated:
         dataset, base_model = _generated_inputs(preset, out, base_model)
-    dataset = Path(dataset).expanduser().resolve() if dataset else RunConfig().dataset_dir()
+        if preset.small_region_share is not None:
+            regions = plan_regions(Path(dataset), preset.small_region_share, preset.seed)
+    source = dataset = Path(dataset).resolve()
+    if regions is not None:
+        dataset = write_regions(regions, out / "views" / f"small-region-{eps_label(regions.share)}")
     base_model = str(Path(base_model).expanduser().resolve()) if base_model else None
     plan = make_plan(preset, dataset, base_model)
     cfg = preset.config()
     log(f"fedshift experiment: preset {preset.name} ({summary(preset)})")
+    if regions is not None:
+        log(f"unequal silos: {source} re-partitioned into {dataset} (small region ≈{regions.share:g} of each "
+            f"platform's users, by a hash of the user id): {describe(regions)}")
     log(f"dataset {dataset} ({len(plan.silos)} silos: {', '.join(f'{s}={p}' for s, p in plan.silos.items())}); "
         f"base model {base_model or 'bundled'}; {cfg.num_server_rounds} round(s) × {cfg.local_steps} local steps; "
         f"split {preset.split}")
@@ -149,6 +165,9 @@ def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = N
     for r in plan.runs.values():
         log(f"  {r.key:<34} {len(r.silos)} silo(s), {'DP ε=%g' % r.epsilon if r.dp else 'no DP'}: ≈{r.estimate_s:.0f} s")
     log(f"  evaluation: ≈{sum(plan.eval_estimate(m) for m in plan.methods):.0f} s")
+    if plan.curve_methods:
+        log(f"  learning curves ({', '.join(plan.curve_methods)}; {plan.curve_users} validation users, every round's "
+            f"checkpoint): ≈{plan.curve_estimate_s():.0f} s")
     if dry_run:
         return {"plan": plan}
 
@@ -171,11 +190,14 @@ def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = N
         log(f"{clock()} run {n}/{len(plan.runs)} {run.key} done in {run.seconds:.0f} s")
 
     evaluated = evaluate_plan(plan, out, log, clock)
+    curves = plan_curves(plan, out, evaluated["catalogue"], evaluated["silos"], evaluated["k"], log, clock)
     doc = {
         "preset": preset.name,
         "summary": summary(preset),
         "subsampling": caption_note(preset),
         "dataset": str(dataset),
+        "source-dataset": str(source),
+        "regions": regions.record if regions is not None else None,
         "base-model": base_model or "bundled all-MiniLM-L6-v2",
         "split": preset.split,
         "bootstrap-reps": preset.bootstrap,
@@ -190,6 +212,9 @@ def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = N
                       "estimate-seconds": round(r.estimate_s, 1), "status": r.status} for k_, r in plan.runs.items()},
         "methods": evaluated["methods"],
         "curves": {key: round_curves(out / "runs" / key) for key, r in plan.runs.items() if r.kind == "federated"},
+        "per-silo": evaluated["per-silo"],
+        "learning-curves": curves,
+        "estimate-seconds": {"total": round(plan.estimate_s(), 1), "learning-curves": round(plan.curve_estimate_s(), 1)},
         "machine": machine_description(),
         "seconds": round(time.time() - started, 1),
     }
