@@ -192,7 +192,7 @@ def test_simulate_interrupted_after_round_2_resumes_to_3_with_the_same_epsilon(
     cfg = RunConfig.from_run_config({
         "dataset": str(dataset), "base-model": str(tiny_bert), "num-server-rounds": 3, "local-steps": 2,
         "batch-size": 16, "max-eval-users": 8, "min-nodes": len(silos),
-        "release-metrics": "none"})  # ε of DP-SGD rounds alone, to compare with one accountant's 3 rounds
+        "release-metrics": "none"})  # ε of DP-SGD rounds and the popularity release, to compare with one accountant
     stop = threading.Event()
     watcher = threading.Thread(target=_interrupt_when, args=(out / "checkpoints" / "round-002", stop), daemon=True)
     watcher.start()
@@ -222,8 +222,10 @@ def test_simulate_interrupted_after_round_2_resumes_to_3_with_the_same_epsilon(
         assert [r.round for r in rounds] == [1, 2, 3]  # continued: no round reset or counted twice
         assert {r.run_id for r in rounds} == {str(original)}  # charged to the original run's budget
         assert [r.resumed_in for r in rounds] == [None, None, resumed_id]
+        assert [r.KIND for r in read_records(ledgers[silo]) if r.KIND == "popularity-release"] == ["popularity-release"]
         # an uninterrupted 3-round run: the calibrated mechanism, 3 rounds, one accountant
         plan = PrivacyState.calibrate(silo, cfg, num_users=rounds[0].num_users)
+        plan.record_popularity()  # released once, before round 1 (not again on resume)
         for r in range(3):
             plan.record_round(r + 1, cfg.local_steps)
         assert all(r.noise_multiplier == pytest.approx(plan.noise_multiplier, rel=1e-12) for r in rounds)
