@@ -27,7 +27,7 @@ from fedshift.simulation import prepare_silo_state, run_simulation
 from shared_model.config import RunConfig
 from shared_model.dataset import list_silos
 from shared_model.privacy.ledger import Ledger
-from shared_model.privacy.records import DpSgdRound, Refusal, dp_rounds, read_records, write_record
+from shared_model.privacy.records import DpSgdRound, PopularityRelease, Refusal, dp_rounds, read_records, write_record
 from shared_model.privacy.state import PrivacyState
 from shared_model.run_folder import ResumeError, resume_plan
 from tests.test_silo_policy import _message, task_identity  # noqa: F401 (a fixture)
@@ -119,8 +119,15 @@ def _silo_context(small_dataset: Path, tiny_bert: Path, state: Path, run_id: int
 
 def _spend(ledger: Ledger, cfg: RunConfig, silo: str, num_users: int, rounds: int, run_id: str,
            sigma_scale: float = 1.0) -> PrivacyState:
-    """Write ``rounds`` DP-SGD round records as the silo would have (calibrated σ, q)."""
+    """Write the popularity release and ``rounds`` DP-SGD round records as the silo would have
+    (calibrated z, σ, q)."""
     state = PrivacyState.calibrate(silo, cfg, num_users=num_users)
+    state.record_popularity()
+    write_record(ledger, PopularityRelease(
+        run_id=run_id, silo=silo, round=0, platform="p0", items=10, max_items=cfg.popularity_max_items,
+        noise_multiplier=state.popularity_noise_multiplier, sensitivity=cfg.popularity_max_items ** 0.5,
+        delta=cfg.delta, accountant=cfg.accountant, epsilon_release=state.epsilon_spent,
+        epsilon_cumulative=state.epsilon_spent, epsilon_budget=cfg.epsilon))
     for r in range(1, rounds + 1):
         state.record_round(r, cfg.local_steps)
         write_record(ledger, DpSgdRound(

@@ -93,10 +93,11 @@ def test_epsilon_composes_over_rounds_like_one_accountant(tiny_run: Path) -> Non
         recs.sort(key=lambda r: r["round"])
         eps = [r["epsilon"] for r in recs]
         assert eps == sorted(eps) and eps[-1] <= recs[-1]["epsilon-budget"] + 1e-9, (silo, eps)
-        # release-metrics = dp (the default): the silo's ε composes its DP-SGD rounds and its
-        # Gaussian metric releases (round 0's evaluation first) in one Opacus accountant
+        # release-metrics = dp (the default): the silo's ε composes its popularity release, its DP-SGD
+        # rounds and its Gaussian metric releases (round 0's evaluation first) in one Opacus accountant
         spent = [r for r in spending(ledger) if r.silo == silo]
-        assert [r.KIND for r in spent][:2] == ["metric-release", "dp-sgd-round"], [r.KIND for r in spent]
+        assert [r.KIND for r in spent][:3] == ["popularity-release", "metric-release", "dp-sgd-round"], \
+            [r.KIND for r in spent]
         acc = RDPAccountant()
         acc.history = history_of(spent[:-1])  # up to the last round's training (its evaluation follows)
         assert eps[-1] == pytest.approx(acc.get_epsilon(recs[-1]["delta"]), rel=1e-6)
