@@ -348,8 +348,8 @@ def test_run_ends_cleanly_when_every_silo_is_at_budget(
     for name in list_silos(small_dataset):
         n = len(train_user_ids(load_silo(small_dataset / "silos" / name, catalogue)))
         p = PrivacyState.calibrate(name, cfg, n)
-        step = (p.noise_multiplier, p.sample_rate, 2)
-        caps.append((p.epsilon_of([step]), p.epsilon_of([step, step])))
+        step, release = (p.noise_multiplier, p.sample_rate, 2), (p.popularity_noise_multiplier, 1.0, 1)
+        caps.append((p.epsilon_of([release, step]), p.epsilon_of([release, step, step])))  # the release comes first
     cap = (max(c[0] for c in caps) + min(c[1] for c in caps)) / 2
     assert all(c[0] < cap < c[1] for c in caps)
 
