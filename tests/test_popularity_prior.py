@@ -198,3 +198,14 @@ def test_a_prior_that_is_not_finite_or_not_this_catalogue_s_is_refused() -> None
     prior.set_prior([-1.0, -2.0])
     with pytest.raises(ValueError, match="2 values, but item row 5 was asked"):
         prior.lookup(torch.tensor([[0, 5]]))
+
+
+def test_restore_refuses_a_popularity_release_made_with_other_noise() -> None:
+    from shared_model.privacy.state import RestoreMismatch
+
+    cfg = RunConfig(num_server_rounds=3, local_steps=8, batch_size=32, epsilon=8.0, delta=1e-5)
+    state = PrivacyState.calibrate("s", cfg, num_users=400)
+    same = _release(noise_multiplier=state.popularity_noise_multiplier)
+    assert state.restore([same]).history == [(state.popularity_noise_multiplier, 1.0, 1)]
+    with pytest.raises(RestoreMismatch, match="popularity release of round 0 used σ=2.5"):
+        PrivacyState.calibrate("s", cfg, num_users=400).restore([_release(noise_multiplier=2.5)])

@@ -187,32 +187,24 @@ class PrivacyState:
         return step
 
     def restore(self, run_rounds: list[Spending]) -> "PrivacyState":
-        """Continue from this run's spending records (DP-SGD rounds and metric releases, in
-        ledger order: a restarted silo process).
+        """Continue from this run's spending records (DP-SGD rounds, metric and popularity
+        releases, in ledger order: a restarted silo process).
 
         The noise was calibrated from the run config; a record made with other mechanism
         parameters means the configuration changed mid-run, which would silently break
         the privacy plan, so it is refused.
         """
+        planned: dict[type, tuple[float, float, str, type[RuntimeError]]] = {  # kind → (σ, q, what, error)
+            DpSgdRound: (self.noise_multiplier, self.sample_rate, "DP-SGD", RestoreMismatch),
+            MetricRelease: (self.metric_noise_multiplier, 1.0, "metric release", RuntimeError),
+            PopularityRelease: (self.popularity_noise_multiplier, 1.0, "popularity release", RestoreMismatch),
+        }
         for rec in run_rounds:
-            if isinstance(rec, MetricRelease):
-                if not math.isclose(float(rec.noise_multiplier), self.metric_noise_multiplier, rel_tol=1e-9):
-                    raise RuntimeError(
-                        f"silo {self.silo}: ledger metric release of round {rec.round} used σ={rec.noise_multiplier:g} "
-                        f"but this run calibrates σ={self.metric_noise_multiplier:g} for metrics; refusing to continue")
-                continue
-            if isinstance(rec, PopularityRelease):
-                if not math.isclose(float(rec.noise_multiplier), self.popularity_noise_multiplier, rel_tol=1e-9):
-                    raise RestoreMismatch(
-                        f"silo {self.silo}: ledger popularity release used z={rec.noise_multiplier:g} but this run "
-                        f"calibrates z={self.popularity_noise_multiplier:g}; refusing to continue")
-                continue
-            sigma, q = float(rec.noise_multiplier), float(rec.sample_rate)
-            if not (math.isclose(sigma, self.noise_multiplier, rel_tol=1e-9) and math.isclose(q, self.sample_rate, rel_tol=1e-9)):
-                raise RestoreMismatch(
-                    f"silo {self.silo}: ledger round {rec.round} used σ={sigma:g}, q={q:g} but this run's "
-                    f"configuration calibrates σ={self.noise_multiplier:g}, q={self.sample_rate:g}; refusing to continue"
-                )
+            sigma, q, _ = rec.mechanism
+            want_sigma, want_q, what, error = planned[type(rec)]
+            if not (math.isclose(sigma, want_sigma, rel_tol=1e-9) and math.isclose(q, want_q, rel_tol=1e-9)):
+                raise error(f"silo {self.silo}: ledger {what} of round {rec.round} used σ={sigma:g}, q={q:g} but this "
+                            f"run's configuration calibrates σ={want_sigma:g}, q={want_q:g}; refusing to continue")
         self.history = history_of(run_rounds)
         self.rounds = [int(r.round) for r in run_rounds if isinstance(r, DpSgdRound)]
         return self
