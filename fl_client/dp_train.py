@@ -59,6 +59,7 @@ def interest_loss(
     input_ids, mask, rows, cats, feats, last = batch
     user, cat_logits = model(input_ids, mask, feats)
     cat_logits = mask_to_platform(cat_logits, category_mask)
+    item_cat = _item_loss_category_logits(cat_logits, cfg)
     # the additive terms (popularity prior, newest history item) of the target and the negatives
     # in ONE call of each head (Opacus per-sample gradients)
     inner = getattr(model, "_module", model)
@@ -66,9 +67,9 @@ def interest_loss(
     sim = (last_item_similarity(item_emb[last.clamp_min(0)], last >= 0, item_emb[cand], cfg.logit_scale)
            if inner.last_item_head is not None else None)
     extra = inner.extra_scores(cand, sim)
-    pos = own_item_scores(user, cat_logits, item_emb[rows], prior_index[rows], cfg.logit_scale, cfg.category_prior_weight,
+    pos = own_item_scores(user, item_cat, item_emb[rows], prior_index[rows], cfg.logit_scale, cfg.category_prior_weight,
                           None if extra is None else extra[:, 0])
-    neg = item_scores(user, cat_logits, item_emb[negatives], prior_index[negatives], cfg.logit_scale,
+    neg = item_scores(user, item_cat, item_emb[negatives], prior_index[negatives], cfg.logit_scale,
                       cfg.category_prior_weight, None if extra is None else extra[:, 1:])
     neg = neg.masked_fill(negatives.unsqueeze(0) == rows.unsqueeze(1), float("-inf"))
     return _combined_loss(pos, neg, cat_logits, cats, cfg)
@@ -96,13 +97,22 @@ def adapted_interest_loss(
     sim = last_item_similarity(items[:, -1], last >= 0, items[:, :-1], cfg.logit_scale) if with_last else None
     items = items[:, :-1] if with_last else items
     cat_logits = mask_to_platform(cat_logits, category_mask)
-    prior = category_prior(cat_logits).gather(1, prior_index[cand_rows])  # [B, 1+K]
+    prior = category_prior(_item_loss_category_logits(cat_logits, cfg)).gather(1, prior_index[cand_rows])  # [B, 1+K]
     scores = cfg.logit_scale * (items * user.unsqueeze(1)).sum(-1).float() + cfg.category_prior_weight * prior
     extra = inner.extra_scores(cand_rows, sim)
     if extra is not None:
         scores = scores + extra.float()
     neg = scores[:, 1:].masked_fill(negatives == rows.unsqueeze(1), float("-inf"))
     return _combined_loss(scores[:, 0], neg, cat_logits, cats, cfg)
+
+
+def _item_loss_category_logits(cat_logits: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    """The next-interest logits as the item score's category term sees them: detached unless
+    ``category-prior-gradient``, so that only the next-interest loss trains the next-interest
+    head (the item loss's pull through ``log p(category)`` competes with it: docs/results.md).
+    Detaching changes only which loss a gradient comes from; each example's gradient is still
+    its own (per-example clipping is unaffected)."""
+    return cat_logits if cfg.category_prior_gradient else cat_logits.detach()
 
 
 def _combined_loss(

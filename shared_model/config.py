@@ -125,6 +125,8 @@ class RunConfig:
     tower_negatives: int = 15
     logit_scale: float = 20.0
     category_prior_weight: float = 1.0
+    # whether the item loss trains the next-interest head through category-prior-weight·log p(category)
+    category_prior_gradient: bool = False
     item_loss_weight: float = 1.0
     category_loss_weight: float = 1.0
     history_features: bool = True
@@ -133,7 +135,7 @@ class RunConfig:
     # a Gaussian histogram of its training users' items; item score += w·log prior (w trained)
     popularity_prior: bool = True
     popularity_max_items: int = 8  # c: a user's most recent distinct items counted (unit weight each)
-    popularity_epsilon_share: float = 0.1  # of ε: what the release alone would spend
+    popularity_epsilon_share: float = 0.1  # the release's marginal share of ε (PrivacyState.calibrate)
     popularity_threshold: float = 3.0  # summed counts below this many noise std are treated as 0
     popularity_weight: float = 1.0  # initial w (then trained under DP-SGD like the heads)
     # the newest history item's content similarity: item score += b·logit-scale·cos(e_last, e_i), b fixed

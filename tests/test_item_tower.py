@@ -11,7 +11,7 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
-from fl_client.dp_train import adapted_interest_loss, fold_grad_samples, pick_device, train_round
+from fl_client.dp_train import adapted_interest_loss, fold_grad_samples, interest_loss, pick_device, train_round
 from fl_client.evaluate import evaluate_silo
 from fl_client.task import TrainUsers, evaluation_examples, open_silo
 from shared_model.privacy.state import PrivacyState
@@ -70,6 +70,36 @@ def test_folded_grad_samples_equal_each_examples_own_gradient(small_dataset: Pat
     # the item rows really carry gradient: lora_A of the encoder is non-zero for every example
     lora_a = [p for n, p in trainable if "lora_A" in n]
     assert all(float(p.grad_sample.abs().sum()) > 0 for p in lora_a)
+
+
+@pytest.mark.parametrize("tower", ["frozen", "adapted"])
+def test_only_the_next_interest_loss_trains_the_next_interest_head(tower: str, small_dataset: Path, tiny_bert: Path,
+                                                                    cache_dir: Path) -> None:
+    """With ``category-prior-gradient = false`` the item loss reaches the next-interest head
+    through no path (its ``log p(category)`` term is detached); with true it does."""
+    grads = {}
+    for flows in (False, True):
+        cfg = _cfg(small_dataset, tiny_bert, **{"item-tower": tower, "category-loss-weight": 0.0,
+                                                "category-prior-gradient": flows})
+        data = open_silo(cfg, {"partition-id": 0})
+        model = build_model(cfg, num_categories=len(data.categories), seed=0)
+        dataset = TrainUsers(data, cfg, seed=1)
+        batch = collate([dataset[i] for i in range(4)], dataset.encode.tokenizer.pad_token_id or 0)
+        rows = data.items.platform_rows(data.platform)
+        g = torch.Generator().manual_seed(2)
+        if tower == "adapted":
+            negatives = rows[torch.randint(len(rows), (4, cfg.tower_negatives), generator=g)]
+            loss = adapted_interest_loss(model, batch, data.item_tokens, data.item_prior_index, data.category_mask,
+                                         negatives, cfg)
+        else:
+            negatives = rows[torch.randint(len(rows), (16,), generator=g)]
+            loss = interest_loss(model, batch, data.items.embeddings, data.item_prior_index, data.category_mask,
+                                 negatives, cfg)
+        head = [p for n, p in model.named_parameters() if n.startswith("category_head") and p.requires_grad]
+        assert head
+        grad = torch.autograd.grad(loss, head, allow_unused=True)
+        grads[flows] = sum(0.0 if x is None else float(x.abs().sum()) for x in grad)
+    assert grads[False] == 0.0 and grads[True] > 0.0
 
 
 @pytest.mark.slow  # trains with Opacus
