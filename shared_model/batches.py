@@ -70,14 +70,23 @@ class ExampleBatcher:
         feats = history_features(history, cat, self.category_index, self.cfg.migration_k)
         return torch.tensor(ids, dtype=torch.long), feats
 
-    def last_row(self, history: Sequence[Event]) -> int:
-        """The item row of the history's newest event (:data:`NO_ITEM` when empty or not in the index)."""
-        return self.item_row.get(history[-1].item_id, NO_ITEM) if history else NO_ITEM
+    def last_row(self, history: Sequence[Event], platform: str | None = None) -> int:
+        """The item row of the history's newest event on ``platform`` (any platform when
+        ``None``); :data:`NO_ITEM` when there is none or it is not in the index. The newest-item
+        term compares candidates with what the user last did on the candidates' own platform: a
+        history from another platform (a cross-platform case) has no newest item there."""
+        for ev in reversed(history):
+            item = self.catalogue.items.get(ev.item_id)
+            if platform is None or (item is not None and item.platform == platform):
+                return self.item_row.get(ev.item_id, NO_ITEM)
+        return NO_ITEM
 
     def __call__(self, ex: Example) -> tuple[torch.Tensor, int, int, torch.Tensor, int]:
         ids, feats = self.history(ex.history)
         cat = self.category_index.get(ex.target_category, IGNORE_INDEX) if ex.target_category else IGNORE_INDEX
-        return ids, self.item_row[ex.target.item_id], cat, feats, self.last_row(ex.history)
+        target = self.catalogue.items.get(ex.target.item_id)
+        last = self.last_row(ex.history, target.platform if target is not None else None)
+        return ids, self.item_row[ex.target.item_id], cat, feats, last
 
 
 def collate(batch: Sequence[tuple], pad_id: int = 0, num_categories: int = 0) -> tuple[torch.Tensor, ...]:

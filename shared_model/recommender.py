@@ -64,7 +64,7 @@ class Recommender:
         t0 = time.perf_counter()
         titles = [t for t in titles if t.strip()]
         events, cat, report = self.resolve(titles, platform)
-        scores, probs = self.scorer.score([self.scorer.encode_history(events, cat)], platform)
+        scores, probs = self.scorer.score([self.scorer.encode_history(events, platform, cat)], platform)
         scores = scores.clone()  # an inference tensor is read-only outside inference mode
         col = self.platform_col[platform]
         exclude_history(scores, [[col[e.item_id] for e in events if e.item_id in col]])

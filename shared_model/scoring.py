@@ -361,11 +361,13 @@ class Scorer:
             self._platform[platform] = (cands, mask)
         return self._platform[platform]
 
-    def encode_history(self, history: Sequence[Event], catalogue: Catalogue | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Token ids, ``[C, F]`` history features (:meth:`ExampleBatcher.history`) and the newest
-        item's row in the index (:meth:`ExampleBatcher.last_row`)."""
+    def encode_history(self, history: Sequence[Event], platform: str | None = None,
+                       catalogue: Catalogue | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Token ids, ``[C, F]`` history features (:meth:`ExampleBatcher.history`) and the row of
+        the newest item on ``platform``, the platform that will be scored
+        (:meth:`ExampleBatcher.last_row`)."""
         ids, feats = self.batcher.history(history, catalogue)
-        return ids, feats, self.batcher.last_row(history)
+        return ids, feats, self.batcher.last_row(history, platform)
 
     @torch.inference_mode()
     def score(self, encoded: Sequence[tuple[torch.Tensor, torch.Tensor, int]], platform: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -382,7 +384,7 @@ class Scorer:
         bs = batch_size or self.cfg.eval_batch_size
         out_s, out_p = [], []
         for s in range(0, len(histories), bs):
-            sc, pr = self.score([self.encode_history(h) for h in histories[s : s + bs]], platform)
+            sc, pr = self.score([self.encode_history(h, platform) for h in histories[s : s + bs]], platform)
             out_s.append(sc.numpy())
             out_p.append(pr.numpy())
         n = len(self.index.platform_rows(platform))

@@ -191,6 +191,22 @@ def test_batches_carry_each_example_s_newest_item_row() -> None:
     assert last.tolist() == [9, NO_ITEM]
 
 
+def test_the_newest_item_is_the_newest_on_the_scored_platform() -> None:
+    from shared_model.batches import NO_ITEM, ExampleBatcher
+    from shared_model.schema import Catalogue, Event, Example, Item
+
+    cat = Catalogue({"a1": Item("a1", "A", "brush"), "a2": Item("a2", "A", "easel"), "b1": Item("b1", "B", "stapler")})
+    batcher = ExampleBatcher(cat, [], RunConfig(), item_row={"a1": 0, "a2": 1, "b1": 2})
+    history = (Event("u", "b1", 0), Event("u", "a1", 1), Event("u", "a2", 2))
+    assert batcher.last_row(history) == 1  # no platform: the newest event
+    assert batcher.last_row(history, "A") == 1 and batcher.last_row(history, "B") == 2
+    assert batcher.last_row(history[1:], "B") == NO_ITEM  # only A events: no newest item on B
+    # an example takes its target's platform: a cross-platform case gets no newest-item term
+    cross = Example("u", history[1:], Event("u", "b1", 3), None, False)
+    assert batcher(cross)[4] == NO_ITEM
+    assert batcher(Example("u", history[:2], Event("u", "a2", 3), None, False))[4] == 0
+
+
 def test_a_prior_that_is_not_finite_or_not_this_catalogue_s_is_refused() -> None:
     prior = PopularityPrior()
     with pytest.raises(ValueError, match="1 of 3 values are not finite"):

@@ -21,6 +21,7 @@ from shared_model.adapters import get_trainable_state, load_checkpoint
 from shared_model.privacy.ledger import Ledger
 from shared_model.privacy.records import history_of, read_records, spending
 from shared_model.encoder import load_encoder, load_tokenizer, mean_pool
+from shared_model.batches import NO_ITEM
 from shared_model.schema import Event
 
 pytestmark = pytest.mark.slow
@@ -183,7 +184,8 @@ def test_checkpoint_scores_a_cross_platform_history_with_the_target_platform_s_p
     p1 = prior.log_prior[rows]
     assert torch.isclose(torch.logsumexp(p1, 0), torch.tensor(0.0), atol=1e-4)  # a distribution over p1's items
     history = [e for e in scorer.catalogue.items.values() if e.platform == "p0"][:3]
-    encoded = [scorer.encode_history([Event("u", it.item_id, n) for n, it in enumerate(history)])]
+    encoded = [scorer.encode_history([Event("u", it.item_id, n) for n, it in enumerate(history)], "p1")]
+    assert encoded[0][2] == NO_ITEM  # a p0 history has no newest item on p1: the newest-item term is off
     with_prior, _ = scorer.score(encoded, "p1")
     w = float(head.weight.detach())
     with torch.no_grad():

@@ -79,7 +79,7 @@ def _split_ms(rec: Recommender, platform: str, titles: list[str], calls: int) ->
         t0 = time.perf_counter()
         events, cat, _ = rec.resolve(titles, platform)
         t1 = time.perf_counter()
-        encoded = rec.scorer.encode_history(events, cat)
+        encoded = rec.scorer.encode_history(events, platform, cat)
         t2 = time.perf_counter()
         rec.scorer.score([encoded], platform)
         t3 = time.perf_counter()
@@ -135,7 +135,7 @@ def serving(work_dir: Path, calls: int, history: int = 10, profile: bool = True,
         out: dict[str, object] = {
             "platform": platform, "items": len(scorer.index.platform_rows(platform)),
             "catalogue_items": len(scorer.index.item_ids), "history_titles": len(titles), "calls": calls,
-            "history_tokens": int(len(scorer.encode_history(events, cat)[0])),
+            "history_tokens": int(len(scorer.encode_history(events, platform, cat)[0])),
             "threads": 1, "p50_ms": round(percentile_ms(samples, 50), 3),
             "p99_ms": round(percentile_ms(samples, 99), 3), "max_ms": round(float(np.max(samples)) * 1000, 3),
             "cpu_p50_ms": round(percentile_ms(cpu, 50), 3), "cpu_p99_ms": round(percentile_ms(cpu, 99), 3),
