@@ -144,8 +144,8 @@ def score_candidates(user: torch.Tensor, category_logits: torch.Tensor, cands: C
     """``[B, N]`` scores (on the CPU) of the candidates; with a sample ``[B, 1 + N]``, column 0
     each user's own target (``target_rows``). ``model``'s additive terms are added when it has
     them: the popularity prior of each candidate's own platform, and (``last_rows``: each user's
-    newest history item, :data:`~shared_model.batches.NO_ITEM` for none) the newest item's
-    similarity in the candidates' tower."""
+    newest history item on the candidates' platform, :data:`~shared_model.batches.NO_ITEM` for
+    none: :meth:`ExampleBatcher.last_row`) the newest item's similarity in the candidates' tower."""
     device = user.device
     last = None
     if model is not None and model.last_item_head is not None and last_rows is not None and cands.tower is not None:
