@@ -69,6 +69,8 @@ def add_set_argument(parser: argparse.ArgumentParser, help: str) -> None:
 
 
 def refuse(command: str, error: Exception) -> int:
-    """Print ``fedshift COMMAND: error`` on one line to stderr; the exit status 2."""
-    print(f"fedshift {command}: {error}", file=sys.stderr)
+    """Print ``fedshift COMMAND: error`` on one line to stderr (a ``DataError``: one such line
+    per problem, ``file:line: field: reason``); the exit status 2."""
+    for line in str(error).splitlines() or [""]:
+        print(f"fedshift {command}: {line}", file=sys.stderr)
     return 2

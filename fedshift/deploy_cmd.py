@@ -56,7 +56,7 @@ def _check_silo(folder: Path) -> None:
 def local_plan(args: argparse.Namespace) -> tuple[Any, list[str]]:
     """The validated run config and the silos to deploy (``ValueError`` on bad input)."""
     from fedshift.simulate_cmd import simulate_config
-    from shared_model.dataset import list_silos
+    from shared_model.dataset import list_silos, require_valid_dataset
 
     ns = argparse.Namespace(preset=args.preset, dataset=args.dataset, base_model=args.base_model, rounds=args.rounds,
                             epsilon=None, seed=None, no_dp=False, set=args.set)
@@ -69,6 +69,7 @@ def local_plan(args: argparse.Namespace) -> tuple[Any, list[str]]:
     silos = available[: args.silos]
     for silo in silos:
         _check_silo(cfg.dataset_dir() / "silos" / silo)
+    require_valid_dataset(cfg.dataset_dir(), silos)  # DataError: every bad file:line, before anything starts
     if not any(item.split("=", 1)[0].strip() == "min-nodes" for item in args.set or ()):
         cfg = cfg.replace(**{"min-nodes": len(silos)})
     if not any(item.split("=", 1)[0].strip() == "secure-aggregation" for item in args.set or ()):

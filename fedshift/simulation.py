@@ -229,7 +229,9 @@ def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout:
     audit OUT`` finds them; a stable folder accumulates lifetime spend across runs), made
     ready by :func:`prepare_silo_state` with ``allow_non_private`` and ``silo_seed``.
     Raises ``ValueError`` before ``out`` is created when the dataset has no silos or
-    ``min-nodes`` exceeds them (the server would wait forever). Progress goes to ``stream``
+    ``min-nodes`` exceeds them (the server would wait forever), and ``DataError`` (every
+    ``file:line: field: reason``) when a file of the dataset is bad: a silo would otherwise
+    fail its rounds one by one. Progress goes to ``stream``
     (default stdout); Flower's whole log to OUT/flwr.log. After ``timeout`` seconds the run
     is stopped. The local SuperLink is stopped at the end, also on SIGTERM/SIGHUP.
 
@@ -240,7 +242,7 @@ def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout:
     ``ray.init()`` in Flower's backend reads. The cluster's workers get only ``PYTHONPATH``
     from Flower, so its nodes must be started with fedshift's environment (docs/performance.md).
     """
-    from shared_model.dataset import list_silos
+    from shared_model.dataset import list_silos, require_valid_dataset
     from shared_model.privacy.ledger_signatures import gather_public_keys
 
     stream = stream or sys.stdout
@@ -252,6 +254,7 @@ def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout:
         raise ValueError(f"{dataset}: no silos (expected silos/<name>/events.csv)")
     if cfg.min_nodes > len(silos):
         raise ValueError(f"min-nodes = {cfg.min_nodes} but {dataset} has {len(silos)} silos: no round would start")
+    require_valid_dataset(dataset, silos)
     federation_arg = federation_config(len(silos), federation, ray_address)
     out.mkdir(parents=True, exist_ok=True)
     state_dir = Path(state_dir).expanduser().resolve() if state_dir else out / "silo-state"

@@ -324,8 +324,9 @@ def load_dataset(dataset_dir: Path, base_model: str | None = None, max_tokens: i
     return catalogue, silos
 
 
-def validate_dataset(dataset_dir: Path) -> list[Problem]:
-    """Every problem of a dataset folder (empty when valid). Never writes."""
+def validate_dataset(dataset_dir: Path, silos: list[str] | None = None) -> list[Problem]:
+    """Every problem of a dataset folder (empty when valid): its catalogue, dataset.json and
+    each silo, or only the silos named in ``silos``. Never writes."""
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
         return [Problem(str(dataset_dir), 0, "path", "not a directory")]
@@ -339,7 +340,7 @@ def validate_dataset(dataset_dir: Path) -> list[Problem]:
     except DataError as e:
         return e.problems
     try:
-        silos = list_silos(dataset_dir)
+        silos = list_silos(dataset_dir) if silos is None else list(silos)
     except DataError as e:
         return e.problems
     if not silos:
@@ -351,3 +352,10 @@ def validate_dataset(dataset_dir: Path) -> list[Problem]:
         except DataError as e:
             problems.extend(e.problems)
     return problems
+
+
+def require_valid_dataset(dataset_dir: Path, silos: list[str] | None = None) -> None:
+    """:func:`validate_dataset`, raising :class:`DataError` with every problem: the check a
+    command runs before it starts processes or creates its output folder."""
+    if problems := validate_dataset(dataset_dir, silos):
+        raise DataError(problems)

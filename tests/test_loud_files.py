@@ -62,6 +62,22 @@ def test_symlinks_out_of_the_dataset_are_refused(what: str, ds: Path, tmp_path: 
     assert any(f"a symlink to {target}" in line and "outside" in line for line in out), out
 
 
+@pytest.mark.parametrize("command", [["simulate"], ["deploy", "local", "--silos", "2"]])
+def test_a_bad_silo_file_stops_the_run_before_it_starts(command: list[str], ds: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    events = ds / SILO / "events.csv"
+    lines = events.read_text().splitlines(keepends=True)
+    lines[2] = lines[2].rsplit(",", 1)[0] + "\n"  # line 3 loses its event_type
+    events.write_text("".join(lines))
+    out = tmp_path / "run"
+    assert main([*command, "--dataset", str(ds), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    name = " ".join(command[:2])
+    assert err and all(line.startswith(f"fedshift {name}: ") for line in err), err
+    assert f"fedshift {name}: {SILO}/events.csv:3: row: expected 4 fields, found 3" in err, err
+    assert not out.exists()  # no run folder, no silo state, no Flower process
+
+
 def test_a_symlink_inside_the_dataset_is_fine(ds: Path) -> None:
     shutil.move(str(ds / "items.csv"), ds / "items-real.csv")
     (ds / "items.csv").symlink_to(ds / "items-real.csv")
