@@ -121,7 +121,8 @@ def test_a_masked_input_hides_the_input_and_a_second_unmask_is_refused() -> None
     keys = {v: s.advertise() for v, s in silos.items()}
     cts = {v: s.share_keys(keys, 2) for v, s in silos.items()}
     y = silos[5].mask(x, [5, 6, 7])
-    assert np.mean(y == x) < 0.01 and abs(np.corrcoef(y.astype(float), x.astype(float))[0, 1]) < 0.05
+    # an independent mask leaves r ≈ N(0, 1/n); 5/√n fails an honest mask once in ~2 million runs
+    assert np.mean(y == x) < 0.01 and abs(np.corrcoef(y.astype(float), x.astype(float))[0, 1]) < 5 / np.sqrt(x.size)
     silos[6].mask(x, [5, 6, 7])
     mine = {v: cts[v][6] for v in cts}
     silos[6].unmask_shares([5, 6], [7], mine)
