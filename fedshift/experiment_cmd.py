@@ -74,8 +74,7 @@ exit status: 0 ok; 1 a training run failed (its log is named); 2 bad input.
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from simulations.experiment.plan import EXPERIMENT_PRESETS
-    from simulations.experiment.run import PER_RUN_KEYS
+    from simulations.experiment.plan import EXPERIMENT_PRESETS, PER_RUN_KEYS
 
     p = sub.add_parser("experiment", help="run the experiment grid and write results.md/.csv and plots",
                        description=description(), epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,7 +112,8 @@ def _run(args: argparse.Namespace) -> int:
     import warnings
 
     from simulations.experiment.plan import EXPERIMENT_PRESETS, preset_with
-    from simulations.experiment.run import PER_RUN_KEYS, run_experiment
+    from simulations.experiment.plan import PER_RUN_KEYS
+    from simulations.experiment.run import run_experiment
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     preset = EXPERIMENT_PRESETS[args.preset]

@@ -94,3 +94,16 @@ def test_report_methods_follow_the_document() -> None:
     assert len(lines) == 2 and "`most-popular`" in lines[0]
     assert "ε ∈ {1, 4}" in lines[1] and "2 rounds × 5 local steps × batch 8" in lines[1]
     assert not any("nonprivate" in line or "lopo" in line for line in lines)
+
+
+def test_the_cli_parser_imports_no_ml_library() -> None:
+    """``fedshift COMMAND --help`` and every refusal of a bad flag answer before torch,
+    transformers, flwr, opacus or peft load (seconds on a small machine); each command
+    imports what it needs when it runs. Checked in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from fedshift.cli import build_parser; build_parser(); "
+            "print(','.join(m for m in ('torch', 'transformers', 'flwr', 'opacus', 'peft') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert proc.stdout.strip() == "", proc.stdout

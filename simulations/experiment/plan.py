@@ -29,6 +29,8 @@ from typing import Any
 from shared_model.config import RunConfig
 
 BASELINES = ("most-popular", "category-markov", "history-logit", "item-cooccurrence")
+#: Run-config keys the experiment sets for each run itself (not settable with --set).
+PER_RUN_KEYS = ("dataset", "base-model", "out-dir", "min-nodes", "dp", "epsilon")
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,6 @@ from simulations.experiment.report import write_outputs
 
 #: Written into a run's folder when it finished: its settings (:func:`run_stamp`) and seconds.
 STAMP_FILE = "experiment-run.json"
-#: Run-config keys the experiment sets for each run itself (not settable with --set).
-PER_RUN_KEYS = ("dataset", "base-model", "out-dir", "min-nodes", "dp", "epsilon")
 
 
 def dataset_view(dataset: Path, silos: Sequence[str], folder: Path) -> Path:
