@@ -30,7 +30,7 @@ from typing import TextIO
 import psutil
 
 from fedshift.deploy_credentials import Certificates, SupernodeKey, write_certificates, write_supernode_keys
-from fedshift.flower_processes import APP_DIR, FLOWER_ENV, free_port, relay, toml_value, write_run_config
+from fedshift.flower_processes import FLOWER_ENV, copy_app, free_port, relay, toml_value, write_run_config
 from shared_model.config import RunConfig
 from shared_model.privacy.ledger_signatures import gather_public_keys
 from shared_model.io_utils import write_bytes_atomic
@@ -215,8 +215,10 @@ class LocalDeployment:
         config_file = self.folder / "run-config.toml"
         write_run_config(cfg.to_run_config(), config_file)
         started = time.time()
+        app = self.folder / "app"  # the app's FAB files only: `flwr run` walks this, not the repository
+        shutil.rmtree(app, ignore_errors=True)
         with open(self.folder / "flwr.log", "a" if self.resumed else "w", encoding="utf-8") as log, subprocess.Popen(
-            [_flwr(), "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(config_file)],
+            [_flwr(), "run", str(copy_app(app)), CONNECTION, "--stream", "--run-config", str(config_file)],
             env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
             start_new_session=True,
         ) as proc:

@@ -33,7 +33,8 @@ from typing import Any, TextIO
 
 import psutil
 
-from fedshift.flower_processes import APP_DIR, FLOWER_ENV, free_port, relay, terminate, toml_value, write_run_config
+from fedshift.flower_processes import (FLOWER_ENV, copy_app, free_port, relay, terminate, toml_value,
+                                       write_run_config)
 from shared_model.config import RunConfig
 from shared_model.io_utils import write_bytes_atomic
 
@@ -275,7 +276,7 @@ def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout:
     config_file = flwr_home / "run-config.toml"
     write_run_config(cfg.to_run_config(), config_file)
     cmd = [
-        shutil.which("flwr") or "flwr", "run", str(APP_DIR), "--stream",
+        shutil.which("flwr") or "flwr", "run", str(copy_app(flwr_home / "app")), "--stream",
         "--run-config", str(config_file),
         "--federation-config", federation_arg,
     ]

@@ -311,7 +311,8 @@ def test_flwr_run_dot_runs_the_same_app(tmp_path: Path, small_dataset: Path, tin
     `flwr ls` reports it; the local SuperLink Flower leaves running is then stopped."""
     import shutil
 
-    from fedshift.simulation import APP_DIR, local_superlink_env, run_status, stop_local_superlink
+    from fedshift.flower_processes import APP_DIR
+    from fedshift.simulation import local_superlink_env, run_status, stop_local_superlink
 
     home = tmp_path / "fedshift-flwr-home"
     home.mkdir()
