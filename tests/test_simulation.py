@@ -137,28 +137,6 @@ def test_audit_of_a_dp_metrics_run_passes_and_shows_the_metrics_share(tiny_run: 
     assert f"| {result['silos']['p0-r0']['popularity-share-of-epsilon']:.1%} |" in md
 
 
-def test_titles_only_dataset_trains_finite_with_derived_interests(tmp_path: Path, small_dataset: Path,
-                                                                   tiny_bert: Path, cache_dir: Path) -> None:
-    from simulations.datasets.titles_only import make_titles_only
-
-    titles = make_titles_only(small_dataset, tmp_path / "titles")
-    proc = _simulate(tmp_path / "run", "--dataset", str(titles), "--base-model", str(tiny_bert), "--rounds", "1",
-                     "--set", "local-steps=2", "--set", "batch-size=16", "--set", "max-eval-users=0")
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    doc = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    train = [rec for rec in doc["records"] if rec["phase"] == "train"]
-    # the train loss is withheld under release-metrics = dp; a non-finite update would be a problem
-    assert train and not doc["problems"] and all(rec["num-examples"] > 0 for rec in train)
-    evals = [rec for rec in doc["records"] if rec["phase"] == "evaluate" and rec["round"] == 1]
-    # noisy (dp) accuracy: clipped to [0, 1], or -1 when the noisy count of users is below 1
-    evals = [rec for rec in evals if rec["silo"] != "ALL"]  # the server's mean of the silos' releases
-    assert len(evals) >= 3 and all(rec["release-metrics"] == "dp" and (0 <= rec["category-accuracy"] <= 1
-                                   or rec["category-accuracy"] == -1) for rec in evals)
-    meta = json.loads((tmp_path / "run" / "checkpoints" / "round-001" / "fedshift.json").read_text())
-    assert all(c["source"] == "derived" and c["classes"] >= 8 for c in meta["interests"].values())
-    assert len(meta["categories"]) == sum(c["classes"] for c in meta["interests"].values())
-
-
 def test_payload_is_exactly_the_trainable_tensors(tiny_run: Path) -> None:
     doc = json.loads((tiny_run / "metrics.json").read_text())
     model, _ = load_checkpoint(tiny_run / "checkpoints" / "round-001")
@@ -306,32 +284,62 @@ def test_real_bundled_encoder_short_run(tmp_path: Path, small_dataset: Path, cac
     assert any(float(v.abs().max()) > 0 for k, v in lora.items() if "lora_B" in k)
 
 
-def test_flwr_run_dot_runs_the_same_app(tmp_path: Path, small_dataset: Path, tiny_bert: Path, cache_dir: Path) -> None:
-    """`flwr run .` (what researchers type) with a temporary FLWR_HOME completes, and
-    `flwr ls` reports it; the local SuperLink Flower leaves running is then stopped."""
+@pytest.fixture(scope="module")
+def flwr_run_titles(tmp_path_factory: pytest.TempPathFactory, small_dataset: Path, tiny_bert: Path,
+                    cache_dir: Path) -> dict:
+    """`flwr run .` (what researchers type, with a temporary FLWR_HOME and silo state) on a
+    titles-only copy of the small dataset: one round, every silo."""
     import shutil
 
     from fedshift.flower_processes import APP_DIR
     from fedshift.simulation import local_superlink_env, run_status, stop_local_superlink
+    from simulations.datasets.titles_only import make_titles_only
 
-    home = tmp_path / "fedshift-flwr-home"
+    tmp = tmp_path_factory.mktemp("flwr-run-titles")
+    titles = make_titles_only(small_dataset, tmp / "titles")
+    home = tmp / "fedshift-flwr-home"
     home.mkdir()
-    env = local_superlink_env(home)
-    config = (
-        f'dataset="{small_dataset}" base-model="{tiny_bert}" out-dir="{tmp_path / "out"}" '
-        "min-nodes=3 num-server-rounds=1 local-steps=2 batch-size=16 max-eval-users=16"
-    )
+    env = {**local_superlink_env(home), "FEDSHIFT_STATE": str(tmp / "silo-state")}
+    config = (f'dataset="{titles}" base-model="{tiny_bert}" out-dir="{tmp / "out"}" '
+              "min-nodes=3 num-server-rounds=1 local-steps=2 batch-size=16 max-eval-users=0")
     try:
         proc = subprocess.run(
             [shutil.which("flwr") or "flwr", "run", str(APP_DIR), "--stream", "--run-config", config,
              "--federation-config", "num-supernodes=3"],
             env=env, capture_output=True, text=True, timeout=600, check=False, cwd=APP_DIR,
         )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert run_status(home, env) == "finished:completed"
-        assert (tmp_path / "out" / "metrics.json").is_file()
+        status = run_status(home, env)
     finally:
-        assert stop_local_superlink(home) >= 1
+        stopped = stop_local_superlink(home)
+    return {"proc": proc, "status": status, "stopped": stopped, "out": tmp / "out"}
+
+
+def test_flwr_run_dot_runs_the_same_app(flwr_run_titles: dict) -> None:
+    """`flwr run .` completes, `flwr ls` reports it, and the local SuperLink Flower leaves
+    running is then stopped."""
+    proc = flwr_run_titles["proc"]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert flwr_run_titles["status"] == "finished:completed"
+    assert flwr_run_titles["stopped"] >= 1
+    assert (flwr_run_titles["out"] / "metrics.json").is_file()
+
+
+def test_titles_only_dataset_trains_finite_with_derived_interests(flwr_run_titles: dict) -> None:
+    """A valid dataset whose catalogue has titles and no categories trains every silo without a
+    problem (no NaN update), and the checkpoint's interests are derived classes."""
+    out = flwr_run_titles["out"]
+    doc = json.loads((out / "metrics.json").read_text())
+    train = [rec for rec in doc["records"] if rec["phase"] == "train"]
+    # the train loss is withheld under release-metrics = dp; a non-finite update would be a problem
+    assert len(train) == 3 and not doc["problems"] and all(rec["num-examples"] > 0 for rec in train)
+    evals = [rec for rec in doc["records"] if rec["phase"] == "evaluate" and rec["round"] == 1]
+    # noisy (dp) accuracy: clipped to [0, 1], or -1 when the noisy count of users is below 1
+    evals = [rec for rec in evals if rec["silo"] != "ALL"]  # the server's mean of the silos' releases
+    assert len(evals) >= 3 and all(rec["release-metrics"] == "dp" and (0 <= rec["category-accuracy"] <= 1
+                                   or rec["category-accuracy"] == -1) for rec in evals)
+    meta = json.loads((out / "checkpoints" / "round-001" / "fedshift.json").read_text())
+    assert all(c["source"] == "derived" and c["classes"] >= 8 for c in meta["interests"].values())
+    assert len(meta["categories"]) == sum(c["classes"] for c in meta["interests"].values())
 
 
 def test_run_ends_cleanly_when_every_silo_is_at_budget(
