@@ -111,8 +111,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     import warnings
 
-    from simulations.experiment.plan import EXPERIMENT_PRESETS, preset_with
-    from simulations.experiment.plan import PER_RUN_KEYS
+    from simulations.experiment.plan import EXPERIMENT_PRESETS, PER_RUN_KEYS, preset_with
     from simulations.experiment.run import run_experiment
 
     warnings.filterwarnings("ignore", category=FutureWarning)

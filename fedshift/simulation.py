@@ -232,7 +232,8 @@ def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout:
     Raises ``ValueError`` before ``out`` is created when the dataset has no silos or
     ``min-nodes`` exceeds them (the server would wait forever), and ``DataError`` (every
     ``file:line: field: reason``) when a file of the dataset is bad: a silo would otherwise
-    fail its rounds one by one. Progress goes to ``stream``
+    fail its rounds one by one. ``flwr run`` gets a copy of the app's FAB files in a private
+    FLWR_HOME (:func:`fedshift.flower_processes.copy_app`). Progress goes to ``stream``
     (default stdout); Flower's whole log to OUT/flwr.log. After ``timeout`` seconds the run
     is stopped. The local SuperLink is stopped at the end, also on SIGTERM/SIGHUP.
 
