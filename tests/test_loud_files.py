@@ -62,8 +62,10 @@ def test_symlinks_out_of_the_dataset_are_refused(what: str, ds: Path, tmp_path: 
     assert any(f"a symlink to {target}" in line and "outside" in line for line in out), out
 
 
-@pytest.mark.parametrize("command", [["simulate"], ["deploy", "local", "--silos", "2"]])
-def test_a_bad_silo_file_stops_the_run_before_it_starts(command: list[str], ds: Path, tmp_path: Path,
+@pytest.mark.parametrize(("name", "command"), [("simulate", ["simulate"]),
+                                             ("deploy local", ["deploy", "local", "--silos", "2"]),
+                                             ("experiment", ["experiment", "--preset", "smoke"])])
+def test_a_bad_silo_file_stops_the_run_before_it_starts(name: str, command: list[str], ds: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     events = ds / SILO / "events.csv"
     lines = events.read_text().splitlines(keepends=True)
@@ -72,10 +74,9 @@ def test_a_bad_silo_file_stops_the_run_before_it_starts(command: list[str], ds: 
     out = tmp_path / "run"
     assert main([*command, "--dataset", str(ds), "--out", str(out)]) == 2
     err = capsys.readouterr().err.splitlines()
-    name = " ".join(command[:2])
     assert err and all(line.startswith(f"fedshift {name}: ") for line in err), err
     assert f"fedshift {name}: {SILO}/events.csv:3: row: expected 4 fields, found 3" in err, err
-    assert not out.exists()  # no run folder, no silo state, no Flower process
+    assert not out.exists()  # no output folder, no silo state, no Flower process
 
 
 def test_a_symlink_inside_the_dataset_is_fine(ds: Path) -> None:

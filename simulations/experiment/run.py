@@ -140,6 +140,10 @@ def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = N
     # a bad share or a platform too small for two regions fails before anything is written
     regions = plan_regions(Path(dataset), preset.small_region_share, preset.seed) if (
         preset.small_region_share is not None and not generated) else None
+    if not generated:  # every bad file:line of the dataset, before the output folder exists
+        from shared_model.dataset import require_valid_dataset
+
+        require_valid_dataset(Path(dataset))
     out.mkdir(parents=True, exist_ok=True)
     if generated:
         dataset, base_model = _generated_inputs(preset, out, base_model)
