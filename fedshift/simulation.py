@@ -220,7 +220,7 @@ def _is_ray_address(address: str) -> bool:
 def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout: float | None = None,
                    stream: TextIO | None = None, state_dir: Path | None = None, allow_non_private: bool = False,
                    silo_seed: int | str | None = None, federation: dict[str, Any] | None = None,
-                   ray_address: str | None = None) -> SimulationResult:
+                   ray_address: str | None = None, check_data: bool = True) -> SimulationResult:
     """Run the Flower app on ``cfg`` as a local simulation, one SuperNode per silo of
     ``cfg.dataset``, writing into ``out``; return Flower's final status.
 
@@ -232,7 +232,8 @@ def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout:
     Raises ``ValueError`` before ``out`` is created when the dataset has no silos or
     ``min-nodes`` exceeds them (the server would wait forever), and ``DataError`` (every
     ``file:line: field: reason``) when a file of the dataset is bad: a silo would otherwise
-    fail its rounds one by one. ``flwr run`` gets a copy of the app's FAB files in a private
+    fail its rounds one by one (``check_data=False``: the caller has validated these very
+    files, as ``fedshift experiment`` does once for all its runs). ``flwr run`` gets a copy of the app's FAB files in a private
     FLWR_HOME (:func:`fedshift.flower_processes.copy_app`). Progress goes to ``stream``
     (default stdout); Flower's whole log to OUT/flwr.log. After ``timeout`` seconds the run
     is stopped. The local SuperLink is stopped at the end, also on SIGTERM/SIGHUP.
@@ -256,7 +257,8 @@ def run_simulation(cfg: RunConfig, out: Path, *, verbose: bool = False, timeout:
         raise ValueError(f"{dataset}: no silos (expected silos/<name>/events.csv)")
     if cfg.min_nodes > len(silos):
         raise ValueError(f"min-nodes = {cfg.min_nodes} but {dataset} has {len(silos)} silos: no round would start")
-    require_valid_dataset(dataset, silos)
+    if check_data:
+        require_valid_dataset(dataset, silos)
     federation_arg = federation_config(len(silos), federation, ray_address)
     out.mkdir(parents=True, exist_ok=True)
     state_dir = Path(state_dir).expanduser().resolve() if state_dir else out / "silo-state"
