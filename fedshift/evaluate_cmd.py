@@ -117,7 +117,7 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         if args.checkpoint:
-            from shared_model.scoring import Scorer
+            from shared_model.scorer import Scorer
 
             scorer = Scorer.from_checkpoint(args.checkpoint, dataset, args.base_model, device=args.device)
             dataset = scorer.dataset_dir

@@ -24,8 +24,11 @@ Methods:
   federated-nonprivate    the same without DP
   local-only-epsE         one simulation per silo on a dataset view holding only that
                           silo, same E; each user is scored by their own silo's model
-  centralised-nonprivate  every silo's training users pooled, no DP, the same number of
-                          gradient steps as all silos of a federated run
+  centralised-nonprivate  the converged ceiling: every silo's training users pooled, no
+                          DP, exact popularity and transitions, epochs with early
+                          stopping on validation NDCG@10 and a learning-rate search
+                          (user-tower = text: the same number of gradient steps as
+                          all silos of a federated run)
   lopo-A-to-B-epsE        federated DP on platform A's silos only, evaluated on B's users
                           (zero-shot transfer through the text encoder)
 

@@ -86,7 +86,8 @@ def read_history(args: argparse.Namespace) -> list[str]:
 
 def _run(args: argparse.Namespace) -> int:
     from shared_model.recommender import Recommender, percentile_ms
-    from shared_model.scoring import Scorer, ScoringError
+    from shared_model.scorer import Scorer
+    from shared_model.scoring import ScoringError
 
     import warnings
 

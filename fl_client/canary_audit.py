@@ -140,15 +140,36 @@ def canary_scores(model: InterestModel, data: SiloData, cfg: RunConfig, users: l
     how much it ties the target to this canary's own history.
     """
     model.eval()
+    if cfg.user_tower == "sequence":
+        return _contrast(_sequence_logp(model, data, cfg, users))
     batcher = data.batcher(cfg)
     input_ids, mask, rows, _, feats, last = collate(
         [batcher(training_example(data.silo, data.catalogue, u)) for u in users], batcher.pad_id)
     user, cat_logits = user_vectors(model, input_ids, mask, feats, None, input_ids.device)  # unmasked
     cands = candidates(item_tower(model, data, cfg), data.items.platform_rows(data.platform), input_ids.device)
     logp = torch.log_softmax(score_candidates(user, cat_logits, cands, cfg, model=model, last_rows=last).float(), dim=1)
-    target = cands.target_columns(rows)
-    matrix = logp[:, target]  # [history a, target b] = log p(t_b | h_a)
-    n = len(users)
+    return _contrast(logp[:, cands.target_columns(rows)])
+
+
+def _sequence_logp(model: torch.nn.Module, data: SiloData, cfg: RunConfig, users: list[str]) -> torch.Tensor:
+    """The sequence model's ``[history a, target b]`` log p(t_b | h_a) over the platform catalogue."""
+    from shared_model.sequence_model import last_position_scores
+    from shared_model.sequence_scoring import platform_candidates
+
+    batcher = data.sequence_batcher(cfg)
+    examples = [training_example(data.silo, data.catalogue, u) for u in users]
+    inp = batcher.batch([batcher.window(ex.history) for ex in examples])
+    rows = data.items.platform_rows(data.platform)
+    cands = platform_candidates(model, data.items.embeddings, data.item_prior_index, rows, torch.device("cpu"))  # type: ignore[arg-type]
+    scores, _ = last_position_scores(model, inp, cands, None, cfg.category_prior_weight)  # type: ignore[arg-type]
+    column = {int(r): c for c, r in enumerate(rows.tolist())}
+    targets = torch.tensor([column[data.items.row[ex.target.item_id]] for ex in examples])
+    return torch.log_softmax(scores.float(), dim=1)[:, targets]
+
+
+def _contrast(matrix: torch.Tensor) -> torch.Tensor:
+    """Per canary i (``matrix[a, b]`` = log p(t_b | h_a)): own minus the mean over the others' histories."""
+    n = matrix.shape[0]
     own = matrix.diagonal()
     others = (matrix.sum(0) - own) / max(1, n - 1)
     return own - others
@@ -176,6 +197,12 @@ def run_canary_audits(
         raise ValueError(f"canary kinds must be among {KINDS}, got {kinds}")
     if "gradient" in kinds and cfg.grad_sample_mode == "ghost":
         raise ValueError("gradient canaries need grad-sample-mode hooks, functorch or ew (ghost clipping has no summed_grad)")
+    if "input" in kinds and cfg.user_tower == "sequence" and cfg.loss_top_k:
+        # The top-k loss counts a position only when its target already ranks among the k
+        # hardest items, which a canary's unique, unrelated target never does: it could not be
+        # learned, and the audit would see nothing. Every DP-SGD guarantee holds for any loss, so
+        # the audit trains the same mechanism (q, σ, C, steps) under the full sampled softmax.
+        cfg = cfg.replace(**{"loss-top-k": 0})
     t0 = time.time()
     base = open_silo(cfg, {"partition-id": silo_index})
     data, canaries = make_canaries(base, m, seed) if "input" in kinds else (base, [])

@@ -20,6 +20,9 @@ in-memory view between rounds.
 Before the first round the server asks every silo for its popularity release
 (``query.popularity``, :mod:`fl_client.silo_popularity`): a Gaussian histogram of its training
 users' items and its ``popularity-release`` record; later messages carry the summed prior.
+Then (``query.transitions``, :mod:`fl_client.silo_transitions`) for its Gaussian counts of its
+training users' item transitions over the public candidate pairs the query carries, and its
+``transition-release`` record; later messages carry the summed transition table.
 
 With run config ``secure-aggregation = true`` the train reply carries masked arrays instead
 (:mod:`fl_client.secure_aggregation`; the ``query.secagg_*`` handlers are its other stages).
@@ -36,6 +39,7 @@ from fl_client.silo_gate import open_gate
 from fl_client.silo_popularity import refused_popularity, release_popularity
 from fl_client.silo_round import (SiloSetup, TrainRequest, budget_run_id, count_train_users, evaluate_silo_round,
                                   refused_evaluation, refused_reply, train_silo)
+from fl_client.silo_transitions import refused_transitions, release_transitions
 
 app = ClientApp()
 
@@ -88,6 +92,19 @@ def popularity(msg: Message, context: Context) -> Message:
     silo = SiloSetup.admitted(gate, node_config)
     reply = release_popularity(silo, budget_run_id(gate.cfg, context.run_id), edge.kept_state(context))
     return edge.popularity_message(msg, reply, context)
+
+
+@app.query("transitions")
+def transitions(msg: Message, context: Context) -> Message:
+    node_config = dict(context.node_config)
+    gate = open_gate(dict(context.run_config), node_config, lambda cfg: count_train_users(cfg, node_config))
+    if not gate.admitted:
+        return edge.transitions_message(msg, refused_transitions(gate), context)
+    assert gate.cfg is not None
+    silo = SiloSetup.admitted(gate, node_config)
+    reply = release_transitions(silo, budget_run_id(gate.cfg, context.run_id),
+                                edge.query_candidates(msg, silo.data.platform), edge.kept_state(context))
+    return edge.transitions_message(msg, reply, context)
 
 
 @app.evaluate()

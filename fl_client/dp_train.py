@@ -158,6 +158,7 @@ class RoundResult:
     epsilon_round: float = 0.0  # filled in by the caller that writes the ledger
     epsilon_total: float = 0.0
     history: list[tuple[float, float, int]] = field(default_factory=list)
+    clipping: dict[str, dict[str, float]] = field(default_factory=dict)  # per clipping group (sequence model)
 
 
 #: Few-coordinate head parameters that learn at ``head-learning-rate``: θ of the history
@@ -199,7 +200,12 @@ def train_round(
     seed: int,
     device: torch.device,
 ) -> RoundResult:
-    """Train ``local-steps`` DP-SGD steps; the accountant continues ``privacy.history``."""
+    """Train ``local-steps`` DP-SGD steps; the accountant continues ``privacy.history``. The
+    sequence model (``user-tower = sequence``) trains in :mod:`fl_client.sequence_train`."""
+    if cfg.user_tower == "sequence":
+        from fl_client.sequence_train import train_sequence_round
+
+        return train_sequence_round(model, data, cfg, privacy, seed, device)  # type: ignore[arg-type]
     torch.manual_seed(sub_seed(seed, "torch"))  # dropout, if any; sampling and noise have their own generators
     dataset = TrainUsers(data, cfg, seed=sub_seed(seed, "history"))
     if len(dataset) == 0:

@@ -74,11 +74,30 @@ def evaluate_silo(
 ) -> EvalResult:
     examples = evaluation_examples(data, cfg, split)
     model.to(device).eval()
+    if cfg.user_tower == "sequence":
+        ranked, size = _rank_sequence(model, data, cfg, examples, device)
+        return _result(examples, ranked, size)
     sample = cfg.eval_candidates if cfg.item_tower == "adapted" else 0
     cands = candidates(item_tower(model, data, cfg), data.items.platform_rows(data.platform), device,
                        cfg.eval_batch_size, sample=sample, seed=cfg.seed)
     ranked = rank_examples(model, data.batcher(cfg), examples, cands, data.category_mask, cfg, device,
                           what=f"silo {data.name}: model scores")
+    return _result(examples, ranked, cands.size)
+
+
+def _rank_sequence(model: InterestModel, data: SiloData, cfg: RunConfig, examples: list, device: torch.device):  # type: ignore[no-untyped-def]
+    """The sequence model's ranking over the platform's whole catalogue (item vectors are cached)."""
+    from shared_model.sequence_scoring import platform_candidates, rank_sequence_examples
+
+    rows = data.items.platform_rows(data.platform)
+    cands = platform_candidates(model, data.items.embeddings, data.item_prior_index, rows, device)  # type: ignore[arg-type]
+    ranked = rank_sequence_examples(model, data.sequence_batcher(cfg), examples, cands, data.category_mask,  # type: ignore[arg-type]
+                                    cfg.category_prior_weight, device, cfg.eval_batch_size,
+                                    what=f"silo {data.name}: model scores")
+    return ranked, len(rows)
+
+
+def _result(examples: list, ranked, candidates: int) -> EvalResult:  # type: ignore[no-untyped-def]
     truth = ranked.categories.numpy()
     correct = topk_correct(ranked.category_logits.numpy(), truth, 1)
     migrating = np.array([ex.migrating for ex in examples], dtype=bool)
@@ -92,7 +111,7 @@ def evaluate_silo(
         hr10=mean(hit),
         ndcg10=mean(ndcg),
         mrr=mean(rr),
-        candidates=cands.size,
+        candidates=candidates,
         migrating_users=int((migrating & (truth != IGNORE_INDEX)).sum()),
         per_user={"correct": correct, "hits": np.asarray(hit), "ndcgs": np.asarray(ndcg), "rrs": np.asarray(rr),
                   "migrating": migrating},

@@ -22,9 +22,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 
 from fl_client.silo_popularity import PopularityReply
 from fl_client.silo_round import EvaluateReply, Loader, TrainReply
+from fl_client.silo_transitions import TransitionReply
 from shared_model.adapters import from_arrays, to_arrays
 from shared_model.popularity import PRIOR_RECORD
 from shared_model.privacy.state import PrivacyState
+from shared_model.transitions import TRANSITIONS_RECORD, TransitionTable
 
 STATE_KEY = "fedshift-privacy"
 CORRUPT_ENV = "FEDSHIFT_TEST_CORRUPT_UPDATE"
@@ -39,12 +41,17 @@ def _test_corruption(arrays: ArrayRecord, silo: str) -> ArrayRecord:
 
 
 def loader(msg: Message) -> Loader:
-    """Loads the global arrays the server sent into a model, and the popularity prior when
-    the message carries one (``popularity``: ``log-prior`` over the catalogue's items)."""
+    """Loads the global arrays the server sent into a model, the popularity prior when the
+    message carries one (``popularity``: ``log-prior`` over the catalogue's items), and the
+    transition table when it carries one and the model has a place for it (``transitions``:
+    ``a``, ``b``, ``counts``, :class:`~shared_model.transitions.TransitionTable`)."""
     def load(model) -> None:  # type: ignore[no-untyped-def]
         from_arrays(model, msg.content["arrays"])
         if PRIOR_RECORD in msg.content and model.popularity_prior is not None:
             model.popularity_prior.set_prior(msg.content[PRIOR_RECORD]["log-prior"].numpy())
+        if TRANSITIONS_RECORD in msg.content and getattr(model, "transition_table", None) is not None:
+            record = msg.content[TRANSITIONS_RECORD]
+            model.transition_table.set_table(TransitionTable.from_arrays({k: record[k].numpy() for k in record.keys()}))
     return load
 
 
@@ -66,6 +73,7 @@ def state_to_record(state: PrivacyState) -> ConfigRecord:
             "metric-noise-multiplier": float(state.metric_noise_multiplier),
             "planned-releases": int(state.planned_releases),
             "popularity-noise-multiplier": float(state.popularity_noise_multiplier),
+            "transition-noise-multiplier": float(state.transition_noise_multiplier),
         }
     )
 
@@ -92,6 +100,7 @@ def state_from_record(rec: ConfigRecord) -> PrivacyState:
         metric_noise_multiplier=float(rec.get("metric-noise-multiplier", 0.0)),
         planned_releases=int(rec.get("planned-releases", 0)),
         popularity_noise_multiplier=float(rec.get("popularity-noise-multiplier", 0.0)),
+        transition_noise_multiplier=float(rec.get("transition-noise-multiplier", 0.0)),
     )
 
 
@@ -156,5 +165,35 @@ def popularity_message(msg: Message, reply: PopularityReply, context: Context) -
                                                    "items": int(len(reply.counts) if reply.counts is not None else 0)})})
     if reply.counts is not None:
         content["counts"] = ArrayRecord({"counts": Array(np.asarray(reply.counts, dtype=np.float64))})
+    _pack_ledger(content, list(reply.records))
+    return Message(content=content, reply_to=msg)
+
+
+def query_candidates(msg: Message, platform: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The candidate pairs a ``query.transitions`` message holds for ``platform``: its config's
+    ``platforms`` lists the platforms it carries, in the order of the ``candidates`` arrays
+    ``a-I``, ``b-I``; ``(None, None)`` (or None for an absent array) when there are none."""
+    platforms = list(msg.content["config"].get("platforms", [])) if "config" in msg.content else []
+    if platform not in platforms or "candidates" not in msg.content:
+        return None, None
+    i, rec = platforms.index(platform), msg.content["candidates"]
+    return tuple(rec[k].numpy() if k in rec else None for k in (f"a-{i}", f"b-{i}"))  # type: ignore[return-value]
+
+
+def transitions_message(msg: Message, reply: TransitionReply, context: Context) -> Message:
+    """Pack a transition reply: ``counts`` (``counts``, float32: one per candidate pair when
+    noisy; with dp = false the exact counts and their pairs' rows ``a``, ``b``), ``metrics``
+    (public: pairs, noise-std), the ledger lines; the accountant state is kept."""
+    if reply.privacy is not None:
+        context.state[STATE_KEY] = state_to_record(reply.privacy)
+    status = {"status": reply.status, **({"reason": reply.reason} if reply.reason else {})}
+    pairs = int(len(reply.counts) if reply.counts is not None else 0)
+    content = RecordDict({"info": ConfigRecord(reply.info), "status": ConfigRecord(status),
+                          "metrics": MetricRecord({"noise-std": float(reply.noise_std), "pairs": pairs})})
+    if reply.counts is not None:
+        arrays = {"counts": Array(np.asarray(reply.counts, dtype=np.float32))}
+        if reply.a is not None and reply.b is not None:
+            arrays.update(a=Array(np.asarray(reply.a, dtype=np.int64)), b=Array(np.asarray(reply.b, dtype=np.int64)))
+        content["counts"] = ArrayRecord(arrays)
     _pack_ledger(content, list(reply.records))
     return Message(content=content, reply_to=msg)

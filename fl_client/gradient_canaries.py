@@ -117,12 +117,19 @@ def likelihood_ratio(x: torch.Tensor, q: float, sigma: float) -> torch.Tensor:
 
 @contextlib.contextmanager
 def inserted(canaries: DiracCanaries) -> Iterator[DiracCanaries]:
-    """While active, every ``DPOptimizer.add_noise`` first adds the sampled canaries, then is observed."""
+    """While active, every ``DPOptimizer.add_noise`` (flat or group clipping) first adds the sampled
+    canaries, then is observed."""
     original = DPOptimizer.add_noise
 
     def add_noise(self: DPOptimizer) -> None:
-        if type(self) is not DPOptimizer:  # subclasses keep their own noise; refuse rather than mis-insert
-            raise RuntimeError(f"gradient canaries support Opacus's DPOptimizer (flat clipping), not {type(self).__name__}")
+        from fl_client.group_clipping import GroupClipDPOptimizer
+
+        # other subclasses keep their own noise or clipping norms; refuse rather than mis-insert (group clipping
+        # bounds each example's whole gradient by max_grad_norm and adds DPOptimizer's own noise: a canary of
+        # norm C is one example's largest possible contribution there too)
+        if type(self) not in (DPOptimizer, GroupClipDPOptimizer):
+            raise RuntimeError(f"gradient canaries support Opacus's DPOptimizer (flat clipping) and group clipping, "
+                               f"not {type(self).__name__}")
         canaries.insert(self)
         original(self)
         canaries.observe(self)

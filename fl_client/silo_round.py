@@ -254,6 +254,9 @@ def _train_silo(req: TrainRequest) -> TrainReply:
     metrics = _train_metrics(cfg, privacy, num_users=0 if failure else num_users, loss=result.loss,
                              steps=result.steps, empty=result.empty_steps, seconds=result.seconds,
                              eps_round=result.epsilon_round, exhausted=False)
+    for group, report in result.clipping.items():  # training by-products: they leave only under plain
+        metrics[f"clipped-{group}"] = float(report["clipped"])
+        metrics[f"grad-norm-{group}"] = float(report["mean-norm"])
     if failure is not None:
         log.error("silo %s: round %s: %s; sending no update", data.name, req.server_round, failure)
         return TrainReply("failed", metrics, silo.info, privacy, result=result, record=record, reason=failure)

@@ -21,6 +21,8 @@ from shared_model.dataset import federation_mismatch, list_silos, load_catalogue
 from shared_model.examples import eval_examples, train_user_ids, training_example
 from shared_model.item_index import ItemIndex, ItemTokens, build_item_index, tokenize_items
 from shared_model.schema import Catalogue, Example, Silo
+from shared_model.sequence_loss import ItemSpace
+from shared_model.sequences import SequenceBatcher
 
 def resolve_silo_dir(cfg: RunConfig, node_config: dict[str, Any]) -> Path:
     """This node's silo folder.
@@ -105,6 +107,16 @@ class SiloData:
         if self.dataset_dir is None:
             raise ValueError(f"silo {self.name}: no dataset folder to tokenise the catalogue from")
         return cached_item_tokens(self.dataset_dir, self.base_model, self.max_item_tokens)
+
+    def sequence_batcher(self, cfg: RunConfig) -> SequenceBatcher:
+        """This silo's histories → the sequence model's windows (item vectors from the index)."""
+        return SequenceBatcher(self.items.row, self.items.embeddings, self.item_prior_index, len(self.categories),
+                               cfg.max_history, cfg.migration_k)
+
+    def item_space(self, device: torch.device) -> ItemSpace:
+        """The public per-item tensors the sequence loss scores with, on ``device``."""
+        return ItemSpace(self.items.embeddings.to(device), self.item_prior_index.to(device),
+                         self.items.platform_rows(self.platform).to(device), self.category_mask.to(device))
 
     def batcher(self, cfg: RunConfig) -> ExampleBatcher:
         """This silo's examples → tensors (target rows in this silo's item index)."""

@@ -6,7 +6,9 @@ round, records each reply (``metrics.json`` rows of phase ``popularity``; the si
 ``popularity-release`` or ``plain-release`` record on the federation ledger) and sums the
 counts of the silos of each platform. The noise of a sum is public (each silo's std is
 z·√c, the mechanism's parameters), so the threshold of :func:`shared_model.popularity.log_prior`
-is post-processing. A platform with no release gets no prior (0 for its items).
+is post-processing. A platform with no release gets no prior (0 for its items). The summed
+releases and each node's platform are kept for the transition release's candidate pairs
+(:mod:`fl_server.transitions`).
 
 The counts travel in the clear: each is already differentially private (or, with
 ``dp = false``, the run is not private and the silo declares them outside ε). The summed
@@ -18,29 +20,43 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fl_server.records import RunRecords
 from shared_model.config import RunConfig
-from shared_model.popularity import PRIOR_RECORD, log_prior, prior_vector
+from shared_model.popularity import log_prior, prior_vector
 from shared_model.schema import Catalogue
 
+@dataclass
+class CollectedPrior:
+    """What :func:`collect_prior` gathered: the ``prior`` over the catalogue, the ``summary``
+    for ``metrics.json``, each platform's summed releases ``sums`` (over its catalogue items,
+    in catalogue order; DP, so what is derived from them is post-processing) and each replying
+    node's platform ``platform_of`` (public: every reply names it)."""
+
+    prior: np.ndarray
+    summary: dict[str, Any]
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    platform_of: dict[int, str] = field(default_factory=dict)
+
+
 def prior_record(prior: np.ndarray) -> ArrayRecord:
-    """The prior as the :data:`PRIOR_RECORD` record of a message: ``log-prior`` over the catalogue."""
+    """The prior as the :data:`shared_model.popularity.PRIOR_RECORD` record of a message: ``log-prior`` over the catalogue."""
     return ArrayRecord({"log-prior": Array(np.asarray(prior, dtype=np.float32))})
 
 
 def collect_prior(grid: Grid, cfg: RunConfig, catalogue: Catalogue, records: RunRecords,
                   append_ledger: Callable[[ConfigRecord, int], None], min_nodes: int,
-                  timeout: float = 3600.0) -> tuple[np.ndarray, dict[str, Any]]:
-    """Ask every silo for its popularity release; ``(log prior over the catalogue, summary)``."""
+                  timeout: float = 3600.0) -> CollectedPrior:
+    """Ask every silo for its popularity release; the prior over the catalogue, its summary, the sums."""
     sample_nodes(grid, min_nodes, min_nodes)  # waits until min-nodes silos are connected
     nodes = sorted(grid.get_node_ids())
     messages = [grid.create_message(RecordDict({"config": ConfigRecord({"server-round": 0})}), "query.popularity",
@@ -48,6 +64,7 @@ def collect_prior(grid: Grid, cfg: RunConfig, catalogue: Catalogue, records: Run
     sums: dict[str, np.ndarray] = {}
     variance: dict[str, float] = {}
     silos: dict[str, list[str]] = {}
+    platform_of: dict[int, str] = {}
     released = refused = failed = 0
     for msg in grid.send_and_receive(messages, timeout=timeout):
         node = msg.metadata.src_node_id
@@ -59,6 +76,8 @@ def collect_prior(grid: Grid, cfg: RunConfig, catalogue: Catalogue, records: Run
         info = dict(msg.content["info"])
         status = dict(msg.content["status"])
         silo, platform = str(info.get("silo", "?")), str(info.get("platform", ""))
+        if platform in catalogue.platforms:
+            platform_of[node] = platform
         metrics = dict(msg.content["metrics"])
         records.add(0, "popularity", silo, node, {**metrics, "status": str(status.get("status", ""))})
         for key in sorted(k for k in msg.content.keys() if k == "ledger" or k.startswith("ledger-")):
@@ -90,5 +109,5 @@ def collect_prior(grid: Grid, cfg: RunConfig, catalogue: Catalogue, records: Run
     for p, s in summary.items():
         log(INFO, "popularity: platform %s: releases of %s summed (noise std %.3g); %d of %d items above %g std",
             p, ", ".join(s["silos"]), s["noise-std"], s["items-above-threshold"], s["items"], cfg.popularity_threshold)
-    return prior_vector(catalogue, priors), {"platforms": summary, "threshold": cfg.popularity_threshold,
-                                             "max-items": cfg.popularity_max_items}
+    return CollectedPrior(prior_vector(catalogue, priors), {"platforms": summary, "threshold": cfg.popularity_threshold,
+                                                           "max-items": cfg.popularity_max_items}, sums, platform_of)

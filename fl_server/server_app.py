@@ -12,7 +12,11 @@ interrupted run's records (``run.resumed`` names each resuming Flower run).
 
 Run config ``popularity-prior = true``: before round 1 every silo releases a DP histogram of
 its training users' items (:mod:`fl_server.popularity`); the per-platform prior built from
-them travels with every later message and every checkpoint.
+them travels with every later message and every checkpoint. Run config ``transitions = true``:
+then every silo releases DP counts of its training users' item transitions over public
+candidate pairs (:mod:`fl_server.transitions`); the summed table travels with every later
+message and, in a model that holds one (``transition_table``), with every checkpoint. A
+resumed run keeps the prior and the table of the checkpoint it resumes from.
 
 Run config ``secure-aggregation = true`` hands the strategy a
 :class:`~fl_server.secure_aggregation.SecureAggregation`: the server never holds a silo's
@@ -30,7 +34,8 @@ from flwr.app import ArrayRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fl_server.popularity import collect_prior, prior_record
+from fl_server.popularity import CollectedPrior, collect_prior, prior_record
+from fl_server.transitions import collect_transitions, model_table, set_model_table, table_record
 from fl_server.records import RunRecords
 from fl_server.secure_aggregation import SecureAggregation
 from fl_server.strategy import RecordingFedAvg
@@ -43,6 +48,7 @@ from shared_model.item_index import catalogue_hash
 from shared_model.model import build_model
 from shared_model.privacy import accountants
 from shared_model.privacy.ledger import LEDGER_NAME, Ledger
+from shared_model.transitions import TransitionTable
 from shared_model.run_folder import read_metrics, resume_plan
 
 app = ServerApp()
@@ -115,6 +121,7 @@ def main(grid: Grid, context: Context) -> None:
             "config": cfg.to_run_config(),
             "run-id": context.run_id,
             **({"popularity": records.run_info["popularity"]} if "popularity" in records.run_info else {}),
+            **({"transitions": records.run_info["transitions"]} if "transitions" in records.run_info else {}),
         }
         save_checkpoint(model, out / "checkpoints" / f"round-{server_round:03d}", meta, signing_key)
 
@@ -131,14 +138,27 @@ def main(grid: Grid, context: Context) -> None:
         first_round=first_round,
         secure=SecureAggregation(cfg.secagg_threshold) if cfg.secure_aggregation else None,
     )
+    collected: CollectedPrior | None = None
     if cfg.popularity_prior and model.popularity_prior is not None:
         if first_round == 1:  # every silo releases its DP item counts once, before round 1
-            prior, records.run_info["popularity"] = collect_prior(grid, cfg, catalogue, records, strategy.append_ledger,
-                                                                  num_nodes)
-            model.popularity_prior.set_prior(prior)
+            collected = collect_prior(grid, cfg, catalogue, records, strategy.append_ledger, num_nodes)
+            records.run_info["popularity"] = collected.summary
+            model.popularity_prior.set_prior(collected.prior)
         else:  # a resumed run keeps the prior of the checkpoint it resumes from
             model.popularity_prior.set_prior(resumed_model.popularity_prior.log_prior)
         strategy.popularity = prior_record(model.popularity_prior.log_prior.numpy())
+    if cfg.transitions:
+        # every silo releases its DP transition counts once, after the popularity release (whose
+        # popular items and node platforms shape the candidate pairs); a resumed run keeps the checkpoint's
+        table: TransitionTable | None
+        if first_round == 1:
+            table, records.run_info["transitions"] = collect_transitions(grid, cfg, catalogue, records,
+                                                                         strategy.append_ledger, num_nodes, collected)
+        else:
+            table = model_table(resumed_model)
+        if table is not None:
+            set_model_table(model, table)
+            strategy.transitions = table_record(table)
     if first_round == 1:
         checkpoint(0, initial)
     if cfg.secure_aggregation:

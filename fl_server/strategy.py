@@ -32,6 +32,7 @@ from shared_model.popularity import PRIOR_RECORD
 from shared_model.privacy.ledger import Ledger, LedgerError
 from shared_model.privacy.records import parse_record, write_record
 from shared_model.secure_aggregation.protocol import ProtocolError
+from shared_model.transitions import TRANSITIONS_RECORD
 
 
 class AllBudgetsExhausted(Exception):
@@ -140,6 +141,7 @@ class RecordingFedAvg(FedAvg):
         self.ended_early: int | None = None  # round at which no silo could train
         self.sent: ArrayRecord | None = None  # the global arrays of the current round
         self.popularity: ArrayRecord | None = None  # the popularity prior every message carries (if any)
+        self.transitions: ArrayRecord | None = None  # the transition table every message carries (if any)
         self.sampled: dict[int, set[int]] = {}  # round -> node ids asked to train
         self.silo_of: dict[int, str] = {}  # node id -> silo name, from the node's replies
         self.missing: list[dict[str, object]] = []  # {round, node-ids, silos}: asked, no reply
@@ -349,11 +351,11 @@ class RecordingFedAvg(FedAvg):
         return self._with_prior(super().configure_evaluate(server_round + self.round_offset, arrays, config, grid))
 
     def _with_prior(self, messages: Iterable[Message]) -> list[Message]:
-        """``messages`` each carrying the popularity prior (record ``popularity``), when there is one."""
+        """``messages`` each carrying the popularity prior and the transition table, when there are."""
         out = list(messages)
-        if self.popularity is not None:
-            for m in out:
-                m.content[PRIOR_RECORD] = self.popularity
+        for name, record in ((PRIOR_RECORD, self.popularity), (TRANSITIONS_RECORD, self.transitions)):
+            for m in out if record is not None else []:
+                m.content[name] = record
         return out
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -94,13 +94,16 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         model = _unwrap(model)  # type: ignore[assignment]
-        model.encoder.save_pretrained(str(tmp))
-        heads = {
-            f"{name}.{k}": v.detach().cpu().contiguous()
-            for name in HEAD_MODULES
-            if getattr(model, name) is not None
-            for k, v in getattr(model, name).state_dict().items()
-        }
+        if hasattr(model, "encoder"):  # the text tower: a peft adapter folder plus its heads
+            model.encoder.save_pretrained(str(tmp))
+            heads = {
+                f"{name}.{k}": v.detach().cpu().contiguous()
+                for name in HEAD_MODULES
+                if getattr(model, name) is not None
+                for k, v in getattr(model, name).state_dict().items()
+            }
+        else:  # the sequence model: every parameter and saved buffer (prior, transition counts)
+            heads = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(heads, str(tmp / HEADS_FILE))
         (tmp / META_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
         if signing_key is not None:
@@ -124,9 +127,11 @@ def read_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
 def checkpoint_config(meta: dict[str, Any], base_model: str | None = None) -> RunConfig:
     """The run config a checkpoint was trained with (``base_model`` overrides its encoder).
 
-    A checkpoint written before ``history-features`` (``popularity-prior``) existed has no such
-    key and no θ (no popularity head)."""
-    saved = {"history-features": False, "popularity-prior": False, "last-item-score": False, **meta["config"]}
+    A checkpoint written before ``history-features`` (``popularity-prior``, ``user-tower``,
+    ``transitions``) existed has no such key and no θ (no popularity head; the text tower; no
+    transition counts)."""
+    saved = {"history-features": False, "popularity-prior": False, "last-item-score": False, "user-tower": "text",
+             "transitions": False, **meta["config"]}
     return RunConfig.from_run_config(saved if not base_model else {**saved, "base-model": base_model})
 
 
@@ -138,6 +143,13 @@ def load_checkpoint(folder: str | os.PathLike[str], base_model: str | None = Non
     meta = read_metadata(folder)
     cfg = checkpoint_config(meta, base_model)
     model = build_model(cfg, num_categories=len(meta["categories"]))
+    if cfg.user_tower == "sequence":
+        try:
+            model.load_state_dict(load_file(str(folder / HEADS_FILE)))
+        except RuntimeError as e:  # missing or unexpected tensors, wrong shapes
+            raise ValueError(f"{folder / HEADS_FILE}: does not match config.{'user-tower'} = sequence: "
+                             f"{str(e).splitlines()[0][:300]}") from None
+        return model.eval(), meta
     adapter = load_file(str(folder / "adapter_model.safetensors"))
     set_peft_model_state_dict(model.encoder, adapter)
     heads = load_file(str(folder / HEADS_FILE))

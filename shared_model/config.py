@@ -23,10 +23,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {},
     "full": {
         "num-server-rounds": 10,
-        "local-steps": 40,
-        "batch-size": 64,
-        "max-seq-len": 128,
+        "local-steps": 30,
         "max-eval-users": 0,
+    },
+    # the text tower (LoRA-adapted BERT over the history's text) at the settings it was tuned with
+    "text": {
+        "user-tower": "text",
+        "local-steps": 8,
+        "batch-size": 32,
+        "head-learning-rate": 0.1,
+        "num-negatives": 255,
     },
 }
 
@@ -34,6 +40,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 #: ``frozen``: base-encoder item embeddings, cached once per base model (shared_model.item_index);
 #: ``adapted``: items re-encoded by the LoRA encoder inside each example's forward.
 ITEM_TOWERS = ("frozen", "adapted")
+
+#: ``sequence``: the history read as a sequence of item vectors (shared_model/sequence_model.py);
+#: ``text``: the history serialised as text and encoded by the LoRA-adapted BERT (shared_model/model.py).
+USER_TOWERS = ("sequence", "text")
 
 #: ``fedavg``: both LoRA factors A and B are trained and averaged (mean(B)·mean(A) ≠ mean(B·A));
 #: ``ffa``: FFA-LoRA (Sun et al., ICLR 2024), A frozen at its seeded initialisation on every
@@ -68,7 +78,16 @@ RULES: dict[str, tuple[Any, str]] = {
     "lora-target-modules": (lambda v: any(m.strip() for m in v.split(",")), "must name at least one module"),
     "lora-mode": (lambda v: v in LORA_MODES, f"must be one of {', '.join(LORA_MODES)}"),
     "item-tower": (lambda v: v in ITEM_TOWERS, f"must be one of {', '.join(ITEM_TOWERS)}"),
-    "num-negatives": _AT_LEAST_1,
+    "user-tower": (lambda v: v in USER_TOWERS, f"must be one of {', '.join(USER_TOWERS)}"),
+    "max-history": _AT_LEAST_1,
+    "history-lags": _AT_LEAST_1,
+    "transition-lags": _AT_LEAST_1,
+    "item-adaptor-rank": _NON_NEGATIVE,
+    "loss-top-k": _NON_NEGATIVE,
+    "interest-clip-share": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "physical-batch-size": _AT_LEAST_1,
+    "warmup-steps": _NON_NEGATIVE,
+    "num-negatives": _NON_NEGATIVE,
     "tower-negatives": _NON_NEGATIVE,
     "logit-scale": _POSITIVE,
     "category-prior-weight": _NON_NEGATIVE,
@@ -78,6 +97,11 @@ RULES: dict[str, tuple[Any, str]] = {
     "popularity-max-items": _AT_LEAST_1,
     "popularity-epsilon-share": (lambda v: 0 < v < 1, "must be in (0, 1)"),
     "popularity-threshold": _NON_NEGATIVE,
+    "transition-max-pairs": _AT_LEAST_1,
+    "transition-neighbours": _NON_NEGATIVE,
+    "transition-popular": _NON_NEGATIVE,
+    "transition-epsilon-share": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "transition-threshold": _NON_NEGATIVE,
     "learning-rate": _POSITIVE,
     "head-learning-rate": _NON_NEGATIVE,
     "local-steps": _AT_LEAST_1,
@@ -119,9 +143,21 @@ class RunConfig:
     lora_dropout: float = 0.0
     lora_target_modules: str = "query,value"
     lora_mode: str = "ffa"
+    # the user tower (docs/model.md): sequence = item vectors of the history; text = LoRA-BERT over its text
+    user_tower: str = "sequence"
+    max_history: int = 50  # sequence: the newest events a window holds
+    history_lags: int = 10  # sequence: the query pools the last this many item vectors (learned weights)
+    transition_lags: int = 5  # sequence: the transition term reads the last this many items' pairs
+    transition_weight: float = 0.0  # sequence: initial weight of the transition term (trained)
+    item_adaptor_rank: int = 32  # sequence: rank of the learned linear item adaptor (0 = none)
+    loss_top_k: int = 20  # sequence: the next-item loss is a softmax over the target and the k hardest items,
+    # at positions whose target ranks within them (0: a softmax over the sampled num-negatives, or the catalogue)
+    interest_clip_share: float = 0.5  # sequence: the next-interest head's share of max-grad-norm² (group clipping)
+    physical_batch_size: int = 64  # sequence: examples per forward pass (Opacus BatchMemoryManager)
+    warmup_steps: int = 0  # sequence: linear learning-rate warm-up over this many steps of each round
     # heads and loss
     item_tower: str = "frozen"
-    num_negatives: int = 255
+    num_negatives: int = 4096
     tower_negatives: int = 15
     logit_scale: float = 20.0
     category_prior_weight: float = 1.0
@@ -138,14 +174,21 @@ class RunConfig:
     popularity_epsilon_share: float = 0.1  # the release's marginal share of ε (PrivacyState.calibrate)
     popularity_threshold: float = 3.0  # summed counts below this many noise std are treated as 0
     popularity_weight: float = 1.0  # initial w (then trained under DP-SGD like the heads)
-    # the newest history item's content similarity: item score += b·logit-scale·cos(e_last, e_i), b fixed
+    # DP item-transition release (shared_model/transitions.py, docs/transitions.md): each silo releases
+    # Gaussian counts of its training users' item-to-item transitions over a public candidate set
+    transitions: bool = True
+    transition_max_pairs: int = 8  # m: a user's most recent distinct unordered pairs counted (L2 sensitivity √m)
+    transition_neighbours: int = 50  # candidate pairs: each item with its nearest items by text cosine
+    transition_popular: int = 100  # … and with each of the platform's most popular items (DP popularity)
+    transition_epsilon_share: float = 0.3  # the release's marginal share of ε (PrivacyState.calibrate)
+    transition_threshold: float = 5.0  # summed counts ≤ this many noise std are dropped
     last_item_score: bool = True
     last_item_weight: float = 0.75  # b (chosen on validation users; docs/popularity-prior.md)
     # optimisation
     learning_rate: float = 3e-3
-    head_learning_rate: float = 0.1
-    local_steps: int = 8
-    batch_size: int = 32
+    head_learning_rate: float = 0.03
+    local_steps: int = 12
+    batch_size: int = 512
     # differential privacy
     dp: bool = True
     epsilon: float = 8.0
@@ -174,6 +217,14 @@ class RunConfig:
             rule = RULES.get(key)
             if rule and not rule[0](value):
                 raise ConfigError(f"config {key} = {value!r}: {rule[1]}")
+        if self.popularity_prior and self.transitions and \
+                self.popularity_epsilon_share + self.transition_epsilon_share >= 1:
+            raise ConfigError(f"config popularity-epsilon-share = {self.popularity_epsilon_share!r} + "
+                              f"transition-epsilon-share = {self.transition_epsilon_share!r}: must be < 1 (DP-SGD "
+                              "gets what the two releases leave of epsilon)")
+        if self.user_tower == "text" and self.num_negatives < 1:
+            raise ConfigError(f"config num-negatives = {self.num_negatives}: the text tower needs at least 1 "
+                              "(0, the whole catalogue, is the sequence model's)")
         if self.item_tower == "adapted" and self.tower_negatives < 1:
             raise ConfigError(f"config tower-negatives = {self.tower_negatives}: the adapted tower needs at least 1")
         if self.item_tower == "adapted" and self.dp and self.grad_sample_mode == "ew":

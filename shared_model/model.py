@@ -31,6 +31,7 @@ from torch import nn
 from shared_model.config import RunConfig
 from shared_model.encoder import load_encoder, mean_pool
 from shared_model.interest_features import FEATURES
+from shared_model.sequence_layers import HistoryFeatureHead
 
 
 def lora_config(cfg: RunConfig) -> LoraConfig:
@@ -42,24 +43,6 @@ def lora_config(cfg: RunConfig) -> LoraConfig:
         target_modules=cfg.target_modules,
         bias="none",
     )
-
-
-class HistoryFeatureHead(nn.Module):
-    """``logit_c += Σ_f f_cf · (θ_f + δ_cf)``: a conditional logit over the per-category history
-    features (:mod:`shared_model.interest_features`) with weights θ shared by all categories
-    plus a per-category correction δ (both start at zero). δ lets one platform's categories
-    weigh history differently from another's (where one class dominates a platform's next
-    events, the best use of the history there is to mostly ignore it).
-    Opacus has no grad sampler for this layer and computes its per-sample gradients with
-    functorch (``grad-sample-mode = hooks`` falls back per layer)."""
-
-    def __init__(self, num_categories: int, num_features: int):
-        super().__init__()
-        self.shared = nn.Parameter(torch.zeros(num_features))
-        self.per_category = nn.Parameter(torch.zeros(num_categories, num_features))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return (features * (self.shared + self.per_category)).sum(-1)
 
 
 class PopularityPrior(nn.Module):
@@ -79,6 +62,11 @@ class PopularityPrior(nn.Module):
             raise ValueError(f"popularity prior: {int((~torch.isfinite(prior)).sum())} of {prior.numel()} values "
                              "are not finite")
         self.log_prior = prior.to(self.log_prior.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if prefix + "log_prior" in state_dict:  # variable length: take the saved size first
+            self.set_prior(state_dict[prefix + "log_prior"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def has_prior(self) -> bool:
@@ -273,6 +261,10 @@ def build_model(cfg: RunConfig, num_categories: int, seed: int | None = None) ->
     factors are frozen at that seeded initialisation (the same on every silo and the server),
     so only B and the heads are trainable, sent and averaged.
     """
+    if cfg.user_tower == "sequence":
+        from shared_model.sequence_model import build_sequence_model
+
+        return build_sequence_model(cfg, num_categories, seed)  # type: ignore[return-value]
     encoder = load_encoder(cfg.base_model)
     for p in encoder.parameters():
         p.requires_grad_(False)

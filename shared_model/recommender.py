@@ -20,7 +20,8 @@ import numpy as np
 
 from shared_model.migration import js_divergence, new_interest, recent_distribution
 from shared_model.schema import Catalogue, Event, Item
-from shared_model.scoring import Scorer, exclude_history, top_items
+from shared_model.scorer import Scorer
+from shared_model.scoring import exclude_history, top_items
 
 
 class Recommender:

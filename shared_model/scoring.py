@@ -20,9 +20,9 @@ scores of candidate items → history items excluded → rank of the target.
   A non-finite score (NaN, +inf, or −inf at a target) is a :class:`ScoringError`, never a
   rank; −inf elsewhere marks an excluded history item.
 * :func:`rank_examples`: all of it over a list of examples (per-silo evaluation).
-* :class:`Scorer`: a loaded checkpoint with its catalogue and cached item index
-  (:mod:`shared_model.checkpoint_index`): ``fedshift evaluate``, ``fedshift recommend``, the
-  evaluation harness and the experiment score through it.
+* :class:`shared_model.scorer.Scorer`: a loaded checkpoint with its catalogue and cached item
+  index (:mod:`shared_model.checkpoint_index`): ``fedshift evaluate``, ``fedshift recommend``,
+  the evaluation harness and the experiment score through it.
 
 Predictors that are not the model (the harness's baselines) produce their own scores and
 share :func:`exclude_history` and :func:`rank_of_target` through
@@ -31,26 +31,17 @@ share :func:`exclude_history` and :func:`rank_of_target` through
 
 from __future__ import annotations
 
-import os
-import pickle
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 
-from shared_model.adapters import HEADS_FILE, META_FILE, checkpoint_config, load_checkpoint, read_metadata
-from shared_model.batches import ExampleBatcher, collate, platform_category_mask, prior_index
-from shared_model.checkpoint_index import IndexInfo, checkpoint_item_index
+from shared_model.batches import ExampleBatcher, collate
 from shared_model.config import RunConfig
-from shared_model.dataset import load_catalogue
-from shared_model.item_index import ItemIndex, ItemTokens, catalogue_hash, embed_items
+from shared_model.item_index import ItemTokens, embed_items
 from shared_model.model import InterestModel, item_scores, last_item_similarity, mask_to_platform, own_item_scores
-from shared_model.schema import Catalogue, Event, Example
+from shared_model.schema import Example
 
 
 def user_vectors(model: InterestModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -279,115 +270,3 @@ def rank_examples(model: InterestModel, batcher: ExampleBatcher, examples: Seque
     return Ranked(np.asarray(ranks, dtype=np.int64),
                   torch.cat(logits) if logits else torch.zeros(0, width),
                   torch.cat(cats) if cats else torch.zeros(0, dtype=torch.long), np.asarray(tied, dtype=np.int64))
-
-
-@dataclass
-class Scorer:
-    """A loaded checkpoint with its catalogue, item index (its rows are the item tower) and
-    batcher."""
-
-    model: InterestModel
-    cfg: RunConfig
-    catalogue: Catalogue
-    index: ItemIndex
-    categories: list[str]
-    meta: dict[str, Any] = field(default_factory=dict)
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    index_info: IndexInfo | None = None
-    dataset_dir: Path | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.batcher = ExampleBatcher(self.catalogue, self.categories, self.cfg, self.index.row)
-        self.tower = ItemTower(prior_index(self.catalogue, self.index.item_ids, self.categories),
-                               embeddings=self.index.embeddings)
-        self._platform: dict[str, tuple[Candidates, torch.Tensor]] = {}
-        self.model.to(self.device).eval()
-
-    @classmethod
-    def from_checkpoint(cls, folder: str | os.PathLike[str], dataset: str | os.PathLike[str] | None = None,
-                        base_model: str | None = None, device: str = "cpu") -> "Scorer":
-        """Load model, catalogue (the run's dataset unless ``dataset``) and the cached item index.
-
-        Raises FileNotFoundError for a missing checkpoint and ValueError when the catalogue's
-        categories differ from the checkpoint's."""
-        t0 = time.perf_counter()
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: checkpoint folder not found")
-        try:
-            meta = read_metadata(folder)
-        except ValueError as e:  # json.JSONDecodeError
-            raise ValueError(f"{folder / META_FILE}: not valid JSON: {e}") from None
-        for key in ("config", "categories"):
-            if key not in meta:
-                raise ValueError(f"{folder / META_FILE}: missing field {key!r}")
-        for name in ("adapter_model.safetensors", HEADS_FILE):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder / name}: missing checkpoint file")
-        try:
-            model, meta = load_checkpoint(folder, base_model)
-        except (SafetensorError, RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError) as e:
-            raise ValueError(f"{folder}: cannot load the checkpoint's arrays ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200] if str(e) else 'truncated or corrupted'})") from None
-        cfg = checkpoint_config(meta, base_model)
-        t1 = time.perf_counter()
-        dataset_dir = Path(dataset) if dataset else cfg.dataset_dir()
-        if not dataset_dir.is_dir():
-            source = "--dataset" if dataset else f"{folder / META_FILE} config.dataset"
-            raise FileNotFoundError(f"{dataset_dir}: dataset folder not found (from {source}; pass --dataset)")
-        catalogue = load_catalogue(dataset_dir, cfg.base_model or None, cfg.max_item_tokens)
-        cat_hash = catalogue_hash(catalogue)
-        if meta.get("catalogue-sha256") and meta["catalogue-sha256"] != cat_hash:
-            raise ValueError(f"{dataset_dir}: its catalogue (sha256 {cat_hash[:12]}) is not the one the checkpoint "
-                             f"was trained on ({meta['catalogue-sha256'][:12]}, {folder / META_FILE}); "
-                             "score a checkpoint on its own catalogue")
-        categories = catalogue.interest_vocab()
-        if list(meta["categories"]) != categories:
-            raise ValueError(f"{folder / META_FILE}: categories {meta['categories']} differ from the catalogue's "
-                             f"interest classes {categories} in {dataset_dir}")
-        t2 = time.perf_counter()
-        index, info = checkpoint_item_index(folder, catalogue, cfg, cat_hash, model=model, device=torch.device(device))
-        scorer = cls(model, cfg, catalogue, index, categories, meta, torch.device(device), info)
-        scorer.timings = {"load-model": t1 - t0, "load-catalogue": t2 - t1, "item-index": info.seconds}
-        scorer.dataset_dir = dataset_dir
-        return scorer
-
-    def platform(self, platform: str) -> tuple[Candidates, torch.Tensor]:
-        """(the platform's whole catalogue as candidates, its category mask)."""
-        if platform not in self._platform:
-            cands = candidates(self.tower, self.index.platform_rows(platform), self.device)
-            mask = platform_category_mask(self.catalogue, self.categories, platform).to(self.device)
-            self._platform[platform] = (cands, mask)
-        return self._platform[platform]
-
-    def encode_history(self, history: Sequence[Event], platform: str | None = None,
-                       catalogue: Catalogue | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Token ids, ``[C, F]`` history features (:meth:`ExampleBatcher.history`) and the row of
-        the newest item on ``platform``, the platform that will be scored
-        (:meth:`ExampleBatcher.last_row`)."""
-        ids, feats = self.batcher.history(history, catalogue)
-        return ids, feats, self.batcher.last_row(history, platform)
-
-    @torch.inference_mode()
-    def score(self, encoded: Sequence[tuple[torch.Tensor, torch.Tensor, int]], platform: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([B, N_p] item scores over the platform's catalogue order, [B, C] next-interest probabilities)``
-        for histories encoded by :meth:`encode_history`."""
-        cands, mask = self.platform(platform)
-        input_ids, att, _, _, feats, last = collate([(ids, 0, 0, f, r) for ids, f, r in encoded], self.batcher.pad_id)
-        user, logits = user_vectors(self.model, input_ids, att, feats, mask, self.device)
-        scores = score_candidates(user, logits, cands, self.cfg, model=self.model, last_rows=last)
-        return scores, torch.softmax(logits, -1).cpu()
-
-    def predict(self, histories: Sequence[Sequence[Event]], platform: str, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Batched :meth:`score` over event histories → numpy ``(scores, probabilities)``."""
-        bs = batch_size or self.cfg.eval_batch_size
-        out_s, out_p = [], []
-        for s in range(0, len(histories), bs):
-            sc, pr = self.score([self.encode_history(h, platform) for h in histories[s : s + bs]], platform)
-            out_s.append(sc.numpy())
-            out_p.append(pr.numpy())
-        n = len(self.index.platform_rows(platform))
-        if not out_s:
-            return np.zeros((0, n), np.float32), np.zeros((0, len(self.categories)), np.float32)
-        return np.concatenate(out_s), np.concatenate(out_p)

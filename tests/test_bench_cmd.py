@@ -31,7 +31,7 @@ def test_traffic_json_has_the_goal_keys_and_measures_the_sent_arrays(
     assert json.loads((out / "bench.json").read_text()) == report  # the same figures on disk
     assert report["machine"]["torch_threads"] >= 1 and report["machine"]["opacus"]
 
-    rows = {r["lora_mode"]: r for r in report["sections"]["traffic"]["rows"]}
+    rows = {r["lora_mode"] or r["user_tower"]: r for r in report["sections"]["traffic"]["rows"]}
     base_params = sum(p.numel() for p in load_encoder(tiny_bert).parameters())
     for row in rows.values():
         assert row["encoder_fp32_bytes"] == 4 * base_params
@@ -39,7 +39,8 @@ def test_traffic_json_has_the_goal_keys_and_measures_the_sent_arrays(
         assert row["payload_ratio"] == row["payload_bytes"] / row["encoder_fp32_bytes"]
         assert row["fp16_payload_bytes"] < row["payload_bytes"]
     assert rows["ffa"]["parameters_sent"] < rows["fedavg"]["parameters_sent"]  # FFA-LoRA keeps A at home
-    assert report["payload_ratio"] == rows["ffa"]["payload_ratio"]  # ffa is the default lora-mode
+    assert rows["sequence"]["parameters_sent"] < base_params / 100  # heads and item adaptor only, no encoder weight
+    assert report["payload_ratio"] == rows["sequence"]["payload_ratio"]  # the sequence model is the default
     assert report["goals"]["payload_ratio"]["met"] == (report["payload_ratio"] <= 0.002)
 
 

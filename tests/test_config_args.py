@@ -60,7 +60,7 @@ def test_experiment_refuses_unknown_and_per_run_keys(tmp_path: Path, capsys: pyt
 def test_experiment_set_reaches_the_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["experiment", "--preset", "paper", "--dry-run", "--out", str(tmp_path),
                  "--set", "local-steps=4"]) == 0
-    assert "3 rounds × 4 local steps × batch 32" in capsys.readouterr().out
+    assert "5 rounds × 4 local steps × batch 512" in capsys.readouterr().out
 
 
 def test_audit_refuses_an_unknown_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -80,7 +80,7 @@ def test_experiment_help_quotes_the_presets(capsys: pytest.CaptureFixture[str]) 
         cfg = preset.config()
         assert (f"× {cfg.local_steps} local steps × batch {cfg.batch_size} per silo" in text
                 and f"{preset.bootstrap} bootstrap resamples" in text), preset.name
-    assert "3 rounds × 16 local steps" in text  # the paper preset today
+    assert "5 rounds × 20 local steps" in text  # the paper preset today
 
 
 def test_report_methods_follow_the_document() -> None:

@@ -25,7 +25,7 @@ from shared_model.privacy.state import PrivacyState, sample_rate_for
 
 
 def _cfg(dataset: Path, bert: Path, **kw: object) -> RunConfig:
-    base = {"dataset": str(dataset), "base-model": str(bert), "local-steps": 4, "batch-size": 16,
+    base = {"user-tower": "text", "dataset": str(dataset), "base-model": str(bert), "local-steps": 4, "batch-size": 16,
             "num-server-rounds": 3, "max-eval-users": 0}
     return RunConfig.from_run_config({**base, **kw})
 
@@ -73,14 +73,13 @@ def test_dp_round_updates_lora_b_and_accounts_every_step(small_dataset: Path, ti
     acc = RDPAccountant()
     acc.history = [(privacy.noise_multiplier, privacy.sample_rate, cfg.local_steps)]
     assert result.epsilon_total == pytest.approx(acc.get_epsilon(cfg.delta), rel=1e-9)
-    # noise calibrated for the whole run: after all planned steps and the popularity release
-    # (popularity-prior, the default) ε ≤ budget, and close to it
-    full = privacy.epsilon_of([(privacy.noise_multiplier, privacy.sample_rate, privacy.planned_steps),
-                               (privacy.popularity_noise_multiplier, 1.0, 1)])
+    # noise calibrated for the whole run: after all planned steps and the popularity and transition
+    # releases (popularity-prior, transitions: the defaults) ε ≤ budget, and close to it
+    releases = [(privacy.popularity_noise_multiplier, 1.0, 1), (privacy.transition_noise_multiplier, 1.0, 1)]
+    full = privacy.epsilon_of([(privacy.noise_multiplier, privacy.sample_rate, privacy.planned_steps)] + releases)
     assert cfg.epsilon * 0.97 <= full <= cfg.epsilon
     # once the planned steps are spent, one more round would exceed the budget
-    privacy.history = [(privacy.noise_multiplier, privacy.sample_rate, privacy.planned_steps),
-                       (privacy.popularity_noise_multiplier, 1.0, 1)]
+    privacy.history = [(privacy.noise_multiplier, privacy.sample_rate, privacy.planned_steps)] + releases
     assert not can_train(privacy, cfg.local_steps)
 
 

@@ -49,7 +49,7 @@ def _delta_w(state: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor], sc
 
 def _aggregate(tmp_path: Path, mode: str, tiny_bert: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(server's ΔW after aggregating three perturbed silo states, weighted mean of the silos' ΔW)."""
-    cfg = RunConfig(base_model=str(tiny_bert), lora_mode=mode, history_features=False)
+    cfg = RunConfig(user_tower="text", base_model=str(tiny_bert), lora_mode=mode, history_features=False)
     model = build_model(cfg, num_categories=3)
     scaling = cfg.lora_alpha / cfg.lora_rank
     initial = get_trainable_state(model)
@@ -68,13 +68,13 @@ def _aggregate(tmp_path: Path, mode: str, tiny_bert: Path) -> tuple[dict[str, to
 
 
 def test_ffa_freezes_a_and_sends_only_b_and_heads(tiny_bert: Path) -> None:
-    ffa = get_trainable_state(build_model(RunConfig(base_model=str(tiny_bert), lora_mode="ffa"), num_categories=3))
-    fedavg = get_trainable_state(build_model(RunConfig(base_model=str(tiny_bert)), num_categories=3))
+    ffa = get_trainable_state(build_model(RunConfig(user_tower="text", base_model=str(tiny_bert), lora_mode="ffa"), num_categories=3))
+    fedavg = get_trainable_state(build_model(RunConfig(user_tower="text", base_model=str(tiny_bert)), num_categories=3))
     assert not any(".lora_A." in k for k in ffa) and any(".lora_B." in k for k in ffa)
     assert set(ffa) == {k for k in fedavg if ".lora_A." not in k}
     # A is the seeded initialisation: the same on every silo that builds the model from the run seed
-    a1 = build_model(RunConfig(base_model=str(tiny_bert), lora_mode="ffa"), 3).state_dict()
-    a2 = build_model(RunConfig(base_model=str(tiny_bert), lora_mode="ffa"), 3).state_dict()
+    a1 = build_model(RunConfig(user_tower="text", base_model=str(tiny_bert), lora_mode="ffa"), 3).state_dict()
+    a2 = build_model(RunConfig(user_tower="text", base_model=str(tiny_bert), lora_mode="ffa"), 3).state_dict()
     assert all(torch.equal(a1[k], a2[k]) for k in a1 if ".lora_A." in k)
     sent = sum(v.numel() for v in ffa.values()) / sum(v.numel() for v in fedavg.values())
     print(f"FFA sends {sent:.2%} of plain LoRA's trainable parameters")

@@ -101,7 +101,7 @@ def test_report_shows_both_kinds_and_fails_the_leaking_one(tmp_path: Path) -> No
     assert "std 2·C" in md
 
 
-CI = {"num-server-rounds": 2, "local-steps": 3, "epsilon": 1.0, "max-eval-users": 0}
+CI = {"num-server-rounds": 2, "local-steps": 3, "epsilon": 1.0, "max-eval-users": 0, "batch-size": 32}
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from shared_model.model import build_model
 
 
 def _cfg(dataset: Path, bert: Path, **kw: object) -> RunConfig:
-    base = {"dataset": str(dataset), "base-model": str(bert), "local-steps": 3, "batch-size": 8,
+    base = {"user-tower": "text", "dataset": str(dataset), "base-model": str(bert), "local-steps": 3, "batch-size": 8,
             "num-server-rounds": 2, "max-eval-users": 40, "item-tower": "adapted", "tower-negatives": 4,
             "eval-candidates": 50}
     return RunConfig.from_run_config({**base, **kw})
@@ -130,7 +130,7 @@ def test_adapted_checkpoint_index_is_the_lora_encoder(
 ) -> None:
     from shared_model.adapters import save_checkpoint
     from shared_model.dataset import load_catalogue
-    from shared_model.scoring import Scorer
+    from shared_model.scorer import Scorer
 
     cfg = _cfg(small_dataset, tiny_bert, **{"eval-candidates": 0, "max-eval-users": 0})
     categories = load_catalogue(small_dataset).interest_vocab()

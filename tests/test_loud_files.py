@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -117,8 +116,8 @@ def _recommend(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str
     return rc, cap.out, cap.err
 
 
-def test_truncated_adapter_is_a_one_line_error(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    f = ckpt / "adapter_model.safetensors"
+def test_truncated_arrays_are_a_one_line_error(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = ckpt / "heads.safetensors"  # the sequence model's arrays (the text tower: also adapter_model.safetensors)
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     rc, _, err = _recommend(ckpt, capsys)
     assert rc == 2 and "cannot load the checkpoint's arrays" in err and "Traceback" not in err

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -95,9 +94,10 @@ def test_a_silo_with_a_non_finite_loss_or_update_sends_nothing(small_dataset: Pa
     assert update_failure(model, 1.25) is None
     assert update_failure(model, math.inf) == "training loss is inf (not finite)"
     with torch.no_grad():
-        next(p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n)[0, 0] = float("nan")
+        name, param = next((n, p) for n, p in model.named_parameters() if p.requires_grad)
+        param.view(-1)[0] = float("nan")
     why = update_failure(model, 1.25)
-    assert why is not None and "not finite after training" in why and "lora_B" in why
+    assert why is not None and "not finite after training" in why and name in why
 
 
 def test_run_health_reads_outcomes(tmp_path: Path) -> None:
@@ -134,7 +134,7 @@ def test_a_checkpoint_with_nan_arrays_is_an_error_not_a_rank(small_dataset: Path
     categories = load_dataset(small_dataset)[0].interest_vocab()
     model = build_model(cfg, len(categories), seed=3)
     with torch.no_grad():
-        next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+        next(p for _, p in model.named_parameters() if p.requires_grad).fill_(float("nan"))
     meta = {"round": 1, "base-model": str(tiny_bert), "categories": categories, "config": cfg.to_run_config()}
     ckpt = save_checkpoint(model, tmp_path / "round-001", meta)
     assert main(["evaluate", "--checkpoint", str(ckpt), "--no-baselines", "--no-cross", "--bootstrap", "5"]) == 1

@@ -50,7 +50,7 @@ def test_dp_accounting_gaussian_matches_the_analytic_gaussian_mechanism(sigma: f
 
 def test_calibration_gives_metrics_their_share_and_the_whole_plan_fits_the_budget() -> None:
     cfg = RunConfig(num_server_rounds=3, local_steps=8, batch_size=32, epsilon=8.0, delta=1e-5,
-                    popularity_prior=False)  # the popularity release's share: tests/test_popularity_prior.py
+                    popularity_prior=False, transitions=False)  # their shares: test_popularity_prior, test_transitions
     plain = PrivacyState.calibrate("s", cfg, num_users=400)
     dp = PrivacyState.calibrate("s", cfg, num_users=400, release_metrics="dp", metric_share=0.1)
     k = planned_releases(cfg, "dp")
@@ -95,7 +95,8 @@ def _ledger_run(tmp_path: Path, plain: bool = False) -> Path:
     calibrated PrivacyState) and, with ``plain``, one silo's plain-release declarations."""
     run = tmp_path / "run"
     run.mkdir()
-    cfg = RunConfig(num_server_rounds=2, local_steps=4, batch_size=32, epsilon=4.0, delta=1e-5)
+    cfg = RunConfig(num_server_rounds=2, local_steps=4, batch_size=32, epsilon=4.0, delta=1e-5,
+                    transitions=False)  # DP-SGD and metrics only (the transition release: tests/test_transitions.py)
     led = Ledger(run / "ledger.jsonl")
     sent = []
     for silo in ("a", "b"):
@@ -231,7 +232,8 @@ def test_a_plain_run_says_in_the_table_and_the_audit_which_numbers_are_outside_e
     assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-3000:]
     md = (out / "audit.md").read_text()
     assert "These numbers left the silo UNNOISED (release-metrics = plain): no ε covers them." in md
-    assert "| p0-r0 | 1 | train | empty-steps, train-loss, train-seconds |" in md
+    assert ("| p0-r0 | 1 | train | clipped-interest, clipped-ranking, empty-steps, grad-norm-interest, "
+            "grad-norm-ranking, train-loss, train-seconds |") in md  # the per-group clipping figures too
     assert "release-metrics`: p0-r0 = **plain**" in md
     # no Gaussian release: the metrics spend nothing; the silo's ε is its DP-SGD rounds alone
     assert all(s["metric-releases"] == 0 for s in audit_run(out)["silos"].values())

@@ -65,7 +65,7 @@ def test_prior_vector_puts_each_platform_s_prior_on_its_own_items() -> None:
 
 def test_calibration_gives_the_release_its_marginal_share_and_the_whole_plan_fits_the_budget() -> None:
     cfg = RunConfig(num_server_rounds=3, local_steps=8, batch_size=32, epsilon=8.0, delta=1e-5,
-                    popularity_epsilon_share=0.1)
+                    popularity_epsilon_share=0.1, transitions=False)  # with transitions: tests/test_transitions.py
     with_prior = PrivacyState.calibrate("s", cfg, num_users=400)
     without = PrivacyState.calibrate("s", cfg.replace(**{"popularity-prior": False}), num_users=400)
     z, sgd = with_prior.popularity_noise_multiplier, [(with_prior.noise_multiplier, with_prior.sample_rate, 24)]
@@ -156,7 +156,7 @@ def test_checkpoint_keeps_the_prior_and_the_trained_weight(small_dataset: Path, 
     from shared_model.adapters import load_checkpoint, save_checkpoint
     from shared_model.model import build_model
 
-    cfg = RunConfig(dataset=str(small_dataset), base_model=str(tiny_bert))
+    cfg = RunConfig(dataset=str(small_dataset), base_model=str(tiny_bert), user_tower="text")
     model = build_model(cfg, num_categories=3)
     assert model.popularity_prior is not None and model.popularity_head is not None
     model.popularity_prior.set_prior(np.linspace(-9, -1, 480))

@@ -67,16 +67,24 @@ def test_restart_continues_epsilon_and_budget_refuses(
     small_dataset: Path, tiny_bert: Path, cache_dir: Path, tmp_path: Path, task_identity: None
 ) -> None:
     from fl_client.task import open_silo
+    from fl_server.transitions import platform_candidates, query_content
 
     cfg = RunConfig.from_run_config({"dataset": str(small_dataset), "base-model": str(tiny_bert), "local-steps": 2,
-                                     "batch-size": 16, "num-server-rounds": 2, "epsilon": 2.0})
+                                     "batch-size": 16, "num-server-rounds": 2, "epsilon": 2.0,
+                                     # a small transition share: DP-SGD's σ stays small enough that a round past
+                                     # the plan overruns the budget (with 0.6 it fits in the calibration's slack)
+                                     "transition-epsilon-share": 0.1})
     node = {"partition-id": 0, "state-dir": str(tmp_path / "state")}  # the silo's own state root
     ncat = len(open_silo(cfg, node).categories)
     ctx = Context(run_id=11, node_id=7, node_config=node, state=RecordDict(), run_config=cfg.to_run_config())
-    # the popularity release (popularity-prior, the default) comes first, then round 1
+    # the popularity and transition releases (popularity-prior, transitions: the defaults) come first, then round 1
     released = client_app.popularity(Message(content=RecordDict({"config": ConfigRecord({"server-round": 0})}),
                                              dst_node_id=7, message_type="query.popularity"), ctx)
     z = float(released.content["ledger"]["noise-multiplier"])
+    data = open_silo(cfg, node)
+    query = query_content([data.platform], platform_candidates(cfg, data.catalogue, data.items))
+    pairs = client_app.transitions(Message(content=query, dst_node_id=7, message_type="query.transitions"), ctx)
+    zt = float(pairs.content["ledger"]["noise-multiplier"])
     r1 = _train(cfg, node, 1, ctx, ncat)
     eps1 = float(r1.content["metrics"]["epsilon"])
     # the silo process restarts: a fresh Context, no in-memory state; the ledger restores both kinds
@@ -85,7 +93,7 @@ def test_restart_continues_epsilon_and_budget_refuses(
     rec = dict(r2.content["ledger"])
     sigma, q = rec["noise-multiplier"], rec["sample-rate"]
     assert float(r2.content["metrics"]["epsilon"]) == pytest.approx(
-        epsilon_of_history("rdp", [(z, 1.0, 1)] + [(sigma, q, 2)] * 2, 1e-5))
+        epsilon_of_history("rdp", [(z, 1.0, 1), (zt, 1.0, 1)] + [(sigma, q, 2)] * 2, 1e-5))
     assert float(r2.content["metrics"]["epsilon"]) > eps1 > 0
     # the planned rounds spent the budget: a third round is refused, explicitly
     r3 = _train(cfg, node, 3, ctx2, ncat)
@@ -95,9 +103,9 @@ def test_restart_continues_epsilon_and_budget_refuses(
     assert refusal["kind"] == "refusal" and refusal["rule"] == "run-budget" and refusal["round"] == 3
     assert refusal["reason"] == r3.content["status"]["reason"] and refusal["epsilon-requested"] > 2.0
     on_ledger = Ledger(tmp_path / "state" / "p0-r0" / "ledger.jsonl").read()
-    assert [(r["kind"], r["round"]) for r in on_ledger] == [("popularity-release", 0), ("dp-sgd-round", 1),
-                                                            ("dp-sgd-round", 2), ("refusal", 3)]
-    records = on_ledger[1:3]
+    assert [(r["kind"], r["round"]) for r in on_ledger] == [("popularity-release", 0), ("transition-release", 0),
+                                                            ("dp-sgd-round", 1), ("dp-sgd-round", 2), ("refusal", 3)]
+    records = on_ledger[2:4]
     assert records[-1]["epsilon-cumulative"] <= 2.0
     # a restart after the refusal: the refusal spends nothing, ε is the two rounds'
     ctx4 = Context(run_id=11, node_id=7, node_config=node, state=RecordDict(), run_config=cfg.to_run_config())
@@ -107,7 +115,7 @@ def test_restart_continues_epsilon_and_budget_refuses(
     ctx3 = Context(run_id=12, node_id=7, node_config=node, state=RecordDict(), run_config=cfg.to_run_config())
     r4 = _train(cfg, node, 1, ctx3, ncat)
     assert float(r4.content["metrics"]["epsilon"]) == pytest.approx(epsilon_of_history("rdp", [(sigma, q, 2)], 1e-5))
-    assert float(r4.content["metrics"]["epsilon"]) < eps1  # run 12 released no item counts
+    assert float(r4.content["metrics"]["epsilon"]) < eps1  # run 12 released no item or transition counts
     assert r4.content["ledger"]["runs-on-ledger"] == 2  # runs that spent ε; refusals do not count
     assert r4.content["ledger"]["epsilon-lifetime"] > records[-1]["epsilon-cumulative"]
 

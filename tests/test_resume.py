@@ -27,7 +27,8 @@ from fedshift.simulation import prepare_silo_state, run_simulation
 from shared_model.config import RunConfig
 from shared_model.dataset import list_silos
 from shared_model.privacy.ledger import Ledger
-from shared_model.privacy.records import DpSgdRound, PopularityRelease, Refusal, dp_rounds, read_records, write_record
+from shared_model.privacy.records import (DpSgdRound, PopularityRelease, Refusal, TransitionRelease, dp_rounds,
+                                          read_records, write_record)
 from shared_model.privacy.state import PrivacyState
 from shared_model.run_folder import ResumeError, resume_plan
 from tests.test_silo_policy import _message, task_identity  # noqa: F401 (a fixture)
@@ -119,8 +120,8 @@ def _silo_context(small_dataset: Path, tiny_bert: Path, state: Path, run_id: int
 
 def _spend(ledger: Ledger, cfg: RunConfig, silo: str, num_users: int, rounds: int, run_id: str,
            sigma_scale: float = 1.0) -> PrivacyState:
-    """Write the popularity release and ``rounds`` DP-SGD round records as the silo would have
-    (calibrated z, σ, q)."""
+    """Write the popularity and transition releases and ``rounds`` DP-SGD round records as the
+    silo would have (calibrated z, σ, q)."""
     state = PrivacyState.calibrate(silo, cfg, num_users=num_users)
     state.record_popularity()
     write_record(ledger, PopularityRelease(
@@ -128,6 +129,14 @@ def _spend(ledger: Ledger, cfg: RunConfig, silo: str, num_users: int, rounds: in
         noise_multiplier=state.popularity_noise_multiplier, sensitivity=cfg.popularity_max_items ** 0.5,
         delta=cfg.delta, accountant=cfg.accountant, epsilon_release=state.epsilon_spent,
         epsilon_cumulative=state.epsilon_spent, epsilon_budget=cfg.epsilon))
+    if cfg.transitions:
+        state.record_transitions()
+        write_record(ledger, TransitionRelease(
+            run_id=run_id, silo=silo, round=0, platform="p0", pairs=10, max_pairs=cfg.transition_max_pairs,
+            noise_multiplier=state.transition_noise_multiplier, sensitivity=cfg.transition_max_pairs ** 0.5,
+            delta=cfg.delta, accountant=cfg.accountant,
+            epsilon_release=state.epsilon_of([(state.transition_noise_multiplier, 1.0, 1)]),
+            epsilon_cumulative=state.epsilon_spent, epsilon_budget=cfg.epsilon))
     for r in range(1, rounds + 1):
         state.record_round(r, cfg.local_steps)
         write_record(ledger, DpSgdRound(
@@ -229,10 +238,12 @@ def test_simulate_interrupted_after_round_2_resumes_to_3_with_the_same_epsilon(
         assert [r.round for r in rounds] == [1, 2, 3]  # continued: no round reset or counted twice
         assert {r.run_id for r in rounds} == {str(original)}  # charged to the original run's budget
         assert [r.resumed_in for r in rounds] == [None, None, resumed_id]
-        assert [r.KIND for r in read_records(ledgers[silo]) if r.KIND == "popularity-release"] == ["popularity-release"]
+        assert [r.KIND for r in read_records(ledgers[silo]) if r.KIND.endswith("-release")] == [
+            "popularity-release", "transition-release"]
         # an uninterrupted 3-round run: the calibrated mechanism, 3 rounds, one accountant
         plan = PrivacyState.calibrate(silo, cfg, num_users=rounds[0].num_users)
         plan.record_popularity()  # released once, before round 1 (not again on resume)
+        plan.record_transitions()  # likewise
         for r in range(3):
             plan.record_round(r + 1, cfg.local_steps)
         assert all(r.noise_multiplier == pytest.approx(plan.noise_multiplier, rel=1e-12) for r in rounds)

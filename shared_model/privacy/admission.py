@@ -38,7 +38,8 @@ from shared_model.privacy.policy import RELEASE_MODES, SiloPolicy
 #: Run-config keys a refusal record repeats (what was asked, privacy-wise).
 REQUEST_KEYS = ("dp", "epsilon", "delta", "accountant", "silo-lifetime-epsilon", "audit-broken-noise", "release-metrics",
                 "num-server-rounds", "local-steps", "batch-size", "max-grad-norm", "resume-run-id", "popularity-prior",
-                "popularity-epsilon-share", "popularity-max-items")
+                "popularity-epsilon-share", "popularity-max-items", "transitions", "transition-epsilon-share",
+                "transition-max-pairs", "transition-neighbours", "transition-popular")
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,13 @@ that a privacy officer reads without opening the JSON.
 
 :func:`sections` renders, from :func:`shared_model.privacy.audit_report.audit_run`'s result:
 
-* where each silo's ε went, per release kind (DP-SGD rounds, Gaussian metric releases) and
-  the metrics' share of it;
+* where each silo's ε went, per release kind (DP-SGD rounds, Gaussian metric, popularity and
+  transition releases) and each release kind's share of it;
 * every number that left a silo outside ε (``plain-release`` records, declared by the silo);
 * the worst-case user, on one silo and on several.
 
 :func:`plot` draws two panels: the cumulative ε of each silo over rounds, marked by release
-kind; and per silo the ε of DP-SGD and the metric releases' added cost stacked against the
+kind; and per silo the ε of DP-SGD and the Gaussian releases' added cost stacked against the
 budget, with the canary audit's empirical lower bounds next to the claim when one was run.
 """
 
@@ -22,8 +22,9 @@ from typing import Any
 from shared_model.io_utils import write_bytes_atomic
 
 KIND_LABELS = {"dp-sgd-round": "DP-SGD round", "metric-release": "metric release (Gaussian)",
-               "popularity-release": "popularity release (Gaussian histogram)"}
-KIND_MARKERS = {"dp-sgd-round": "o", "metric-release": "x", "popularity-release": "s"}
+               "popularity-release": "popularity release (Gaussian histogram)",
+               "transition-release": "transition release (Gaussian pair counts)"}
+KIND_MARKERS = {"dp-sgd-round": "o", "metric-release": "x", "popularity-release": "s", "transition-release": "D"}
 
 
 def sections(result: dict[str, Any]) -> list[str]:
@@ -33,22 +34,27 @@ def sections(result: dict[str, Any]) -> list[str]:
     if silos:
         lines += ["", "## Where each silo's ε went, by release kind", "",
                   "| silo | ε spent (δ, accountant) | budget | DP-SGD alone | metric releases alone | "
-                  "metric coordinates | metrics' share of ε | popularity release alone | popularity's share of ε |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "metric coordinates | metrics' share of ε | popularity release alone | popularity's share of ε | "
+                  "transition release alone | transitions' share of ε |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for silo, s in silos.items():
             lines.append(f"| {silo} | {s['epsilon-reported']:.4f} (δ={s['delta']:g}, {s['accountant']}) | "
                          f"{s['epsilon-budget']:g} | {s.get('epsilon-dp-sgd-alone', float('nan')):.4f} | "
                          f"{s.get('epsilon-metric-releases-alone', 0.0):.4f} | {s.get('metric-releases', 0)} | "
                          f"{s.get('metric-share-of-epsilon', 0.0):.1%} | "
                          f"{s.get('epsilon-popularity-release-alone', 0.0):.4f} | "
-                         f"{s.get('popularity-share-of-epsilon', 0.0):.1%} |")
+                         f"{s.get('popularity-share-of-epsilon', 0.0):.1%} | "
+                         f"{s.get('epsilon-transition-release-alone', 0.0):.4f} | "
+                         f"{s.get('transition-share-of-epsilon', 0.0):.1%} |")
         lines += ["", "ε composes sub-additively, so the kinds' ε do not add up to the total. A kind's share "
                   "is its marginal cost: (ε spent − ε of everything else alone) / ε spent. A metric release "
                   "is one Gaussian mechanism per released sum or count (each user's contribution clipped to [0, 1], "
                   "no sampling); the popularity release is one Gaussian mechanism on the silo's item histogram "
-                  "(each user's ≤ c most recent distinct items, L2 sensitivity √c, no sampling). Both are composed "
-                  "with the DP-SGD rounds in the silo's own accountant and recomputed above by dp-accounting "
-                  "(RDP and PLD) as one heterogeneous composition."]
+                  "(each user's ≤ c most recent distinct items, L2 sensitivity √c, no sampling); the transition "
+                  "release is one Gaussian mechanism on the silo's counts of item-to-item transitions over public "
+                  "candidate pairs (each user's ≤ m most recent distinct pairs, L2 sensitivity √m, no sampling). All "
+                  "are composed with the DP-SGD rounds in the silo's own accountant and recomputed above by "
+                  "dp-accounting (RDP and PLD) as one heterogeneous composition."]
     lines += ["", "## Numbers that left a silo outside ε", ""]
     plain = result.get("outside-epsilon", [])
     if plain:
@@ -118,7 +124,7 @@ def plot(run_dir: Path, result: dict[str, Any], out: Path | None = None) -> Path
     sgd = [silos[n].get("epsilon-dp-sgd-alone", silos[n]["epsilon-reported"]) for n in names]
     extra = [silos[n]["epsilon-reported"] - a for n, a in zip(names, sgd)]
     bx.bar(names, sgd, label="DP-SGD rounds alone", color="C0")
-    bx.bar(names, extra, bottom=sgd, label="+ metric releases", color="C1")
+    bx.bar(names, extra, bottom=sgd, label="+ Gaussian releases (metrics, popularity, transitions)", color="C1")
     for j, n in enumerate(names):
         bx.hlines(silos[n]["epsilon-budget"], j - 0.4, j + 0.4, colors="k", linestyles="dashed",
                   label="budget" if j == 0 else None)

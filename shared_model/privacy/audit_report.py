@@ -5,7 +5,8 @@ The folder is a run's results folder (the server's federation ledger; its
 ``metrics.json`` names the run, whose records alone are audited) or a silo's state
 folder ``<state-dir>/<silo>`` (its own ledger, every run on it). ε is recomputed by
 :mod:`shared_model.privacy.recompute` from the spending records (DP-SGD rounds and Gaussian
-metric releases, one heterogeneous composition per silo); refusals spend nothing and are
+metric, popularity and transition releases, one heterogeneous composition per silo; each
+release kind's ε alone and share of ε: :func:`by_kind`); refusals spend nothing and are
 listed (the policy or budget rule, what was asked); ``plain-release`` declarations are listed
 as numbers outside ε, and every metric ``metrics.json`` shows must have its ledger record
 (:func:`release_checks`). The person-facing page and plot are :mod:`shared_model.privacy.audit_page`.
@@ -33,8 +34,7 @@ from shared_model.privacy.ledger import LEDGER_NAME, Ledger, LedgerError
 from shared_model.privacy.policy import POLICY_NAME, load_policy
 from shared_model.privacy.owner_checks import read_lines, read_metrics, run_folder_checks, silo_folder_checks
 from shared_model.privacy.records import (DpSgdRound, MetricRelease, PlainRelease, PopularityRelease, Record, Spending,
-                                         history_of, of_run,
-                                          read_records, refusals, spending)
+                                          TransitionRelease, history_of, of_run, read_records, refusals, spending)
 from shared_model.privacy.recompute import label as accountant_label
 from shared_model.privacy.recompute import opacus_epsilon, opacus_rdp, recompute
 
@@ -74,8 +74,9 @@ def by_kind(recs: list[Spending], delta: float, accountant: str) -> dict[str, An
     def of(kind: type) -> list[tuple[float, float, int]]:
         return history_of([r for r in recs if isinstance(r, kind)])
 
-    sgd, metric, popularity = of(DpSgdRound), of(MetricRelease), of(PopularityRelease)
-    joint = opacus_epsilon(accountant, sgd + metric + popularity, delta)
+    sgd, metric, popularity, transition = of(DpSgdRound), of(MetricRelease), of(PopularityRelease), \
+        of(TransitionRelease)
+    joint = opacus_epsilon(accountant, sgd + metric + popularity + transition, delta)
 
     def share(without: list[tuple[float, float, int]]) -> float:
         return (joint - opacus_epsilon(accountant, without, delta)) / joint if joint > 0 else 0.0
@@ -83,10 +84,13 @@ def by_kind(recs: list[Spending], delta: float, accountant: str) -> dict[str, An
     return {"epsilon-dp-sgd-alone": opacus_epsilon(accountant, sgd, delta),
             "epsilon-metric-releases-alone": opacus_epsilon(accountant, metric, delta),
             "metric-releases": sum(int(n) for _, _, n in metric),
-            "metric-share-of-epsilon": share(sgd + popularity),
+            "metric-share-of-epsilon": share(sgd + popularity + transition),
             "epsilon-popularity-release-alone": opacus_epsilon(accountant, popularity, delta),
             "popularity-releases": len(popularity),
-            "popularity-share-of-epsilon": share(sgd + metric)}
+            "popularity-share-of-epsilon": share(sgd + metric + transition),
+            "epsilon-transition-release-alone": opacus_epsilon(accountant, transition, delta),
+            "transition-releases": len(transition),
+            "transition-share-of-epsilon": share(sgd + metric + popularity)}
 
 
 def release_checks(doc: dict[str, Any] | None, records: list[Record]) -> list[dict[str, Any]]:
@@ -141,7 +145,7 @@ def audit_run(run_dir: Path, canary: dict[str, Any] | list[dict[str, Any]] | Non
         checks.append(signature_check(Ledger(run_dir / LEDGER_NAME), silo_keys))
     if info.get("run-id") is not None:
         records = of_run(records, info["run-id"])
-    rounds = spending(records)  # DP-SGD rounds and Gaussian metric releases, in ledger order
+    rounds = spending(records)  # DP-SGD rounds and Gaussian releases, in ledger order
     result["outside-epsilon"] = [r.to_dict() for r in records if isinstance(r, PlainRelease)]
     result["refusals"] = [r.to_dict() for r in refusals(records)]
     result["policies"] = silo_policies(run_dir, info.get("run-id"))

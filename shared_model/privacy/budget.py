@@ -8,9 +8,10 @@ Two rules, checked in order; the first that fails refuses, as a :class:`BudgetRe
 ``silo-lifetime-budget``  the silo's ε over every run on its ledger would exceed
                           ``silo-lifetime-epsilon`` (when that is > 0).
 
-DP-SGD round records and Gaussian metric releases spend ε (``records.spending``); refusals
-and other kinds on the ledger are ignored. :func:`check_entry` applies both rules to any
-mechanism entry ``(σ, q, n)`` (a metric release: ``(z, 1.0, coordinates)``).
+DP-SGD round records and Gaussian metric, popularity and transition releases spend ε
+(``records.spending``); refusals and other kinds on the ledger are ignored. :func:`check_entry`
+applies both rules to any mechanism entry ``(σ, q, n)`` (a metric release: ``(z, 1.0,
+coordinates)``; a popularity or transition release: ``(z, 1.0, 1)``).
 """
 
 from __future__ import annotations

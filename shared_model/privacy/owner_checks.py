@@ -35,7 +35,7 @@ from typing import Any
 from shared_model.privacy.ledger import LEDGER_NAME, Ledger, LedgerError
 from shared_model.privacy.policy import POLICY_NAME, SiloPolicy, load_policy
 from shared_model.privacy.records import (ENVELOPE, DpSgdRound, MetricRelease, PlainRelease, PopularityRelease, Record,
-                                         parse_record)
+                                          TransitionRelease, parse_record)
 from shared_model.privacy.recompute import OPACUS, opacus_epsilon
 
 TOLERANCE = 1e-3
@@ -99,7 +99,7 @@ def policy_failures(policy: SiloPolicy | None, lines: list[Line], name: str, run
     history: list[tuple[float, float, int]] = []  # every DP round before, every run (the lifetime)
     first_of_run: dict[str, tuple[int, DpSgdRound]] = {}
     for n, _, rec in lines:
-        if isinstance(rec, (MetricRelease, PopularityRelease)):  # spends ε: in the lifetime, and within the run's cap
+        if isinstance(rec, (MetricRelease, PopularityRelease, TransitionRelease)):  # spends ε: lifetime, run's cap
             history.append(rec.mechanism)
             if policy is not None and (run_id is None or str(rec.run_id) == str(run_id)) \
                     and rec.epsilon_cumulative > policy.max_epsilon_per_run + 1e-6:
@@ -239,7 +239,7 @@ def coverage_failures(run_dir: Path, doc: dict[str, Any], lines: list[Line]) -> 
     for n, _, rec in lines:
         if n not in seen and _interrupted(rec, doc["run"].get("resumed") or []):
             continue  # spent and counted in ε; its round ran again after the resume
-        if isinstance(rec, (MetricRelease, PlainRelease, PopularityRelease)):  # a release needs the reply it released
+        if isinstance(rec, (MetricRelease, PlainRelease, PopularityRelease, TransitionRelease)):  # needs its reply
             if (str(rec.silo), int(rec.round), str(rec.phase)) not in replies:
                 out.append(f"ledger.jsonl:{n}: {rec.KIND} round {rec.round} of silo {rec.silo} has no {rec.phase} "
                            "row in metrics.json (added)")

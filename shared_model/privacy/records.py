@@ -12,8 +12,8 @@ value is ``None`` is left off the line (optional fields, which older records may
 Adding a kind (a histogram release, a metric release, …): subclass :class:`Record`, set
 ``KIND``, decorate it with :func:`register`. Nothing else changes: the ledger stores
 lines, and ε is computed from the records :func:`spending` returns (:class:`DpSgdRound`,
-:class:`MetricRelease` and :class:`PopularityRelease`), so a new kind spends nothing until the accounting is taught
-about it.
+:class:`MetricRelease`, :class:`PopularityRelease` and :class:`TransitionRelease`), so a new kind spends nothing
+until the accounting is taught about it.
 """
 
 from __future__ import annotations
@@ -205,6 +205,47 @@ class PopularityRelease(Record):
 
 @register
 @dataclasses.dataclass(frozen=True)
+class TransitionRelease(Record):
+    """A silo's item-transition counts released with the Gaussian mechanism (``transitions``).
+
+    Each training user counts their ``max-pairs`` most recent distinct unordered pairs of
+    consecutive different items, weight 1 each (L2 sensitivity ``sensitivity`` = √max-pairs);
+    every one of the ``pairs`` public candidate pairs the server sent got Gaussian noise of
+    standard deviation ``noise_multiplier × sensitivity`` (the silo's secret randomness;
+    :mod:`shared_model.transitions`). To the accountant it is one Gaussian mechanism without
+    sampling, ``(noise_multiplier, 1.0, 1)``, composed with the silo's DP-SGD rounds;
+    ``epsilon-cumulative`` is the run's ε after it."""
+
+    KIND: ClassVar[str] = "transition-release"
+    run_id: str
+    silo: str
+    round: int  # 0: released before the first round
+    platform: str
+    pairs: int  # candidate pairs released (coordinates)
+    max_pairs: int
+    noise_multiplier: float
+    sensitivity: float
+    delta: float
+    accountant: str
+    epsilon_release: float  # of this release alone
+    epsilon_cumulative: float  # this run, after this release
+    epsilon_budget: float
+    users: int | None = None  # training users counted (public in this threat model)
+    time: str | None = None
+
+    @property
+    def phase(self) -> str:
+        """The phase of the server's records that holds the reply (``metrics.json``)."""
+        return "transitions"
+
+    @property
+    def mechanism(self) -> tuple[float, float, int]:
+        """``(σ, 1.0, 1)``: this release's entry in an accountant history."""
+        return (float(self.noise_multiplier), 1.0, 1)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
 class PlainRelease(Record):
     """Numbers a silo sent WITHOUT noise (``release-metrics = "plain"``): declared outside ε.
     Spends nothing in the accounting, because nothing protects them."""
@@ -275,13 +316,13 @@ def dp_rounds(records: Iterable[Record]) -> list[DpSgdRound]:
     return [r for r in records if isinstance(r, DpSgdRound)]
 
 
-Spending = DpSgdRound | MetricRelease | PopularityRelease
+Spending = DpSgdRound | MetricRelease | PopularityRelease | TransitionRelease
 
 
 def spending(records: Iterable[Record]) -> list[Spending]:
-    """The records that spend ε (DP-SGD rounds, Gaussian metric and popularity releases), in
-    ledger order."""
-    return [r for r in records if isinstance(r, (DpSgdRound, MetricRelease, PopularityRelease))]
+    """The records that spend ε (DP-SGD rounds, Gaussian metric, popularity and transition
+    releases), in ledger order."""
+    return [r for r in records if isinstance(r, (DpSgdRound, MetricRelease, PopularityRelease, TransitionRelease))]
 
 
 def refusals(records: Iterable[Record]) -> list[Refusal]:

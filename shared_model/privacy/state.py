@@ -7,9 +7,12 @@ last planned step is ≤ ε_total (Opacus ``get_noise_multiplier``). A restarted
 rebuilds the history from its ledger's DP-SGD round records of the run (:meth:`restore`).
 
 With ``popularity-prior`` the run plans one Gaussian histogram release
-(:mod:`shared_model.popularity`) whose marginal cost is ``popularity-epsilon-share × ε``:
-everything else is calibrated to the rest of ε, and the release gets the smallest noise that
-keeps the whole composition within ε;
+(:mod:`shared_model.popularity`) whose marginal cost is ``popularity-epsilon-share × ε``,
+and with ``transitions`` one Gaussian release of item-transition counts
+(:mod:`shared_model.transitions`) whose marginal cost is ``transition-epsilon-share × ε``:
+everything else is calibrated to the rest of ε, the transition release gets the smallest
+noise that keeps the composition within ``(1 − popularity share) × ε``, and the popularity
+release the smallest noise that keeps the whole composition within ε;
 with ``release-metrics = "dp"`` the run also plans Gaussian metric releases
 (:mod:`shared_model.privacy.metric_release`): their noise multiplier is calibrated so that
 the planned releases alone spend ``metric-epsilon-share × ε_total``, and the DP-SGD noise is
@@ -26,7 +29,8 @@ from dataclasses import dataclass, field
 from shared_model.config import RunConfig
 from shared_model.privacy import accountants
 from shared_model.privacy.accountants import Accountant
-from shared_model.privacy.records import DpSgdRound, MetricRelease, PopularityRelease, Spending, history_of
+from shared_model.privacy.records import (DpSgdRound, MetricRelease, PopularityRelease, Spending, TransitionRelease,
+                                          history_of)
 
 History = list[tuple[float, float, int]]
 
@@ -121,35 +125,45 @@ class PrivacyState:
     metric_noise_multiplier: float = 0.0  # dp: σ of each released coordinate, in sensitivities
     planned_releases: int = 0  # dp: Gaussian metric coordinates planned for the run
     popularity_noise_multiplier: float = 0.0  # popularity-prior: z of the histogram release (0: none planned)
+    transition_noise_multiplier: float = 0.0  # transitions: z of the transition-count release (0: none planned)
 
     @classmethod
     def calibrate(cls, silo: str, cfg: RunConfig, num_users: int, release_metrics: str = "none",
                   metric_share: float = 0.0) -> "PrivacyState":
         """Noise for the run. DP-SGD and the metric releases (``metric_share`` of ε as if alone)
-        are calibrated to spend together ``(1 − popularity-epsilon-share) × ε``; the popularity
-        histogram then gets the rest: the smallest noise such that everything composed spends
-        ≤ ε (its *marginal* cost is its share; alone it would spend more, since ε composes
-        sub-additively)."""
+        are calibrated to spend together ``(1 − popularity share − transition share) × ε`` (the
+        share of a release that is off is not taken); the transition release then gets the
+        smallest noise such that everything composed so far spends ≤ ``(1 − popularity share) × ε``,
+        and the popularity histogram the smallest noise such that everything composed spends
+        ≤ ε. Each release's *marginal* cost is its share; alone it would spend more, since ε
+        composes sub-additively."""
         from shared_model.privacy.metric_release import planned_releases
 
         q = sample_rate_for(num_users, cfg.batch_size)
         planned = cfg.num_server_rounds * cfg.local_steps
         acc = accountants.create(cfg.accountant)
         releases = planned_releases(cfg, release_metrics) if cfg.dp else 0
-        z = zp = 0.0
+        z = zp = zt = 0.0
         popularity = cfg.dp and cfg.popularity_prior
-        # what DP-SGD and the metric releases may spend: all of ε, or what the popularity release leaves
-        rest = cfg.epsilon * (1.0 - cfg.popularity_epsilon_share) if popularity else cfg.epsilon
+        transitions = cfg.dp and cfg.transitions
+        pop_share = cfg.popularity_epsilon_share if popularity else 0.0
+        trans_share = cfg.transition_epsilon_share if transitions else 0.0
+        # what DP-SGD and the metric releases may spend: all of ε, or what the releases leave
+        rest = cfg.epsilon * (1.0 - pop_share - trans_share)
         if releases and metric_share > 0:
             z = acc.noise_multiplier(metric_share * cfg.epsilon, cfg.delta, 1.0, releases)
             sigma = joint_noise_multiplier(acc, rest, cfg.delta, q, planned, [(z, 1.0, releases)])
         else:
             sigma = acc.noise_multiplier(rest, cfg.delta, q, planned)
+        before = [(sigma, q, planned)] + ([(z, 1.0, releases)] if releases and metric_share > 0 else [])
+        if transitions:
+            zt = release_noise_multiplier(acc, cfg.epsilon * (1.0 - pop_share), cfg.delta, before)
+            before = before + [(zt, 1.0, 1)]
         if popularity:
-            before = [(sigma, q, planned)] + ([(z, 1.0, releases)] if releases and metric_share > 0 else [])
             zp = release_noise_multiplier(acc, cfg.epsilon, cfg.delta, before)
         return cls(silo, cfg.accountant, cfg.epsilon, cfg.delta, sigma, q, planned, release_metrics=release_metrics,
-                   metric_noise_multiplier=z, planned_releases=releases, popularity_noise_multiplier=zp)
+                   metric_noise_multiplier=z, planned_releases=releases, popularity_noise_multiplier=zp,
+                   transition_noise_multiplier=zt)
 
     def epsilon_of(self, history: History) -> float:
         """ε(δ) of a mechanism history under this state's accountant."""
@@ -179,6 +193,12 @@ class PrivacyState:
         self.history = list(self.history) + [entry]
         return entry
 
+    def record_transitions(self) -> tuple[float, float, int]:
+        """Add the transition-count release; returns its history entry."""
+        entry = (self.transition_noise_multiplier, 1.0, 1)
+        self.history = list(self.history) + [entry]
+        return entry
+
     def record_round(self, server_round: int, steps: int) -> tuple[float, float, int]:
         """Add a round of ``steps`` steps at the calibrated noise; returns its history entry."""
         step = (self.noise_multiplier, self.sample_rate, int(steps))
@@ -187,8 +207,8 @@ class PrivacyState:
         return step
 
     def restore(self, run_rounds: list[Spending]) -> "PrivacyState":
-        """Continue from this run's spending records (DP-SGD rounds, metric and popularity
-        releases, in ledger order: a restarted silo process).
+        """Continue from this run's spending records (DP-SGD rounds, metric, popularity and
+        transition releases, in ledger order: a restarted silo process).
 
         The noise was calibrated from the run config; a record made with other mechanism
         parameters means the configuration changed mid-run, which would silently break
@@ -198,6 +218,7 @@ class PrivacyState:
             DpSgdRound: (self.noise_multiplier, self.sample_rate, "DP-SGD", RestoreMismatch),
             MetricRelease: (self.metric_noise_multiplier, 1.0, "metric release", RuntimeError),
             PopularityRelease: (self.popularity_noise_multiplier, 1.0, "popularity release", RestoreMismatch),
+            TransitionRelease: (self.transition_noise_multiplier, 1.0, "transition release", RestoreMismatch),
         }
         for rec in run_rounds:
             sigma, q, _ = rec.mechanism

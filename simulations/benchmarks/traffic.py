@@ -33,14 +33,17 @@ def _fp16(arrays: ArrayRecord) -> ArrayRecord:
 
 def measure(cfg: RunConfig, num_categories: int) -> dict[str, object]:
     """Bytes of one round's arrays (each way) for ``cfg`` and the encoder's fp32 bytes."""
+    from shared_model.encoder import load_encoder
+
     model = build_model(cfg, num_categories)
     arrays = to_arrays(model)
     tensor_bytes, sent = payload_bytes(arrays)
-    base_params = sum(p.numel() for n, p in model.encoder.named_parameters() if "lora_" not in n)
+    base_params = sum(p.numel() for p in load_encoder(cfg.base_model or None).parameters())
     encoder_bytes = base_params * 4
     _, fp16 = payload_bytes(_fp16(arrays))
     return {
-        "lora_mode": cfg.lora_mode,
+        "user_tower": cfg.user_tower,
+        "lora_mode": cfg.lora_mode if cfg.user_tower == "text" else None,
         "arrays": len(arrays),
         "parameters_sent": sum(int(arrays[k].numpy().size) for k in arrays.keys()),
         "tensor_bytes": tensor_bytes,
@@ -55,14 +58,15 @@ def measure(cfg: RunConfig, num_categories: int) -> dict[str, object]:
 
 
 def traffic(dataset: str = "", base_model: str = "", goal: float = 0.002, log=lambda msg: None) -> dict[str, object]:
-    """Both lora modes on the dataset's categories (default: bundled data and encoder)."""
+    """The sequence model and the text tower's two lora modes on the dataset's categories
+    (default: bundled data and encoder); the goal is checked on the default config's row."""
     cfg = RunConfig.from_run_config({"dataset": dataset, "base-model": base_model})
     categories = load_catalogue(cfg.dataset_dir(), cfg.base_model or None, cfg.max_item_tokens).interest_vocab()
-    rows = []
+    rows = [measure(cfg.replace(**{"user-tower": "sequence"}), len(categories))]
     for mode in ("ffa", "fedavg"):
-        log(f"traffic: lora-mode {mode}")
-        rows.append(measure(cfg.replace(**{"lora-mode": mode}), len(categories)))
-    default = next(r for r in rows if r["lora_mode"] == cfg.lora_mode)
-    return {"default_lora_mode": cfg.lora_mode, "rows": rows, "goal": goal,
+        log(f"traffic: text tower, lora-mode {mode}")
+        rows.append(measure(cfg.replace(**{"user-tower": "text", "lora-mode": mode}), len(categories)))
+    default = next(r for r in rows if r["user_tower"] == cfg.user_tower and r["lora_mode"] in (None, cfg.lora_mode))
+    return {"default_user_tower": cfg.user_tower, "default_lora_mode": cfg.lora_mode, "rows": rows, "goal": goal,
             "payload_ratio": default["payload_ratio"], "met": default["payload_ratio"] <= goal,
             "bytes_per_round": default["payload_bytes"] + default["received_payload_bytes"]}

@@ -76,7 +76,7 @@ def plan_curves(plan: Any, out: Path, catalogue: Any, silos: Mapping[str, Any], 
     """Every learning curve of ``plan`` (``plan.curve_methods``) on a seeded subset of ≤
     ``preset.curve_users`` validation users per platform: ``{"users": {platform: n},
     "steps-per-round": s, "methods": {name: [point, ...]}}``."""
-    from shared_model.scoring import Scorer
+    from shared_model.scorer import Scorer
     from simulations.experiment.evaluate import build_groups
 
     preset = plan.preset

@@ -213,7 +213,7 @@ def evaluate_plan(plan: Plan, out: Path, log: Callable[[str], None], clock: Call
     results.json, plus the loaded ``catalogue``, ``silos`` and migration ``k`` for the curves."""
     from shared_model.dataset import load_dataset, load_dataset_info
     from shared_model.examples import DEFAULT_K
-    from shared_model.scoring import Scorer
+    from shared_model.scorer import Scorer
 
     preset, dataset = plan.preset, plan.dataset
     catalogue, silos = load_dataset(dataset, plan.base_model, preset.config().max_item_tokens)

@@ -55,6 +55,11 @@ class ExperimentPreset:
     # holding about this share (simulations/datasets/unequal_regions.py); None = the dataset's own silos
     small_region_share: float | None = None
     curve_users: int = 500  # learning curve: a seeded subset of ≤ this many validation users per platform
+    # the converged ceiling (user-tower = sequence): epochs at most, patience, head-learning-rate grid
+    ceiling_epochs: int = 8
+    ceiling_patience: int = 2
+    ceiling_lrs: tuple[float, ...] = (0.01, 0.03, 0.1)
+    ceiling_epoch_s: float = 45.0  # time model: one ceiling epoch with its validation (2 CPU cores)
     note: str = ""  # caveat for the caption of results.md
     target_minutes: float | None = None  # the training budget is sized to fit this on 2 CPU cores
     # time model (seconds): per simulation overhead, per silo-step, per silo-round evaluation,
@@ -76,7 +81,8 @@ EXPERIMENT_PRESETS: dict[str, ExperimentPreset] = {
     "smoke": ExperimentPreset(
         name="smoke",
         data="mechanics only: generated 2-platform data (unless --dataset), tiny random BERT (unless --base-model)",
-        overrides={"num-server-rounds": 1, "local-steps": 2, "batch-size": 16, "max-eval-users": 16},
+        overrides={"num-server-rounds": 1, "local-steps": 2, "batch-size": 16, "max-eval-users": 16,
+                   "num-negatives": 64},
         epsilons=(8.0,),
         local_epsilon=8.0,
         federated_nonprivate=False,  # the same code path as federated DP (dp = false); saves one simulation
@@ -86,28 +92,33 @@ EXPERIMENT_PRESETS: dict[str, ExperimentPreset] = {
         note="smoke preset: generated data, random tiny BERT; numbers are meaningless",
         target_minutes=3,
         sim_overhead_s=35.0, step_s=0.1, silo_eval_s=1.0, checkpoint_load_s=0.5,
-        user_score_s=0.005,
+        user_score_s=0.005, ceiling_epochs=2, ceiling_lrs=(0.03,), ceiling_epoch_s=5.0,
     ),
     "paper": ExperimentPreset(
         name="paper",
         data="bundled Amazon arts/office data, bundled all-MiniLM-L6-v2",
-        overrides={"num-server-rounds": 3, "local-steps": 16, "batch-size": 32, "max-seq-len": 64,
-                   "max-eval-users": 128},
+        overrides={"num-server-rounds": 5, "local-steps": 20, "max-eval-users": 128},
         epsilons=(1.0, 4.0, 8.0),
         local_epsilon=8.0,
         bootstrap=1000,
         small_region_share=0.1,
+        lopo=False,  # the two leave-one-platform-out runs (≈10 min) do not fit 60 min beside 5 × 20 steps
+        curve_users=250,
         target_minutes=60,
+        step_s=1.05,  # a logical step of batch 512 on one silo, 4 silos sharing 2 cores (measured)
+        ceiling_epochs=6, ceiling_lrs=(0.01, 0.03),
     ),
 }
 
 
 def training_budget(preset: ExperimentPreset) -> str:
-    """E.g. ``3 rounds × 16 local steps × batch 32 per silo, histories truncated to 64 tokens``."""
+    """E.g. ``5 rounds × 20 local steps × batch 512 per silo, windows of the newest 50 events``
+    (the text tower: ``…, histories truncated to 64 tokens``)."""
     cfg = preset.config()
     rounds = f"{cfg.num_server_rounds} round{'s' if cfg.num_server_rounds != 1 else ''}"
-    return (f"{rounds} × {cfg.local_steps} local steps × batch {cfg.batch_size} per silo, histories truncated "
-            f"to {cfg.max_seq_len} tokens")
+    history = (f"windows of the newest {cfg.max_history} events" if cfg.user_tower == "sequence"
+               else f"histories truncated to {cfg.max_seq_len} tokens")
+    return f"{rounds} × {cfg.local_steps} local steps × batch {cfg.batch_size} per silo, {history}"
 
 
 def summary(preset: ExperimentPreset) -> str:
@@ -253,7 +264,8 @@ def make_plan(preset: ExperimentPreset, dataset: Path, base_model: str | None) -
         methods.append(Method(f"local-only-eps{preset.local_epsilon:g}", "local-only", tuple(per.values()),
                               preset.local_epsilon, tuple(platforms), silo_of_run=per))
     if preset.centralised:
-        est = 20.0 + len(silos) * rounds * steps * preset.step_s * 0.6  # no per-sample gradients
+        est = (20.0 + len(preset.ceiling_lrs) * preset.ceiling_epochs * preset.ceiling_epoch_s
+               if cfg.user_tower == "sequence" else 20.0 + len(silos) * rounds * steps * preset.step_s * 0.6)
         runs["centralised"] = TrainRun("centralised", "centralised", everyone, False, None, estimate_s=est)
         methods.append(Method("centralised-nonprivate", "centralised", ("centralised",), None, tuple(platforms)))
     curves = [m.name for m in methods if m.family in {"federated-nonprivate", "local-only"}

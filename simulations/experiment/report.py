@@ -168,8 +168,10 @@ def method_lines(doc: Mapping[str, Any]) -> list[str]:
     """One Markdown bullet per method family in ``doc``, with the run's numbers."""
     t = doc.get("training", {})
     rounds = t.get("num-server-rounds")
+    history = (f"windows of the newest {t.get('max-history')} events" if t.get("user-tower") == "sequence"
+               else f"{t.get('max-seq-len')} tokens")
     budget = (f"{rounds} round{'' if rounds == 1 else 's'} × {t.get('local-steps')} local steps × batch "
-              f"{t.get('batch-size')} per silo, {t.get('max-seq-len')} tokens")
+              f"{t.get('batch-size')} per silo, {history}")
     by_family: dict[str, list[str]] = {}
     for name, entry in doc["methods"].items():
         by_family.setdefault(entry["family"], []).append(name)
@@ -189,7 +191,12 @@ def method_lines(doc: Mapping[str, Any]) -> list[str]:
                                "view holding only that silo, same config; every held-out user is scored by the model "
                                "of their own silo, platform rows pool the silos' users, 'overall' pools every "
                                "platform."),
-        "centralised": lambda: ("`centralised-nonprivate`: all silos' training users pooled, no DP "
+        "centralised": lambda: ("`centralised-nonprivate`: the converged ceiling "
+                                "(`simulations/experiment/ceiling.py`): all silos' training users pooled, no DP, exact "
+                                "popularity and transitions, epochs until validation NDCG@10 stops rising, for each "
+                                "head learning rate of a small grid; the best validation epoch."
+                                if t.get("user-tower") == "sequence" else
+                                "`centralised-nonprivate`: all silos' training users pooled, no DP "
                                 "(`simulations/experiment/centralised.py`), the same number of gradient steps as all "
                                 "silos of a federated run together."),
         "lopo": lambda: (f"`lopo-A-to-B-eps*` (ε = {eps('lopo').split(',')[0]}): federated DP on A's silos only, "

@@ -94,9 +94,16 @@ def train(run: TrainRun, plan: Plan, out: Path, timeout: int) -> None:
     """Train one run into ``OUT/runs/<key>`` (``RuntimeError`` when a simulation does not complete)."""
     run_dir = out / "runs" / run.key
     if run.kind == "centralised":
+        cfg = run_config(run, plan, plan.dataset)
+        if cfg.user_tower == "sequence":  # the converged ceiling (simulations/experiment/ceiling.py)
+            from simulations.experiment.ceiling import CeilingBudget, train_ceiling
+
+            budget = CeilingBudget(plan.preset.ceiling_epochs, plan.preset.ceiling_patience, plan.preset.ceiling_lrs)
+            train_ceiling(cfg, run_dir, budget=budget)
+            return
         from simulations.experiment.centralised import train_centralised
 
-        train_centralised(run_config(run, plan, plan.dataset), run_dir)
+        train_centralised(cfg, run_dir)
         return
     from fedshift.simulation import run_simulation
 
@@ -209,7 +216,8 @@ def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = N
         "users": evaluated["users"],
         "overrides": preset.overrides,
         "training": {"num-server-rounds": cfg.num_server_rounds, "local-steps": cfg.local_steps,
-                     "batch-size": cfg.batch_size, "max-seq-len": cfg.max_seq_len, "delta": cfg.delta},
+                     "batch-size": cfg.batch_size, "max-seq-len": cfg.max_seq_len, "delta": cfg.delta,
+                     "user-tower": cfg.user_tower, "max-history": cfg.max_history},
         "runs": {k_: {"silos": list(r.silos), "dp": r.dp, "epsilon": r.epsilon, "seconds": round(r.seconds, 1),
                       "estimate-seconds": round(r.estimate_s, 1), "status": r.status} for k_, r in plan.runs.items()},
         "methods": evaluated["methods"],

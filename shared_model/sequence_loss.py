@@ -1,0 +1,137 @@
+"""The sequence model's training loss: one example is one user's whole window, with a loss at
+every position (the next item and the next interest), averaged over the example's positions.
+
+Privacy argument (user-level DP-SGD, Abadi et al. 2016): an example's loss depends only on
+that user's own events and public data — the public catalogue's item vectors, candidates
+drawn from the public catalogue (never other users' items), and the already-released (and
+already charged) popularity prior and transition counts, from which the user's *own*
+released pairs are subtracted (:meth:`SequenceModel.transition_entries`).
+
+Next item: a softmax over each position's own target (column 0) and the ``candidates``
+shared by the batch — the whole platform catalogue (``num-negatives = 0``), or a uniform
+sample of it; a shared candidate equal to the target, or in the history before the position,
+is excluded, as evaluation excludes history items. Next interest: cross-entropy of the
+platform-masked next-interest logits against the next event's category (unlabelled: none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from shared_model.model import category_prior, mask_to_platform
+from shared_model.sequence_model import Candidates, SequenceInput, SequenceModel
+
+
+@dataclass
+class ItemSpace:
+    """Public per-item tensors of the item tower, in item-row order, and a platform's rows."""
+
+    vectors: torch.Tensor  # [N, H]
+    category: torch.Tensor  # [N] category index (C: unlabelled)
+    platform_rows: torch.Tensor  # [N_p]
+    category_mask: torch.Tensor  # [C] the platform's categories
+
+    def candidates(self, model: SequenceModel, rows: torch.Tensor, targets: torch.Tensor | None = None) -> Candidates:
+        device = self.vectors.device
+        rows = rows.to(device)
+        return Candidates(rows, self.vectors[rows], model.log_priors(rows), self.category[rows],
+                          None if targets is None else targets.to(device),
+                          None if targets is None else self.category[targets.clamp_min(0).to(device)])
+
+
+def first_seen(rows: torch.Tensor, cands: Candidates) -> torch.Tensor:
+    """``[B, M]`` the first window position at which each shared candidate occurs in the
+    example's window (T where it never does)."""
+    b, t = rows.shape
+    size = int(max(int(rows.max()) if rows.numel() else 0, int(cands.rows.max()) if len(cands.rows) else 0)) + 1
+    colmap = torch.full((size,), -1, dtype=torch.long, device=rows.device)
+    colmap[cands.rows] = torch.arange(len(cands.rows), device=rows.device)
+    col = torch.where(rows >= 0, colmap[rows.clamp_min(0)], torch.full_like(rows, -1))
+    pos = torch.arange(t, device=rows.device).expand(b, t)
+    first = torch.full((b, len(cands.rows) + 1), t, dtype=torch.long, device=rows.device)
+    first.scatter_reduce_(1, torch.where(col >= 0, col, torch.full_like(col, len(cands.rows))), pos, "amin")
+    return first[:, :-1]
+
+
+def hardest(model: SequenceModel, q: torch.Tensor, inp: SequenceInput, items: ItemSpace, targets: torch.Tensor,
+            positions: torch.Tensor, top_k: int, logp: torch.Tensor | None, category_prior_weight: float,
+            own_pairs: torch.Tensor | None, pool: torch.Tensor) -> tuple[Candidates, torch.Tensor]:
+    """Each position's ``top_k`` highest-scoring items of ``pool`` (platform rows: the catalogue,
+    or a uniform sample of it) under the current model, history and the target excluded as in
+    evaluation, as its own candidates; and whether the target itself scores within them
+    (``[B, P]``). Scored without gradient. Among a sample of a fraction f of the catalogue, the
+    top k stand for about the top k/f of the whole catalogue."""
+    with torch.no_grad():
+        full = items.candidates(model, pool, targets=targets)
+        scores = model.item_scores(q.detach(), inp, full, positions, logp, category_prior_weight, own_pairs,
+                                   target_vectors=inp.vectors[:, 1:])
+        shared = scores[..., 1:].masked_fill(_excluded(inp, full, targets, positions), float("-inf"))
+        near = (shared > scores[..., :1]).sum(-1) < top_k
+        top = shared.topk(min(top_k, shared.shape[-1]), dim=-1)
+        rows = torch.where(torch.isfinite(top.values), pool.to(top.indices.device)[top.indices],
+                           torch.full_like(top.indices, -1))
+    safe = rows.clamp_min(0)
+    cands = Candidates(rows, items.vectors[safe], model.log_priors(safe), items.category[safe], targets,
+                       items.category[targets.clamp_min(0)])
+    return cands, near
+
+
+def _excluded(inp: SequenceInput, cands: Candidates, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``[B, P, M]`` shared candidates a position must not count: a second copy of its target, and
+    the items of its history (window positions up to it)."""
+    return (cands.rows.view(1, 1, -1) == targets.unsqueeze(-1)) | (
+        first_seen(inp.rows, cands).unsqueeze(1) <= positions.view(1, -1, 1))
+
+
+def sequence_loss(model: torch.nn.Module, inp: SequenceInput, own_pairs: torch.Tensor | None, items: ItemSpace,
+                  shared_rows: torch.Tensor, item_weight: float = 1.0, category_weight: float = 1.0,
+                  category_prior_weight: float = 0.0, top_k: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean over the batch of each example's mean loss over its positions (see the module
+    docstring); ``model`` may be wrapped by Opacus. With ``top_k`` > 0 the next-item term is the
+    top-k loss instead: a softmax over the target and the position's ``top_k`` hardest items
+    among ``shared_rows`` (:func:`hardest`), counted only at positions whose target already ranks
+    within them. Returns ``(loss, {"item": …, "category": …,
+    "positions": …})`` (means over positions, for logging)."""
+    inner: SequenceModel = getattr(model, "_module", model)
+    b, t = inp.rows.shape
+    if t < 2:
+        raise ValueError("a training window needs at least two events")
+    positions = torch.arange(t - 1, device=inp.rows.device)
+    valid = (inp.cats[:, :-1] >= 0) & (inp.cats[:, 1:] >= 0) & (inp.rows[:, 1:] >= 0)  # [B, T-1]
+    targets = inp.rows[:, 1:]
+    q_all = inner.queries(inp)
+    q = q_all[:, :-1]
+    logits = inner.interest_logits(q_all, inp.features)[:, :-1]
+    logits = mask_to_platform(logits, items.category_mask)
+    logp = category_prior(logits.detach()) if category_prior_weight else None
+    if top_k:
+        cands, near = hardest(inner, q, inp, items, targets, positions, top_k, logp, category_prior_weight, own_pairs,
+                              shared_rows)
+        valid_item = valid & near
+        drop = cands.rows < 0  # a position with fewer than top_k items left
+    else:
+        cands = items.candidates(inner, shared_rows, targets=targets)
+        valid_item = valid
+        drop = _excluded(inp, cands, targets, positions)
+    scores = inner.item_scores(q, inp, cands, positions, logp, category_prior_weight, own_pairs,
+                               target_vectors=inp.vectors[:, 1:])
+    scores = torch.cat([scores[..., : cands.offset], scores[..., cands.offset:].masked_fill(drop, float("-inf"))], dim=-1)
+    item_ce = -torch.log_softmax(scores.float(), dim=-1)[..., 0]  # [B, T-1]
+    item_ce = torch.where(valid_item, item_ce, torch.zeros_like(item_ce))
+    next_cat = inp.cats[:, 1:]
+    labelled = valid & (next_cat < logits.shape[-1])
+    cat_ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                             torch.where(labelled, next_cat, torch.full_like(next_cat, int(items.category_mask.int().argmax()))).reshape(-1),
+                             reduction="none").view(b, t - 1)
+    cat_ce = torch.where(labelled, cat_ce, torch.zeros_like(cat_ce))
+    n = valid.sum(1).clamp_min(1)
+    per_example = (item_weight * torch.where(valid, item_ce, torch.zeros_like(item_ce)).sum(1)
+                   + category_weight * cat_ce.sum(1)) / n
+    total = valid.sum().clamp_min(1)
+    with torch.no_grad():
+        stats = {"item": float(torch.where(valid, item_ce, torch.zeros_like(item_ce)).sum() / total),
+                 "category": float(cat_ce.sum() / labelled.sum().clamp_min(1)), "positions": float(valid.sum())}
+    return per_example.sum() / max(b, 1), stats
