@@ -48,6 +48,8 @@ upper reference).
 EPILOG = """\
 examples:
   fedshift evaluate --checkpoint runs/quick/checkpoints/round-003 --split test
+  fedshift evaluate --checkpoint RUN/checkpoints/round-003 --against RUN/checkpoints/round-000 \
+      --no-baselines          # did training help? paired Δ = round-003 − round-000 per user
   fedshift evaluate --split test --json > baselines.json   # baselines only
 exit status: 0 ok; 1 a predictor's scores are not finite (the message names it), or
 --public-key was given and the checkpoint does not verify (`fedshift verify`);
@@ -61,6 +63,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (checkpoints/round-NNN); "
                    "omit it to evaluate the baselines alone")
+    p.add_argument("--against", metavar="DIR", help="a second checkpoint (e.g. the run's round-000, the untrained "
+                   "model), scored on the same users as 'against'; the paired Δ is then checkpoint − against "
+                   "unless --reference says otherwise")
     p.add_argument("--public-key", metavar="KEY", help="verify the checkpoint against the run's signed manifest "
                    "first (RUN/server-signing.pub; see `fedshift verify`)")
     p.add_argument("--split", choices=("valid", "test"), default="valid",
@@ -75,9 +80,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default: 1000)")
     p.add_argument("--max-users", type=int, default=0, metavar="N",
                    help="evaluate a seeded random subset of at most N users per group (default: all)")
-    p.add_argument("--reference", default="most-popular", metavar="METHOD",
+    p.add_argument("--reference", default=None, metavar="METHOD",
                    help="method that every other one is compared with, per user and paired "
-                        "(default: most-popular; 'none' to skip)")
+                        "(default: 'against' with --against, else most-popular; 'none' to skip)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the user subset (default: 0)")
     p.add_argument("--threads", type=int, default=0, metavar="N", help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="torch device for the checkpoint (default: cpu)")
@@ -101,6 +106,9 @@ def _run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.checkpoint is None and args.no_baselines:
         return _fail("nothing to evaluate: give --checkpoint or drop --no-baselines")
+    if args.against and not args.checkpoint:
+        return _fail("--against compares with a checkpoint: give --checkpoint")
+    reference = args.reference or ("against" if args.against else "most-popular")
     if args.bootstrap < 0 or args.max_users < 0:
         return _fail("--bootstrap and --max-users must be >= 0")
     if args.public_key:
@@ -125,6 +133,10 @@ def _run(args: argparse.Namespace) -> int:
             predictors.append(ModelPredictor(scorer, "checkpoint"))
             log(f"checkpoint {args.checkpoint}: loaded in {sum(scorer.timings.values()):.1f} s "
                 f"(item index: {scorer.index_info.source})")
+            if args.against:
+                # checked against the same dataset's catalogue, as the first one was
+                other = Scorer.from_checkpoint(args.against, dataset, args.base_model, device=args.device)
+                predictors.append(ModelPredictor(other, "against"))
         dataset = dataset or RunConfig().dataset_dir()
         if not dataset.is_dir():
             return _fail(f"{dataset}: dataset folder not found")
@@ -150,13 +162,14 @@ def _run(args: argparse.Namespace) -> int:
     try:
         result = evaluate(predictors, catalogue, silos, args.split, k=k, reps=args.bootstrap, seed=args.seed,
                           max_users=args.max_users, cross=not args.no_cross,
-                          reference=None if args.reference == "none" else args.reference,
+                          reference=None if reference == "none" else reference,
                           progress=lambda s: print(f"  {s}", file=sys.stderr))
     except ScoringError as e:  # a predictor produced non-finite scores: no figure for it
         print(f"fedshift evaluate: {e}", file=sys.stderr)
         return 1
     result["dataset"] = str(dataset)
     result["checkpoint"] = str(args.checkpoint) if args.checkpoint else None
+    result["against"] = str(args.against) if args.against else None
     result["seconds"] = round(time.perf_counter() - t0, 2)
     text = json.dumps(result, indent=2)
     if args.out:

@@ -130,3 +130,32 @@ def test_evaluate_baselines_only(small_dataset: Path, capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert "item-cooccurrence" in out and "overall" in out and "->" not in out
     assert main(["evaluate", "--no-baselines"]) == 2
+
+
+def test_evaluate_against_a_second_checkpoint_gives_the_paired_difference(
+        checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--against`` scores a second checkpoint on the same users and makes it the reference:
+    the difference is checkpoint − against, per user, with a paired interval."""
+    from shared_model.adapters import load_checkpoint, read_metadata
+
+    model, _ = load_checkpoint(checkpoint)
+    with torch.no_grad():  # another model: a different temperature and pooling
+        for name, p in model.named_parameters():
+            if name.startswith(("scorer.log_scale", "pool.")):
+                p.add_(0.7)
+    other = save_checkpoint(model, tmp_path / "round-002", {**read_metadata(checkpoint), "round": 2})
+    args = ["evaluate", "--checkpoint", str(other), "--against", str(checkpoint), "--no-baselines", "--no-cross",
+            "--json", "--bootstrap", "50", "--max-users", "30"]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["methods"]) == {"checkpoint", "against"} and res["reference"] == "against"
+    assert res["against"] == str(checkpoint)
+    for group in ("p0", "p1", "overall"):
+        mine, ref = res["methods"]["checkpoint"][group]["ndcg10"], res["methods"]["against"][group]["ndcg10"]
+        diff = res["differences"]["checkpoint"][group]["ndcg10"]
+        assert diff["value"] == pytest.approx(mine["value"] - ref["value"], abs=2e-6)  # same users (figures rounded to 1e-6)
+        assert diff["ci95"][0] <= diff["value"] <= diff["ci95"][1]
+    assert any(res["methods"]["checkpoint"][g]["ndcg10"]["value"] != res["methods"]["against"][g]["ndcg10"]["value"]
+               for g in ("p0", "p1", "p2"))  # the two models differ: the comparison is not vacuous
+    assert main(["evaluate", "--against", str(checkpoint)]) == 2
+    assert "--against compares with a checkpoint" in capsys.readouterr().err
