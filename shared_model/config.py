@@ -187,7 +187,7 @@ class RunConfig:
     # optimisation
     learning_rate: float = 3e-3
     head_learning_rate: float = 0.03
-    local_steps: int = 12
+    local_steps: int = 8
     batch_size: int = 512
     # differential privacy
     dp: bool = True
