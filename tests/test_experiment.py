@@ -107,6 +107,10 @@ def test_runs_and_curves(smoke: Path) -> None:
     assert doc["methods"]["lopo-p0-to-p1-eps8"]["runs"] == ["fed-p0-r0-eps8"]
     assert [r for r, _ in doc["curves"]["fed-all-eps8"]["ndcg10"]] == [0, 1]
     assert (smoke / "runs" / "centralised" / "checkpoints" / "round-001" / "fedshift.json").is_file()
+    # the ceiling's progress, one line per epoch, for `tail -f` while it trains
+    ceiling_log = (smoke / "runs" / "centralised" / "ceiling.log").read_text().splitlines()
+    assert ceiling_log[0].startswith("ceiling: untrained model, valid NDCG@10 ")
+    assert any(" epoch 1: loss " in line for line in ceiling_log) and ceiling_log[-1].startswith("ceiling: chose lr ")
     assert sorted(p.name for p in (smoke / "views" / "fed-p0-r0-eps8" / "silos").iterdir()) == ["p0-r0"]
 
 

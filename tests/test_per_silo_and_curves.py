@@ -54,6 +54,32 @@ def test_per_silo_difference_is_paired_per_silo() -> None:
     assert "| `a-small` | a | 7 | 3 | 1.000 [1.000, 1.000] | 0.000 [0.000, 0.000] | +1.000 [+1.000, +1.000] |" in table
 
 
+def test_small_silos_pooled_in_one_paired_row() -> None:
+    # two platforms, each with a large and a small silo; the small ones pooled: federated ranks
+    # a-small's 3 targets first (local-only: rank 50) and b-small's 1 target at rank 50 under both
+    owners = {"a": OWNERS["a"], "b": ["b-large", "b-small", "b-large"]}
+    fed = {"a": users([3, 0, 3, 0, 20, 0]), "b": users([1, 50, 3])}
+    loc = {"a": users([3, 50, 3, 50, 20, 50]), "b": users([1, 50, 3])}
+    train = {"a-large": 90, "a-small": 9, "b-large": 80, "b-small": 8}
+    assert ps.small_silos(train) == ["a-small", "b-small"]
+    assert ps.small_silos({"x": 5, "y": 5}) == []  # equal silos: nothing is small
+    out = ps.pooled_comparison(fed, loc, owners, ps.small_silos(train), reps=200, seed=0, train_users=train)
+    assert out is not None and out["silos"] == ["a-small", "b-small"] and out["platform"] == "a+b"
+    assert out["users"] == 4 and out["train-users"] == 17
+    assert out["federated"]["ndcg10"]["value"] == 0.75 and out["local-only"]["ndcg10"]["value"] == 0.0
+    d = out["delta"]["ndcg10"]
+    assert d["value"] == 0.75 and 0.0 <= d["ci95"][0] <= 0.75 <= d["ci95"][1] <= 1.0
+    assert ps.pooled_comparison(fed, loc, owners, ["nobody"], reps=50, seed=0) is None
+    doc = {"per-silo": {"federated": "federated-dp-eps8", "local-only": "local-only-eps8", "split": "test",
+                        "silos": ps.per_silo_comparison(fed, loc, owners, reps=50, seed=0, train_users=train),
+                        "pooled": {"small": out}}}
+    rows = silo_rows(doc)
+    assert [r[0] for r in rows[-len(ps.SILO_METRICS):]] == ["pooled:small"] * len(ps.SILO_METRICS)
+    table = "\n".join(silo_table(doc))
+    assert "The last row pools" in table
+    assert table.splitlines()[-1].startswith("| small silos pooled (`a-small` + `b-small`) | a+b | 17 | 4 | 0.750")
+
+
 def test_split_by_silo_refuses_misaligned_owners() -> None:
     with pytest.raises(ValueError, match="2 owners for 3 users"):
         ps.split_by_silo({"b": users([1, 2, 3])}, {"b": ["x", "y"]})

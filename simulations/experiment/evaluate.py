@@ -41,7 +41,7 @@ from simulations.evaluation import (
     platform_cases,
     summarise,
 )
-from simulations.experiment.per_silo import per_silo_comparison
+from simulations.experiment.per_silo import per_silo_comparison, pooled_comparison, small_silos
 from simulations.experiment.plan import Plan
 
 REFERENCE = "most-popular"
@@ -273,9 +273,13 @@ def evaluate_plan(plan: Plan, out: Path, log: Callable[[str], None], clock: Call
     per_silo: dict[str, Any] = {}
     if fed_name in kept and local_name in kept:
         train_users = {s: sum(1 for v in silo.splits.values() if v == "train") for s, silo in silos.items()}
+        owners = {p: g.silo for p, g in groups.items()}
         per_silo = {"federated": fed_name, "local-only": local_name, "split": preset.split,
-                    "silos": per_silo_comparison(kept[fed_name], kept[local_name],
-                                                 {p: g.silo for p, g in groups.items()}, reps, seed, train_users)}
+                    "silos": per_silo_comparison(kept[fed_name], kept[local_name], owners, reps, seed, train_users)}
+        small = pooled_comparison(kept[fed_name], kept[local_name], owners, small_silos(train_users), reps, seed,
+                                  train_users)
+        if small is not None:
+            per_silo["pooled"] = {"small": small}
     return {"users": {g: len(v.cases) for g, v in {**groups, **cross}.items()}, "methods": results,
             "per-silo": per_silo, "catalogue": catalogue, "silos": silos, "k": k}
 

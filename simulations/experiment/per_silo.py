@@ -6,6 +6,8 @@ sliced out of the experiment's per-platform groups), each method's metrics with 
 paired-bootstrap intervals (:func:`simulations.evaluation.summarise`) and the per-user paired
 difference federated − local-only with its interval (:func:`simulations.evaluation.differences`),
 both seeded per silo (:func:`simulations.evaluation.group_seed`), so the draws are paired.
+The silos below the median training-user count are also compared pooled (one row, their
+users together): a small silo alone has too few held-out users for a narrow interval.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.evaluation import differences, group_seed, summarise
+from simulations.evaluation import concat, differences, group_seed, summarise
 
 PerUser = dict[str, np.ndarray]
 #: metrics of the per-silo table (values and paired differences)
@@ -40,6 +42,16 @@ def split_by_silo(per: Mapping[str, PerUser], owners: Mapping[str, Sequence[str]
     return out
 
 
+def _entry(platform: str, fed: PerUser, loc: PerUser, delta: Mapping[str, Any], reps: int, seed: int,
+           train_users: int | None) -> dict[str, Any]:
+    """One row: both methods' metrics on the same users and draws (``seed``), and their Δ."""
+    def metrics(u: PerUser) -> dict[str, Any]:
+        return {m: e.as_dict() for m, e in summarise(u, reps, seed, migration=False).items() if m in SILO_METRICS}
+
+    return {"platform": platform, "users": int(len(fed["rank"])), "train-users": train_users,
+            "federated": metrics(fed), "local-only": metrics(loc), "delta": {m: delta.get(m) for m in SILO_METRICS}}
+
+
 def per_silo_comparison(federated: Mapping[str, PerUser], local: Mapping[str, PerUser],
                         owners: Mapping[str, Sequence[str]], reps: int, seed: int,
                         train_users: Mapping[str, int] | None = None) -> dict[str, dict[str, Any]]:
@@ -50,28 +62,44 @@ def per_silo_comparison(federated: Mapping[str, PerUser], local: Mapping[str, Pe
     fed, loc = split_by_silo(federated, owners), split_by_silo(local, owners)
     deltas = differences({"federated": {s: u for s, (_, u) in fed.items()},
                           "local-only": {s: u for s, (_, u) in loc.items()}}, "local-only", reps, seed)
-    out: dict[str, dict[str, Any]] = {}
-    for s, (p, u) in fed.items():
-        if s not in loc:
-            continue
-        g = group_seed(seed, s)
-        out[s] = {
-            "platform": p, "users": int(len(u["rank"])),
-            "train-users": None if train_users is None else int(train_users.get(s, 0)),
-            "federated": {m: e.as_dict() for m, e in summarise(u, reps, g, migration=False).items()
-                          if m in SILO_METRICS},
-            "local-only": {m: e.as_dict() for m, e in summarise(loc[s][1], reps, g, migration=False).items()
-                           if m in SILO_METRICS},
-            "delta": {m: deltas.get("federated", {}).get(s, {}).get(m) for m in SILO_METRICS},
-        }
-    return out
+    return {s: _entry(p, u, loc[s][1], deltas.get("federated", {}).get(s, {}), reps, group_seed(seed, s),
+                      None if train_users is None else int(train_users.get(s, 0)))
+            for s, (p, u) in fed.items() if s in loc}
+
+
+def small_silos(train_users: Mapping[str, int]) -> list[str]:
+    """The silos with fewer training users than the median silo (none when all are equal)."""
+    if not train_users:
+        return []
+    median = float(np.median(list(train_users.values())))
+    return sorted(s for s, n in train_users.items() if n < median)
+
+
+def pooled_comparison(federated: Mapping[str, PerUser], local: Mapping[str, PerUser],
+                      owners: Mapping[str, Sequence[str]], silos: Sequence[str], reps: int, seed: int,
+                      train_users: Mapping[str, int] | None = None) -> dict[str, Any] | None:
+    """:func:`per_silo_comparison`'s entry for ``silos`` pooled: their held-out users together
+    (platform ``"a+b"``), the two methods on the same users and draws; None when none has users."""
+    fed, loc = split_by_silo(federated, owners), split_by_silo(local, owners)
+    kept = [s for s in sorted(silos) if s in fed and s in loc]
+    if not kept:
+        return None
+    f, lo = concat([fed[s][1] for s in kept]), concat([loc[s][1] for s in kept])
+    key = "+".join(kept)
+    d = differences({"federated": {key: f}, "local-only": {key: lo}}, "local-only", reps, seed)
+    platform = "+".join(sorted({fed[s][0] for s in kept}))
+    train = None if train_users is None else int(sum(train_users.get(s, 0) for s in kept))
+    return {"silos": kept, **_entry(platform, f, lo, d.get("federated", {}).get(key, {}), reps,
+                                    group_seed(seed, key), train)}
 
 
 def silo_rows(doc: Mapping[str, Any]) -> list[list[Any]]:
-    """CSV rows of ``doc["per-silo"]``: one per silo and metric."""
+    """CSV rows of ``doc["per-silo"]``: one per silo and metric, then one per pooled group
+    (silo ``pooled:<group>``, e.g. ``pooled:small``) and metric."""
     ps = doc.get("per-silo") or {}
     rows = []
-    for s, r in (ps.get("silos") or {}).items():
+    pooled = {f"pooled:{k}": r for k, r in (ps.get("pooled") or {}).items()}
+    for s, r in {**(ps.get("silos") or {}), **pooled}.items():
         for m in SILO_METRICS:
             f, lo, d = r["federated"].get(m) or {}, r["local-only"].get(m) or {}, r["delta"].get(m) or {}
             rows.append([s, r["platform"], r["users"], r.get("train-users") or "", m,

@@ -218,11 +218,15 @@ def silo_table(doc: Mapping[str, Any]) -> list[str]:
     lines = ["", f"**Table 4.** Does federation help each silo? `{fed}` against `{loc}` (the same ε per silo) on "
              f"each silo's held-out {ps['split']} users, {setting}. Each cell: value [95 % paired-bootstrap "
              "interval]; Δ = federated − local-only per user, with its paired interval: federation helps a silo "
-             "only where the interval of Δ lies above 0.", "",
+             "only where the interval of Δ lies above 0."
+             + (" The last row pools the silos with fewer training users than the median silo: their held-out users "
+                "together, the same draws for both methods." if ps.get("pooled") else ""), "",
              "| silo | platform | train users | held-out users | federated NDCG@10 | local-only NDCG@10 | "
              "Δ NDCG@10 | Δ HR@10 |", "|---|---|---|---|---|---|---|---|"]
-    for s, r in ps["silos"].items():
-        lines.append("| " + " | ".join([f"`{s}`", r["platform"], str(r.get("train-users") or "–"), str(r["users"]),
+    pooled = {f"{k} silos pooled ({' + '.join(f'`{x}`' for x in r['silos'])})": r
+              for k, r in (ps.get("pooled") or {}).items()}
+    for s, r in {**{f"`{k}`": v for k, v in ps["silos"].items()}, **pooled}.items():
+        lines.append("| " + " | ".join([s, r["platform"], str(r.get("train-users") or "–"), str(r["users"]),
                                          _cell(r["federated"].get("ndcg10")), _cell(r["local-only"].get("ndcg10")),
                                          _cell(r["delta"].get("ndcg10"), signed=True),
                                          _cell(r["delta"].get("hr10"), signed=True)]) + " |")

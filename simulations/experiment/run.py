@@ -99,7 +99,14 @@ def train(run: TrainRun, plan: Plan, out: Path, timeout: int) -> None:
             from simulations.experiment.ceiling import CeilingBudget, train_ceiling
 
             budget = CeilingBudget(plan.preset.ceiling_epochs, plan.preset.ceiling_patience, plan.preset.ceiling_lrs)
-            train_ceiling(cfg, run_dir, budget=budget)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with open(run_dir / "ceiling.log", "w", encoding="utf-8") as log:  # each epoch's line, as it ends
+
+                def say(msg: str) -> None:
+                    log.write(f"{msg}\n")
+                    log.flush()
+
+                train_ceiling(cfg, run_dir, progress=say, budget=budget)
             return
         from simulations.experiment.centralised import train_centralised
 
