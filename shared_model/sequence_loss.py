@@ -65,18 +65,29 @@ def hardest(model: SequenceModel, q: torch.Tensor, inp: SequenceInput, items: It
     (``[B, P]``). Scored without gradient. Among a sample of a fraction f of the catalogue, the
     top k stand for about the top k/f of the whole catalogue."""
     with torch.no_grad():
-        full = items.candidates(model, pool, targets=targets)
-        scores = model.item_scores(q.detach(), inp, full, positions, logp, category_prior_weight, own_pairs,
-                                   target_vectors=inp.vectors[:, 1:])
-        shared = scores[..., 1:].masked_fill(_excluded(inp, full, targets, positions), float("-inf"))
-        near = (shared > scores[..., :1]).sum(-1) < top_k
+        qd = q.detach()
+        full = items.candidates(model, pool)
+        shared = model.shared_scores(qd, inp, full, positions, logp, category_prior_weight, own_pairs)  # [B, P, M]
+        shared.masked_fill_(_excluded(inp, full, targets, positions), float("-inf"))
+        own = model.item_scores(qd, inp, own_target(items, targets), positions, logp, category_prior_weight, own_pairs,
+                                target_vectors=inp.vectors[:, 1:])  # [B, P, 1]
         top = shared.topk(min(top_k, shared.shape[-1]), dim=-1)
+        # fewer than top_k items score above the target ⇔ the k-th highest does not
+        near = (top.values[..., -1] <= own[..., 0]) if shared.shape[-1] >= top_k else torch.ones_like(own[..., 0], dtype=torch.bool)
         rows = torch.where(torch.isfinite(top.values), pool.to(top.indices.device)[top.indices],
                            torch.full_like(top.indices, -1))
     safe = rows.clamp_min(0)
     cands = Candidates(rows, items.vectors[safe], model.log_priors(safe), items.category[safe], targets,
                        items.category[targets.clamp_min(0)])
     return cands, near
+
+
+def own_target(items: ItemSpace, targets: torch.Tensor) -> Candidates:
+    """Candidates that are each position's target alone (column 0, width 1)."""
+    b, t = targets.shape
+    none = targets.new_zeros(b, t, 0)
+    return Candidates(none, items.vectors.new_zeros(b, t, 0, items.vectors.shape[-1]), none.float(), none, targets,
+                      items.category[targets.clamp_min(0)])
 
 
 def _excluded(inp: SequenceInput, cands: Candidates, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

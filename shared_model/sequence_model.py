@@ -143,25 +143,74 @@ class SequenceModel(nn.Module):
         is scored with is the other users'); ``category_logp`` ``[B, P, C+1]`` detached
         log-probabilities for the optional category term."""
         b, p = q.shape[:2]
-        if cands.shared:
+        scored = category_logp is not None and bool(category_weight)
+        cat_term = None
+        if cands.shared:  # the shared columns' prior and category terms broadcast, never copied per position
             cos = q @ cands.vectors.T.to(q.dtype)  # [B, P, M]
-            prior = self.log_priors(cands.rows).to(q.device).view(1, 1, -1).expand(b, p, -1)
-            cat_cols = cands.category.to(q.device).view(1, 1, -1).expand(b, p, -1)
+            prior = self.log_priors(cands.rows).to(q.device).view(1, 1, -1)
+            if scored:
+                cat_term = category_logp.index_select(-1, cands.category.to(q.device))
         else:  # each position's own candidates
             cos = torch.einsum("bph,bpkh->bpk", q, cands.vectors.to(q.dtype))
             prior = self.log_priors(cands.rows.clamp_min(0)).to(q.device)
-            cat_cols = cands.category.to(q.device)
+            if scored:
+                cat_term = category_logp.gather(2, cands.category.to(q.device))
         if cands.targets is not None:
             assert target_vectors is not None and cands.target_categories is not None
             own = (q * target_vectors).sum(-1, keepdim=True)
             cos = torch.cat([own, cos], dim=-1)
-            prior = torch.cat([self.log_priors(cands.targets[:, positions].clamp_min(0)).unsqueeze(-1).to(q.device), prior],
-                              dim=-1)
-            cat_cols = torch.cat([cands.target_categories[:, positions].unsqueeze(-1).to(q.device), cat_cols], dim=-1)
+            prior = torch.cat([self.log_priors(cands.targets[:, positions].clamp_min(0)).unsqueeze(-1).to(q.device),
+                               prior.expand(b, p, -1)], dim=-1)
+            if cat_term is not None:
+                own_cat = category_logp.gather(2, cands.target_categories[:, positions].unsqueeze(-1).to(q.device))
+                cat_term = torch.cat([own_cat, cat_term], dim=-1)
         index, lag, count = self.transition_entries(inp, cands, positions, own_pairs)
         scores = self.scorer(cos, prior.contiguous(), index, lag, count)
+        if cat_term is not None:
+            scores = scores + category_weight * cat_term
+        return scores
+
+    def shared_scores(self, q: torch.Tensor, inp: SequenceInput, cands: Candidates, positions: torch.Tensor,
+                      category_logp: torch.Tensor | None = None, category_weight: float = 0.0,
+                      own_pairs: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`item_scores` of shared candidates without targets, ``[B, P, M]``, for scoring without
+        gradient (the top-k loss's hardest items, evaluation, serving): the text, popularity and
+        category terms in one matrix product, ``[s·q, w_p, w_c·log p(c)] · [e_j, log prior_j,
+        onehot(c_j)]``, and the transition term added where the table has entries. The same
+        figures as :meth:`item_scores` up to float rounding, without its per-position copies of
+        each shared column."""
+        if not cands.shared or cands.targets is not None:
+            raise ValueError("shared_scores takes shared candidates without targets")
+        b, p = q.shape[:2]
+        head = self.scorer
+        left = [q * head.scale.to(q.dtype)]
+        right = [cands.vectors.to(q.dtype)]
+        if head.popularity_weight is not None:
+            left.append(head.popularity_weight.to(q.dtype).expand(b, p, 1))
+            right.append(self.log_priors(cands.rows).to(q.device, q.dtype).view(-1, 1))
+        extra = None
         if category_logp is not None and category_weight:
-            scores = scores + category_weight * category_logp.gather(2, cat_cols)
+            cats = cands.category.to(q.device)
+            used, column = torch.unique(cats, return_inverse=True)
+            logp = category_logp.index_select(-1, used).to(q.dtype)
+            if bool(torch.isfinite(logp).all()):  # a one-hot product is exact only over finite log p
+                left.append(category_weight * logp)
+                right.append(F.one_hot(column, len(used)).to(q.dtype))
+            else:
+                extra = category_weight * category_logp.index_select(-1, cats)
+        scores = torch.cat(left, -1) @ torch.cat(right, -1).T  # [B, P, M]
+        if extra is not None:
+            scores = scores + extra
+        index, lag, count = self.transition_entries(inp, cands, positions, own_pairs)
+        if head.transition_weight is not None and index.numel():
+            slot = index >= 0
+            example = torch.arange(b, device=index.device).unsqueeze(1).expand_as(index)[slot]
+            key = example * (p * cands.width) + index[slot]
+            keys, at = torch.unique(key, return_inverse=True)
+            mass = torch.zeros(len(keys), dtype=scores.dtype, device=scores.device).index_add_(
+                0, at, (head.transition_lags.exp()[lag[slot]] * count[slot]).to(scores.dtype))
+            scores = scores.reshape(-1).index_add(0, keys, head.transition_weight.to(scores.dtype) * torch.log1p(mass))
+            scores = scores.view(b, p, -1)
         return scores
 
     def transition_entries(self, inp: SequenceInput, cands: Candidates, positions: torch.Tensor,
@@ -277,5 +326,8 @@ def last_position_scores(model: SequenceModel, inp: SequenceInput, cands: Candid
     if category_mask is not None:
         logits = mask_to_platform(logits, category_mask)
     logp = category_prior(logits) if category_prior_weight else None
-    scores = model.item_scores(q, inp, cands, position, logp, category_prior_weight)
+    if cands.shared and cands.targets is None:
+        scores = model.shared_scores(q, inp, cands, position, logp, category_prior_weight)
+    else:
+        scores = model.item_scores(q, inp, cands, position, logp, category_prior_weight)
     return scores[:, 0], logits[:, 0]

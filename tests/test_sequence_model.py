@@ -133,6 +133,47 @@ def test_an_example_is_scored_with_the_other_users_counts() -> None:
     assert torch.equal(with_own[2][1:].sum(1), without[2][1:].sum(1))  # the other examples are untouched
 
 
+@pytest.mark.parametrize("masked", [False, True])  # True: a candidate's category has log p = −inf (another platform's)
+def test_shared_scores_are_item_scores_in_one_product(masked: bool) -> None:
+    model, inp, own, items, shared = _toy()
+    positions = torch.arange(inp.rows.shape[1] - 1)
+    q = model.queries(inp)[:, :-1].detach()
+    logits = model.interest_logits(model.queries(inp), inp.features)[:, :-1]
+    if masked:
+        logits = logits.masked_fill(torch.arange(C) == int(items.category[shared[0]]) % C, float("-inf"))
+    from shared_model.model import category_prior
+
+    logp = category_prior(logits.detach())
+    cands = items.candidates(model, shared)
+    with torch.no_grad():
+        ref = model.item_scores(q, inp, cands, positions, logp, 0.5, own)
+        fast = model.shared_scores(q, inp, cands, positions, logp, 0.5, own)
+    assert ref.shape == fast.shape == (5, len(positions), len(shared))
+    assert torch.equal(torch.isinf(ref), torch.isinf(fast)) and torch.isinf(ref).any() == masked
+    finite = torch.isfinite(ref)
+    assert torch.allclose(ref[finite], fast[finite], atol=1e-5)
+    assert (model.transition_entries(inp, cands, positions, own)[0] >= 0).any()  # the transition term was exercised
+
+
+def test_the_hardest_items_and_the_near_flag_follow_their_definitions() -> None:
+    from shared_model.sequence_loss import _excluded, hardest
+
+    model, inp, own, items, shared = _toy()
+    positions = torch.arange(inp.rows.shape[1] - 1)
+    targets = inp.rows[:, 1:]
+    q = model.queries(inp)[:, :-1].detach()
+    cands, near = hardest(model, q, inp, items, targets, positions, 4, None, 0.0, own, shared)
+    with torch.no_grad():
+        ref = model.item_scores(q, inp, items.candidates(model, shared, targets=targets), positions, None, 0.0, own,
+                                target_vectors=inp.vectors[:, 1:])
+    others = ref[..., 1:].masked_fill(_excluded(inp, items.candidates(model, shared), targets, positions), float("-inf"))
+    assert torch.equal(near, (others > ref[..., :1]).sum(-1) < 4)  # fewer than k items above the target
+    assert not near.all() and near.any()
+    top = others.topk(4, dim=-1)
+    expect = torch.where(torch.isfinite(top.values), shared[top.indices], torch.full_like(top.indices, -1))
+    assert torch.equal(cands.rows, expect)
+
+
 def test_the_loss_never_counts_a_history_item_or_a_second_copy_of_the_target() -> None:
     model, inp, own, items, _ = _toy(adaptor=0)
     pair = _one(inp, 3)  # a window of two events: one position, history = the first, target = the second
