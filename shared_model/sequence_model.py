@@ -173,12 +173,13 @@ class SequenceModel(nn.Module):
     def shared_scores(self, q: torch.Tensor, inp: SequenceInput, cands: Candidates, positions: torch.Tensor,
                       category_logp: torch.Tensor | None = None, category_weight: float = 0.0,
                       own_pairs: torch.Tensor | None = None) -> torch.Tensor:
-        """:meth:`item_scores` of shared candidates without targets, ``[B, P, M]``, for scoring without
-        gradient (the top-k loss's hardest items, evaluation, serving): the text, popularity and
-        category terms in one matrix product, ``[s·q, w_p, w_c·log p(c)] · [e_j, log prior_j,
+        """:meth:`item_scores` of shared candidates without targets, ``[B, P, M]``, scored without
+        gradient for many positions at once (the top-k loss's hardest items): the text, popularity
+        and category terms in one matrix product, ``[s·q, w_p, w_c·log p(c)] · [e_j, log prior_j,
         onehot(c_j)]``, and the transition term added where the table has entries. The same
         figures as :meth:`item_scores` up to float rounding, without its per-position copies of
-        each shared column."""
+        each shared column. Building the right-hand matrix costs a copy of the candidates' vectors,
+        so a few queries (serving one user) are cheaper through :meth:`item_scores`."""
         if not cands.shared or cands.targets is not None:
             raise ValueError("shared_scores takes shared candidates without targets")
         b, p = q.shape[:2]
@@ -326,8 +327,5 @@ def last_position_scores(model: SequenceModel, inp: SequenceInput, cands: Candid
     if category_mask is not None:
         logits = mask_to_platform(logits, category_mask)
     logp = category_prior(logits) if category_prior_weight else None
-    if cands.shared and cands.targets is None:
-        scores = model.shared_scores(q, inp, cands, position, logp, category_prior_weight)
-    else:
-        scores = model.item_scores(q, inp, cands, position, logp, category_prior_weight)
+    scores = model.item_scores(q, inp, cands, position, logp, category_prior_weight)
     return scores[:, 0], logits[:, 0]
