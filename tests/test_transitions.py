@@ -50,8 +50,9 @@ def test_the_table_swap_s_window_pairs_are_the_release_s_pairs_at_window_one() -
     assert pairs_within([1, 2, 3], 10, 2) == [(2, 3), (1, 3), (1, 2)]  # 1→3 is two events apart
     assert parse_variant("dp-w3-m16-t4") == {"m": 16, "window": 3, "threshold": 4.0, "dp": True, "above": 0.0}
     assert parse_variant("oracle>9")["above"] == 9.0
-    with pytest.raises(ValueError, match="variant"):
-        parse_variant("exactly")
+    for bad in ("exactly", "oracle>x", "dp-m8", "dp-w-m8-t4", "dp-mx-t4"):
+        with pytest.raises(ValueError, match="variant"):
+            parse_variant(bad)
 
 
 # ------------------------------------------------------------------------ candidate pairs

@@ -61,13 +61,17 @@ def parse_variant(name: str) -> dict[str, Any]:
     """``exact`` | ``oracle>T`` | ``dp-mM-tX`` | ``dp-w3-mM-tX`` → the table's recipe."""
     if name == "exact":
         return {"m": 8, "window": 1, "threshold": 0.0, "dp": False, "above": 0.0}
-    if name.startswith("oracle>"):
+    if name.startswith("oracle>") and name[7:].replace(".", "", 1).isdigit():
         return {"m": 8, "window": 1, "threshold": 0.0, "dp": False, "above": float(name[7:])}
     parts = name.split("-")
-    if parts[0] == "dp":
-        window = int(parts[1][1:]) if parts[1].startswith("w") else 1
-        m, t = (p for p in parts[1:] if p[0] in "mt")
-        return {"m": int(m[1:]), "window": window, "threshold": float(t[1:]), "dp": True, "above": 0.0}
+    if parts[0] == "dp" and len(parts) in (3, 4):
+        try:
+            window = int(parts[1][1:]) if len(parts) == 4 and parts[1].startswith("w") else 1
+            m, t = parts[-2:]
+            if m[0] == "m" and t[0] == "t" and (len(parts) == 3 or parts[1][0] == "w"):
+                return {"m": int(m[1:]), "window": window, "threshold": float(t[1:]), "dp": True, "above": 0.0}
+        except (ValueError, IndexError):
+            pass
     raise ValueError(f"variant {name!r}: expected exact, oracle>T, dp-mM-tX or dp-w3-mM-tX")
 
 
@@ -121,14 +125,22 @@ def build_tables(checkpoint: Path, dataset: Path, variants: list[str], z: float)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog="python -m simulations.experiment.table_swap", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--checkpoint", required=True, type=Path, help="a sequence-model checkpoint (RUN/checkpoints/round-NNN)")
-    p.add_argument("--dataset", type=Path, help="dataset folder (default: the checkpoint's run dataset)")
-    p.add_argument("--out", type=Path, default=Path("table-swap"), help="results folder (default: ./table-swap)")
-    p.add_argument("--noise-multiplier", type=float, help="z of the drawn DP releases (default: the run's ledgers)")
-    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), metavar="NAME", help="tables to try")
+    p.add_argument("--checkpoint", required=True, type=Path, metavar="DIR", help="a sequence-model checkpoint (RUN/checkpoints/round-NNN)")
+    p.add_argument("--dataset", type=Path, metavar="DIR", help="dataset folder (default: the checkpoint's run dataset)")
+    p.add_argument("--out", type=Path, default=Path("table-swap"), metavar="DIR", help="results folder (default: ./table-swap)")
+    p.add_argument("--noise-multiplier", type=float, metavar="Z", help="z of the drawn DP releases (default: the run's ledgers)")
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), metavar="NAME", help="tables to try (default: %(default)s)")
     args = p.parse_args(argv)
+    if not (args.checkpoint / "fedshift.json").is_file() or not (args.checkpoint / "heads.safetensors").is_file():
+        p.error(f"{args.checkpoint}: not a checkpoint folder (fedshift.json and heads.safetensors expected)")
+    for name in args.variants:
+        try:
+            parse_variant(name)
+        except ValueError as e:
+            p.error(str(e))
     meta = json.loads((args.checkpoint / "fedshift.json").read_text())
     dataset = args.dataset or Path(meta["config"]["dataset"])
     z = args.noise_multiplier or ledger_noise(args.checkpoint)
