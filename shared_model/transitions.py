@@ -48,21 +48,25 @@ TRANSITIONS_RECORD = "transitions"
 Pairs = tuple[np.ndarray, np.ndarray]
 
 
-def user_pairs(history: Sequence[int], max_pairs: int) -> list[tuple[int, int]]:
+def user_pairs(history: Sequence[int], max_pairs: int, window: int = 1) -> list[tuple[int, int]]:
     """The user's ``max_pairs`` most recent distinct transitions, newest first: ``history``
-    is the user's item rows in event order (oldest first); each consecutive pair of
-    different items gives the unordered pair ``(min, max)``, kept once. A negative row (an
-    item outside the index) makes no pair."""
+    is the user's item rows in event order (oldest first); each pair of different items at
+    most ``window`` events apart (1: consecutive, the release's definition) gives the
+    unordered pair ``(min, max)``, kept once. A negative row (an item outside the index)
+    makes no pair."""
     out: list[tuple[int, int]] = []
     seen: set[tuple[int, int]] = set()
     for i in range(len(history) - 1, 0, -1):
-        if len(out) >= max_pairs:
-            break
-        prev, nxt = int(history[i - 1]), int(history[i])
-        pair = (min(prev, nxt), max(prev, nxt))
-        if prev != nxt and pair[0] >= 0 and pair not in seen:
-            seen.add(pair)
-            out.append(pair)
+        for d in range(1, window + 1):
+            if len(out) >= max_pairs:
+                return out
+            if i - d < 0:
+                break
+            prev, nxt = int(history[i - d]), int(history[i])
+            pair = (min(prev, nxt), max(prev, nxt))
+            if prev != nxt and pair[0] >= 0 and pair not in seen:
+                seen.add(pair)
+                out.append(pair)
     return out
 
 
@@ -71,13 +75,14 @@ def _keys(a: np.ndarray, b: np.ndarray, num_items: int) -> np.ndarray:
     return np.asarray(a, dtype=np.int64) * np.int64(num_items) + np.asarray(b, dtype=np.int64)
 
 
-def pair_counts(silo: Silo, users: Iterable[str], row: Mapping[str, int], max_pairs: int) -> tuple[np.ndarray, ...]:
+def pair_counts(silo: Silo, users: Iterable[str], row: Mapping[str, int], max_pairs: int,
+                window: int = 1) -> tuple[np.ndarray, ...]:
     """``(a, b, counts)``: every pair the ``users`` contribute (:func:`user_pairs` over their
     histories mapped by ``row``, item id → item row), sorted by (a, b), unique; counts float64.
     An item without a row (not in the index) makes no pair."""
     num_items = max(max(row.values(), default=0) + 1, 1)
     keys = [a * num_items + b for user in users
-            for a, b in user_pairs([row.get(ev.item_id, -1) for ev in silo.histories.get(user, [])], max_pairs)]
+            for a, b in user_pairs([row.get(ev.item_id, -1) for ev in silo.histories.get(user, [])], max_pairs, window)]
     uniq, counts = np.unique(np.asarray(keys, dtype=np.int64), return_counts=True)
     return uniq // num_items, uniq % num_items, counts.astype(np.float64)
 

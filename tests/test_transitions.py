@@ -41,13 +41,14 @@ def test_each_user_counts_at_most_m_distinct_unordered_recent_pairs_once() -> No
     assert list(zip(a.tolist(), b.tolist(), counts.tolist())) == [(0, 1, 2.0), (0, 2, 1.0)]
 
 
-def test_the_table_swap_s_window_pairs_are_the_release_s_pairs_at_window_one() -> None:
-    from simulations.experiment.table_swap import pairs_within, parse_variant
+def test_pairs_within_a_window_and_the_table_swap_s_variants() -> None:
+    from simulations.experiment.table_swap import parse_variant
 
     history = [3, 1, 1, 3, 5, 2, 5, 4]
-    for m in (1, 2, 4, 10):
-        assert pairs_within(history, m, 1) == user_pairs(history, m)  # the measurement counts what a silo releases
-    assert pairs_within([1, 2, 3], 10, 2) == [(2, 3), (1, 3), (1, 2)]  # 1→3 is two events apart
+    assert user_pairs(history, 10, window=1) == user_pairs(history, 10)  # the release's pairs: consecutive
+    assert user_pairs([1, 2, 3], 10, window=2) == [(2, 3), (1, 3), (1, 2)]  # 1→3 is two events apart
+    assert user_pairs([1, 2, 3], 2, window=2) == [(2, 3), (1, 3)]  # still the m newest
+    assert user_pairs([1, 1, 2], 10, window=3) == [(1, 2)]  # (1, 2) once
     assert parse_variant("dp-w3-m16-t4") == {"m": 16, "window": 3, "threshold": 4.0, "dp": True, "above": 0.0}
     assert parse_variant("oracle>9")["above"] == 9.0
     for bad in ("exactly", "oracle>x", "dp-m8", "dp-w-m8-t4", "dp-mx-t4"):

@@ -38,25 +38,6 @@ DEFAULT_VARIANTS = ("exact", "oracle>4", "oracle>9", "oracle>18", "dp-m2-t4", "d
                     "dp-m8-t5", "dp-w3-m8-t4", "dp-w3-m16-t4")
 
 
-def pairs_within(history: list[int], max_pairs: int, window: int) -> list[tuple[int, int]]:
-    """A user's ``max_pairs`` newest distinct unordered pairs of different items at most
-    ``window`` events apart (``window`` 1: :func:`shared_model.transitions.user_pairs`)."""
-    out: list[tuple[int, int]] = []
-    seen: set[tuple[int, int]] = set()
-    for i in range(len(history) - 1, 0, -1):
-        for d in range(1, window + 1):
-            if i - d < 0 or len(out) >= max_pairs:
-                break
-            a, b = history[i - d], history[i]
-            pair = (min(a, b), max(a, b))
-            if a != b and pair[0] >= 0 and pair not in seen:
-                seen.add(pair)
-                out.append(pair)
-        if len(out) >= max_pairs:
-            break
-    return out
-
-
 def parse_variant(name: str) -> dict[str, Any]:
     """``exact`` | ``oracle>T`` | ``dp-mM-tX`` | ``dp-w3-mM-tX`` → the table's recipe."""
     if name == "exact":
@@ -91,7 +72,7 @@ def build_tables(checkpoint: Path, dataset: Path, variants: list[str], z: float)
     from shared_model.dataset import list_silos, load_silo, read_catalogue
     from shared_model.examples import train_user_ids
     from shared_model.item_index import build_item_index
-    from shared_model.transitions import _keys, counts_over, noisy_counts, sum_releases
+    from shared_model.transitions import _keys, counts_over, noisy_counts, pair_counts, sum_releases
 
     cfg = RunConfig(dataset=str(dataset))
     catalogue = read_catalogue(dataset)
@@ -107,10 +88,7 @@ def build_tables(checkpoint: Path, dataset: Path, variants: list[str], z: float)
         seeds = iter(range(1000))
         releases: dict[str, list] = {}
         for silo in silos.values():
-            keys = [a * n + b for user in train_user_ids(silo) for a, b in pairs_within(
-                [index.row.get(e.item_id, -1) for e in silo.histories.get(user, [])], v["m"], v["window"])]
-            uniq, counts = np.unique(np.asarray(keys, np.int64), return_counts=True)
-            exact = (uniq // n, uniq % n, counts.astype(np.float64))
+            exact = pair_counts(silo, train_user_ids(silo), index.row, v["m"], v["window"])
             if v["dp"]:
                 a, b = candidates[silo.platform]
                 noisy = noisy_counts(counts_over(exact, (a, b), n), z, v["m"], next(seeds))
