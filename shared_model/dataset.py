@@ -229,12 +229,41 @@ def federation_mismatch(num_partitions: object, dataset_dir: Path, silos: list[s
             f"(or fedshift simulate, which does)")
 
 
+def declared_platforms(silo_dir: Path, catalogue: Catalogue) -> tuple[str, ...] | None:
+    """The platforms a silo's optional ``silo.json`` declares (``{"platforms": [...]}``, a region
+    silo's), in catalogue order; None without the file. Raises DataError when it is malformed
+    or names a platform the catalogue does not have."""
+    silo_dir = Path(silo_dir)
+    label = f"silos/{silo_dir.name}/silo.json"
+    p = silo_dir / "silo.json"
+    if not p.is_file():
+        return None
+    if outside(p, silo_dir):
+        raise DataError([Problem(label, 0, "path", f"a symlink to {p.resolve()}, outside {silo_dir}: only files "
+                                 "inside the silo folder are opened")])
+    try:
+        info = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError([Problem(label, getattr(e, "lineno", 1), "json", f"not valid JSON: {e}")]) from None
+    plats = info.get("platforms") if isinstance(info, dict) else None
+    if not (isinstance(plats, list) and plats and all(isinstance(x, str) and x for x in plats)):
+        raise DataError([Problem(label, 1, "platforms", "expected a non-empty list of platform names, "
+                                 'e.g. {"platforms": ["arts", "office"]}')])
+    unknown = [x for x in plats if x not in catalogue.platforms]
+    if unknown:
+        raise DataError([Problem(label, 1, "platforms", f"unknown platform {unknown[0]!r} (the catalogue has: "
+                                 f"{', '.join(catalogue.platforms)})")])
+    return tuple(x for x in catalogue.platforms if x in plats)
+
+
 def load_silo(silo_dir: Path, catalogue: Catalogue) -> Silo:
-    """Read one silo folder (``events.csv[.gz]``, ``users.csv[.gz]``); opens nothing outside it."""
+    """Read one silo folder (``events.csv[.gz]``, ``users.csv[.gz]``, optional ``silo.json``);
+    opens nothing outside it."""
     silo_dir = Path(silo_dir)
     name = silo_dir.name
     prefix = f"silos/{name}/"
     problems: list[Problem] = []
+    declared = declared_platforms(silo_dir, catalogue)
 
     users_path = _find(silo_dir, "users", prefix)
     events_path = _find(silo_dir, "events", prefix)
@@ -272,7 +301,7 @@ def load_silo(silo_dir: Path, catalogue: Catalogue) -> Silo:
     elabel = prefix + events_path.name
     histories: dict[str, list[Event]] = {}
     platforms: dict[str, int] = {}
-    seen_order: dict[tuple[str, int], int] = {}
+    seen_order: dict[tuple[str, str, int], int] = {}
     items = catalogue.items
     for line, r in _read_rows(events_path, elabel, EVENT_COLUMNS, problems) or []:
         uid, iid, raw_order = r["user_id"].strip(), r["item_id"].strip(), r["order"].strip()
@@ -294,27 +323,34 @@ def load_silo(silo_dir: Path, catalogue: Catalogue) -> Silo:
         if etype not in EVENT_TYPES:
             problems.append(Problem(elabel, line, "event_type", f"unknown event type {etype!r} (expected one of: {', '.join(EVENT_TYPES)})"))
             continue
-        key = (uid, order)
+        if declared is not None and item.platform not in declared:
+            problems.append(Problem(elabel, line, "item_id", f"item {iid!r} is on platform {item.platform!r}, which "
+                                    f"silo.json does not declare ({', '.join(declared)})"))
+            continue
+        key = (uid, item.platform, order)
         if key in seen_order:
-            problems.append(Problem(elabel, line, "order", f"user {uid!r} already has an event at order {order} (line {seen_order[key]})"))
+            where = f" on {item.platform}" if declared is not None and len(declared) > 1 else ""
+            problems.append(Problem(elabel, line, "order", f"user {uid!r} already has an event{where} at order {order} (line {seen_order[key]})"))
             continue
         seen_order[key] = line
         if item.platform not in platforms:
             platforms[item.platform] = line
         histories.setdefault(uid, []).append(Event(uid, iid, order, etype))
 
-    if len(platforms) > 1:
+    if len(platforms) > 1 and declared is None:
         (p0, l0), (p1, l1) = sorted(platforms.items(), key=lambda kv: kv[1])[:2]
-        problems.append(Problem(elabel, l1, "item_id", f"silo mixes platforms: {p0!r} (line {l0}) and {p1!r}; a silo is one platform"))
+        problems.append(Problem(elabel, l1, "item_id", f"silo mixes platforms: {p0!r} (line {l0}) and {p1!r}; a silo "
+                                "is one platform unless its silo.json declares several (a region silo)"))
     for uid in splits:
         if uid not in histories and not problems:
             problems.append(Problem(ulabel, user_line[uid], "user_id", f"user {uid!r} has no events"))
     if problems:
         raise DataError(problems)
-    for h in histories.values():
-        h.sort(key=lambda e: e.order)
-    platform = next(iter(platforms), "")
-    return Silo(name, platform, {u: splits[u] for u in splits}, histories)
+    rank = {p: i for i, p in enumerate(catalogue.platforms)}
+    for h in histories.values():  # events of two platforms at one order: in catalogue platform order
+        h.sort(key=lambda e: (e.order, rank.get(items[e.item_id].platform, 0)))
+    held = declared if declared is not None else tuple(platforms)[:1] or ("",)
+    return Silo(name, held, {u: splits[u] for u in splits}, histories)
 
 
 def load_dataset(dataset_dir: Path, base_model: str | None = None, max_tokens: int = 32) -> tuple[Catalogue, dict[str, Silo]]:

@@ -116,13 +116,46 @@ class Catalogue:
 class Silo:
     """What one silo holds: its users' splits and their event histories (sorted by order).
 
-    For valid/test users the last event of a history is the held-out next item.
+    ``platforms``: the platforms whose events it holds — one for a platform silo, several for a
+    region silo (one region's users on every platform, ``silo.json``; docs/data-format.md). A
+    single name may be given. For valid/test users the events at the user's highest order are
+    the held-out next items (:func:`held_out`): one per platform at most.
     """
 
     name: str
-    platform: str
+    platforms: tuple[str, ...]
     splits: dict[str, str]
     histories: dict[str, list[Event]]
 
+    def __post_init__(self) -> None:
+        if isinstance(self.platforms, str):
+            self.platforms = (self.platforms,)
+        self.platforms = tuple(self.platforms)
+
+    @property
+    def platform(self) -> str:
+        """The platform of a one-platform silo; a region silo has several (:attr:`platforms`)."""
+        if len(self.platforms) != 1:
+            raise ValueError(f"silo {self.name!r} holds platforms {', '.join(self.platforms) or '(none)'}, not one; "
+                             "this step handles one-platform silos only")
+        return self.platforms[0]
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the silo holds several platforms (a region silo)."""
+        return len(self.platforms) > 1
+
     def users(self, split: str) -> list[str]:
         return [u for u, s in self.splits.items() if s == split]
+
+
+def held_out(history: list[Event]) -> int:
+    """Index of the first held-out event of a valid/test history: the events at the highest
+    order (one per platform at most, sorted by platform), so ``history[:i]`` is the input."""
+    if not history:
+        return 0
+    last = history[-1].order
+    i = len(history) - 1
+    while i > 0 and history[i - 1].order == last:
+        i -= 1
+    return i

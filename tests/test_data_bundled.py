@@ -54,9 +54,30 @@ def test_bundled_size_under_10_mb() -> None:
 def test_converter_rebuilds_bundled_files_byte_for_byte(tmp_path: Path) -> None:
     convert(RAW, tmp_path / "out")
     built = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*") if p.is_file())
-    assert len(built) == 10
+    assert len(built) == 18  # the platforms layout (10 files) and layouts/regions (8)
     for rel in built:
         assert (tmp_path / "out" / rel).read_bytes() == (DEFAULT_DATASET / rel).read_bytes(), rel
+
+
+def test_regions_layout_is_the_platform_silos_of_each_region_joined() -> None:
+    """Each region silo holds exactly its region's platform silos' users (same splits) and events
+    (same orders); its held-out items are theirs, so within-platform targets are the same."""
+    from shared_model.dataset import load_silo, read_catalogue
+    from shared_model.examples import eval_examples
+
+    regions = DEFAULT_DATASET / "layouts" / "regions"
+    cat = read_catalogue(DEFAULT_DATASET)
+    assert read_catalogue(regions).items == cat.items
+    for r in ("r0", "r1"):
+        region = load_silo(regions / "silos" / r, cat)
+        assert region.platforms == ("arts", "office") and region.mixed
+        parts = [load_silo(DEFAULT_DATASET / "silos" / f"{p}-{r}", cat) for p in ("arts", "office")]
+        assert region.splits == {u: s for part in parts for u, s in part.splits.items()}
+        for u, h in region.histories.items():
+            joined = sorted((e for part in parts for e in part.histories.get(u, ())), key=lambda e: (e.order, e.item_id))
+            assert sorted(h, key=lambda e: (e.order, e.item_id)) == joined
+        targets = {(e.user_id, e.target.item_id) for e in eval_examples(region, cat, "test")}
+        assert targets == {(e.user_id, e.target.item_id) for part in parts for e in eval_examples(part, cat, "test")}
 
 
 # Real attribute strings from the raw item lists (title, attribute).

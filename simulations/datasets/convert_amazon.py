@@ -23,6 +23,13 @@ Decisions (also in ``data/amazon-art-office/README.md``):
 * A user appears in a silo only with at least one event there.
 * ``dataset.json`` records each platform's interest level as the rule of
   :mod:`shared_model.interests` picks it from the written items (arts 2, office 3).
+* **The regions layout** (``layouts/regions/``, a complete dataset folder of its own, chosen by
+  ``--layout regions``): one silo per region, ``r<region>``, holding that region's users'
+  events on both platforms (``silo.json`` declares them): the union of the user's events in
+  ``arts-r<region>`` and ``office-r<region>``, same orders, same users, same splits. The two
+  held-out next items share the order n (the events at a user's highest order are held out,
+  one per platform), so each within-platform target is the platforms layout's. The catalogue
+  file is the same bytes.
 * Output is reproducible byte for byte: sorted rows, ``\\n`` line ends, gzip with mtime 0 and
   no embedded file name, every file written to a temp file and moved into place.
 """
@@ -130,12 +137,36 @@ def convert(raw_dir: Path, out_dir: Path, regions: int = 2) -> dict[str, int]:
             silo_users.setdefault(silo, []).append((int(uid), split))
             silo_events.setdefault(silo, []).extend((int(uid), iid, pos) for iid, pos in evs)
 
+    info = _info(items, regions)
+    _write(out_dir, items, silo_users, silo_events, info)
+    region_users: dict[str, set[tuple[int, str]]] = {}
+    region_events: dict[str, list[tuple[int, int, int]]] = {}
+    for silo in silo_users:
+        region = "r" + silo.rsplit("-r", 1)[1]
+        region_users.setdefault(region, set()).update(silo_users[silo])
+        region_events.setdefault(region, []).extend(silo_events[silo])
+    _write(out_dir / "layouts" / "regions", items, {r: sorted(u) for r, u in region_users.items()}, region_events,
+           {**info, "layout": "regions"}, platforms=list(PLATFORMS))
+    return {s: len(u) for s, u in sorted(silo_users.items())}
+
+
+def _write(out_dir: Path, items: list[tuple[int, str, str, str, str]], silo_users: dict[str, list[tuple[int, str]]],
+           silo_events: dict[str, list[tuple[int, int, int]]], info: dict[str, object],
+           platforms: list[str] | None = None) -> None:
+    """One layout's files; ``platforms``: each silo's ``silo.json`` (a region silo's)."""
     write_csv(out_dir / "items.csv.gz", ("item_id", "platform", "title", "category_path", "brand"), items)
     for silo in sorted(silo_users):
         write_csv(out_dir / "silos" / silo / "users.csv.gz", ("user_id", "split"), sorted(silo_users[silo]))
         write_csv(out_dir / "silos" / silo / "events.csv.gz", ("user_id", "item_id", "order"),
-                  sorted(silo_events[silo], key=lambda e: (e[0], e[2])))
-    info = {
+                  sorted(silo_events[silo], key=lambda e: (e[0], e[2], e[1])))
+        if platforms:
+            write_bytes_atomic(out_dir / "silos" / silo / "silo.json",
+                               (json.dumps({"platforms": platforms}) + "\n").encode("utf-8"))
+    write_bytes_atomic(out_dir / "dataset.json", (json.dumps(info, indent=2) + "\n").encode("utf-8"))
+
+
+def _info(items: list[tuple[int, str, str, str, str]], regions: int) -> dict[str, object]:
+    return {
         "name": "amazon-art-office",
         "platforms": list(PLATFORMS),
         "regions": regions,
@@ -145,8 +176,6 @@ def convert(raw_dir: Path, out_dir: Path, regions: int = 2) -> dict[str, int]:
         "migration_k": 5,
         "format_version": 1,
     }
-    write_bytes_atomic(out_dir / "dataset.json", (json.dumps(info, indent=2) + "\n").encode("utf-8"))
-    return {s: len(u) for s, u in sorted(silo_users.items())}
 
 
 def _interest_levels(items: list[tuple[int, str, str, str, str]]) -> dict[str, int]:
@@ -168,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m simulations.datasets.convert_amazon",
         description="Convert the raw Amazon Arts-Office folder (URLLM cut) into a fedshift dataset: "
-                    "items.csv.gz, dataset.json and silos/<platform>-r<region>/{users,events}.csv.gz. "
+                    "items.csv.gz, dataset.json and silos/<platform>-r<region>/{users,events}.csv.gz (the "
+                    "platforms layout), and layouts/regions/ (one silo per region holding both platforms). "
                     "The output is reproducible byte for byte.",
     )
     p.add_argument("raw_dir", type=Path, help="raw folder (item_list*_F.csv, *_F2.txt, userlist.txt)")
