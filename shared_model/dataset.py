@@ -214,6 +214,29 @@ def list_silos(dataset_dir: Path) -> list[str]:
     return names
 
 
+LAYOUTS_DIR = "layouts"  # a dataset's other layouts of the same users: <dataset>/layouts/<name>/, each a dataset
+
+
+def layouts(dataset_dir: Path) -> list[str]:
+    """The layouts a dataset folder offers: ``platforms`` (the folder itself) and each
+    ``layouts/<name>/`` that holds a ``silos/`` folder."""
+    root = Path(dataset_dir) / LAYOUTS_DIR
+    extra = sorted(p.name for p in root.iterdir() if (p / "silos").is_dir()) if root.is_dir() else []
+    return ["platforms", *[n for n in extra if n != "platforms"]]
+
+
+def layout_dir(dataset_dir: Path, layout: str | None) -> Path:
+    """The dataset folder of ``layout``: the folder itself for ``platforms`` (or none), else
+    ``layouts/<layout>/``; a ValueError naming the layouts there when it has no such layout."""
+    dataset_dir = Path(dataset_dir)
+    if not layout or layout == "platforms":
+        return dataset_dir
+    if layout in layouts(dataset_dir):
+        return dataset_dir / LAYOUTS_DIR / layout
+    raise ValueError(f"{dataset_dir} has no layout {layout!r} (it has: {', '.join(layouts(dataset_dir))}; "
+                     f"a layout is a dataset folder {dataset_dir / LAYOUTS_DIR}/<name>/)")
+
+
 FEDERATION_MISMATCH = "fedshift-federation-mismatch"
 
 
