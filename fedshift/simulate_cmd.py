@@ -25,7 +25,10 @@ def simulate_config(args: argparse.Namespace) -> RunConfig:
 
     sets = parse_set(args.set)
     values = dict(PRESETS[args.preset])
-    values["dataset"] = str(Path(args.dataset).expanduser().resolve()) if args.dataset else str(RunConfig().dataset_dir())
+    from shared_model.dataset import layout_dir
+
+    base = Path(args.dataset).expanduser().resolve() if args.dataset else RunConfig().dataset_dir()
+    values["dataset"] = str(layout_dir(base, getattr(args, "layout", None)))  # ValueError: no such layout
     if args.base_model:
         values["base-model"] = str(Path(args.base_model).expanduser().resolve())
     for flag, key in (("rounds", "num-server-rounds"), ("epsilon", "epsilon"), ("seed", "seed")):
@@ -43,10 +46,14 @@ def simulate_config(args: argparse.Namespace) -> RunConfig:
 def explicit_values(args: argparse.Namespace) -> dict[str, Any]:
     """The run-config values the flags set explicitly (dashed keys), for ``--resume`` to
     compare with the recorded run (``--preset`` is not compared: the run keeps its own)."""
+    from shared_model.dataset import layout_dir
+
     values: dict[str, Any] = {}
-    for flag, key in (("dataset", "dataset"), ("base_model", "base-model")):
-        if getattr(args, flag, None):
-            values[key] = str(Path(getattr(args, flag)).expanduser().resolve())
+    if getattr(args, "dataset", None) or getattr(args, "layout", None):
+        base = Path(args.dataset).expanduser().resolve() if getattr(args, "dataset", None) else RunConfig().dataset_dir()
+        values["dataset"] = str(layout_dir(base, getattr(args, "layout", None)))
+    if getattr(args, "base_model", None):
+        values["base-model"] = str(Path(args.base_model).expanduser().resolve())
     for flag, key in (("rounds", "num-server-rounds"), ("epsilon", "epsilon"), ("seed", "seed")):
         if getattr(args, flag, None) is not None:
             values[key] = getattr(args, flag)
@@ -148,6 +155,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help=f"quick: {quick.num_server_rounds} rounds × {quick.local_steps} DP steps, {quick.max_seq_len} "
                    f"tokens; full: {full.num_server_rounds} × {full.local_steps}, {full.max_seq_len} tokens")
     p.add_argument("--dataset", metavar="DIR", help="dataset folder (default: bundled data/amazon-art-office)")
+    p.add_argument("--layout", metavar="NAME", help="the dataset's layout: platforms (the folder itself, default) "
+                   "or a layouts/NAME/ folder, e.g. regions (one silo per region holding every platform; "
+                   "docs/data-format.md)")
     p.add_argument("--base-model", metavar="DIR", help="local BERT checkpoint (default: bundled all-MiniLM-L6-v2)")
     p.add_argument("--out", metavar="DIR", help="results folder (default: runs/<timestamp>)")
     p.add_argument("--rounds", type=int, help="server rounds (overrides the preset)")

@@ -107,7 +107,8 @@ def make_canaries(data: SiloData, m: int, seed: int) -> tuple[SiloData, list[tup
         for e in events:
             used[e.item_id] = used.get(e.item_id, 0) + 1
     rng = random.Random(seed)
-    free = [i for i in catalogue.platform_item_ids(silo.platform) if catalogue.items[i].interest]
+    # a region silo's canaries live on its first platform, where they are also scored
+    free = [i for i in catalogue.platform_item_ids(silo.platforms[0]) if catalogue.items[i].interest]
     if len(free) < 2 * m:
         raise ValueError(f"silo {silo.name}: only {len(free)} catalogue items for {m} canaries (need {2 * m})")
     rng.shuffle(free)
@@ -127,7 +128,7 @@ def make_canaries(data: SiloData, m: int, seed: int) -> tuple[SiloData, list[tup
         else:
             splits[uid] = "canary-out"  # never a train user
             histories[uid] = events
-    new_silo = Silo(silo.name, silo.platform, splits, histories)
+    new_silo = Silo(silo.name, silo.platforms, splits, histories)
     return dataclasses.replace(data, silo=new_silo), canaries
 
 
@@ -146,7 +147,7 @@ def canary_scores(model: InterestModel, data: SiloData, cfg: RunConfig, users: l
     input_ids, mask, rows, _, feats, last = collate(
         [batcher(training_example(data.silo, data.catalogue, u)) for u in users], batcher.pad_id)
     user, cat_logits = user_vectors(model, input_ids, mask, feats, None, input_ids.device)  # unmasked
-    cands = candidates(item_tower(model, data, cfg), data.items.platform_rows(data.platform), input_ids.device)
+    cands = candidates(item_tower(model, data, cfg), data.items.platform_rows(data.platforms[0]), input_ids.device)
     logp = torch.log_softmax(score_candidates(user, cat_logits, cands, cfg, model=model, last_rows=last).float(), dim=1)
     return _contrast(logp[:, cands.target_columns(rows)])
 
@@ -159,7 +160,7 @@ def _sequence_logp(model: torch.nn.Module, data: SiloData, cfg: RunConfig, users
     batcher = data.sequence_batcher(cfg)
     examples = [training_example(data.silo, data.catalogue, u) for u in users]
     inp = batcher.batch([batcher.window(ex.history) for ex in examples])
-    rows = data.items.platform_rows(data.platform)
+    rows = data.items.platform_rows(data.platforms[0])  # the canaries' platform
     cands = platform_candidates(model, data.items.embeddings, data.item_prior_index, rows, torch.device("cpu"))  # type: ignore[arg-type]
     scores, _ = last_position_scores(model, inp, cands, None, cfg.category_prior_weight)  # type: ignore[arg-type]
     column = {int(r): c for c, r in enumerate(rows.tolist())}

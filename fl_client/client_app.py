@@ -103,7 +103,7 @@ def transitions(msg: Message, context: Context) -> Message:
     assert gate.cfg is not None
     silo = SiloSetup.admitted(gate, node_config)
     reply = release_transitions(silo, budget_run_id(gate.cfg, context.run_id),
-                                edge.query_candidates(msg, silo.data.platform), edge.kept_state(context))
+                                edge.query_candidates(msg, silo.data.platforms), edge.kept_state(context))
     return edge.transitions_message(msg, reply, context)
 
 

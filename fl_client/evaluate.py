@@ -1,6 +1,6 @@
 """Federated evaluation on a silo's validation users.
 
-Next item, frozen item tower: full ranking over the silo platform's whole catalogue (the
+Next item, frozen item tower: full ranking over the target platform's whole catalogue (the
 item tower is precomputed, so it is cheap). Adapted item tower: the catalogue would have to
 be re-encoded by the round's LoRA encoder on every silo every round (its cost:
 docs/item-tower.md), so the target is ranked among ``eval-candidates`` platform items drawn once with the
@@ -86,15 +86,30 @@ def evaluate_silo(
 
 
 def _rank_sequence(model: InterestModel, data: SiloData, cfg: RunConfig, examples: list, device: torch.device):  # type: ignore[no-untyped-def]
-    """The sequence model's ranking over the platform's whole catalogue (item vectors are cached)."""
+    """The sequence model's ranking of each example over its target platform's whole catalogue
+    (item vectors are cached); a region silo's examples ranked platform by platform, in order."""
+    from shared_model.scoring import Ranked
     from shared_model.sequence_scoring import platform_candidates, rank_sequence_examples
 
-    rows = data.items.platform_rows(data.platform)
-    cands = platform_candidates(model, data.items.embeddings, data.item_prior_index, rows, device)  # type: ignore[arg-type]
-    ranked = rank_sequence_examples(model, data.sequence_batcher(cfg), examples, cands, data.category_mask,  # type: ignore[arg-type]
-                                    cfg.category_prior_weight, device, cfg.eval_batch_size,
-                                    what=f"silo {data.name}: model scores")
-    return ranked, len(rows)
+    items = data.catalogue.items
+    parts, order, sizes = [], [], []
+    for platform in data.platforms:
+        mine = [i for i, ex in enumerate(examples) if items[ex.target.item_id].platform == platform]
+        if not mine and len(data.platforms) > 1:
+            continue
+        rows = data.items.platform_rows(platform)
+        cands = platform_candidates(model, data.items.embeddings, data.item_prior_index, rows, device)  # type: ignore[arg-type]
+        parts.append(rank_sequence_examples(model, data.sequence_batcher(cfg), [examples[i] for i in mine], cands,  # type: ignore[arg-type]
+                                            data.platform_mask(platform), cfg.category_prior_weight, device,
+                                            cfg.eval_batch_size, what=f"silo {data.name}: model scores"))
+        order.extend(mine)
+        sizes.append(len(rows))
+    if len(parts) == 1:
+        return parts[0], sizes[0]
+    back = np.argsort(np.asarray(order, dtype=np.int64), kind="stable")
+    ranked = Ranked(np.concatenate([p.ranks for p in parts])[back], torch.cat([p.category_logits for p in parts])[back],
+                    torch.cat([p.categories for p in parts])[back], np.concatenate([p.tied for p in parts])[back])
+    return ranked, int(round(float(np.mean(sizes))))
 
 
 def _result(examples: list, ranked, candidates: int) -> EvalResult:  # type: ignore[no-untyped-def]

@@ -14,6 +14,8 @@ in a real simulation (``tests/test_loud_simulation.py``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import logging
 import os
 
@@ -169,15 +171,24 @@ def popularity_message(msg: Message, reply: PopularityReply, context: Context) -
     return Message(content=content, reply_to=msg)
 
 
-def query_candidates(msg: Message, platform: str) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The candidate pairs a ``query.transitions`` message holds for ``platform``: its config's
-    ``platforms`` lists the platforms it carries, in the order of the ``candidates`` arrays
-    ``a-I``, ``b-I``; ``(None, None)`` (or None for an absent array) when there are none."""
-    platforms = list(msg.content["config"].get("platforms", [])) if "config" in msg.content else []
-    if platform not in platforms or "candidates" not in msg.content:
+def query_candidates(msg: Message, platforms: Sequence[str]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The candidate pairs a ``query.transitions`` message holds for a silo of ``platforms``:
+    its config's ``spaces`` lists the pair spaces it carries, in the order of the
+    ``candidates`` arrays ``a-I``, ``b-I``; the silo's spaces
+    (:func:`shared_model.transitions.pair_spaces`) concatenated in their order;
+    ``(None, None)`` (or None for an absent array) when one is missing."""
+    from shared_model.transitions import pair_spaces
+
+    spaces = list(msg.content["config"].get("spaces", [])) if "config" in msg.content else []
+    mine = pair_spaces(platforms)
+    if any(s not in spaces for s in mine) or "candidates" not in msg.content:
         return None, None
-    i, rec = platforms.index(platform), msg.content["candidates"]
-    return tuple(rec[k].numpy() if k in rec else None for k in (f"a-{i}", f"b-{i}"))  # type: ignore[return-value]
+    rec = msg.content["candidates"]
+    out: list[np.ndarray | None] = []
+    for end in ("a", "b"):
+        keys = [f"{end}-{spaces.index(s)}" for s in mine]
+        out.append(np.concatenate([rec[k].numpy() for k in keys]) if all(k in rec for k in keys) else None)
+    return out[0], out[1]
 
 
 def transitions_message(msg: Message, reply: TransitionReply, context: Context) -> Message:

@@ -75,11 +75,16 @@ def training_set(data: SiloData, cfg: RunConfig) -> TrainSequences:
 
 
 def shared_candidates(data: SiloData, cfg: RunConfig, generator: torch.Generator) -> torch.Tensor:
-    """The platform's rows (``num-negatives = 0``) or a uniform sample of ``num-negatives`` of them."""
-    rows = data.items.platform_rows(data.platform)
-    if cfg.num_negatives <= 0 or cfg.num_negatives >= len(rows):
-        return rows
-    return rows[torch.randperm(len(rows), generator=generator)[: cfg.num_negatives]]
+    """Each of the silo's platforms' rows (``num-negatives = 0``) or a uniform sample of
+    ``num-negatives`` of them, concatenated (a region silo: one sample per platform, so each
+    target's platform is sampled at the same rate as on a platform silo)."""
+    parts = []
+    for p in data.platforms:
+        rows = data.items.platform_rows(p)
+        if 0 < cfg.num_negatives < len(rows):
+            rows = rows[torch.randperm(len(rows), generator=generator)[: cfg.num_negatives]]
+        parts.append(rows)
+    return torch.cat(parts)
 
 
 def train_sequence_round(model: SequenceModel, data: SiloData, cfg: RunConfig, privacy: PrivacyState, seed: int,

@@ -2,7 +2,8 @@
 users' items, composed in the silo's own accountant and written to its ledger.
 
 :func:`release_popularity` counts each training user's ``popularity-max-items`` most recent
-distinct items over the silo's platform catalogue (:mod:`shared_model.popularity`), adds
+distinct items over the silo's platform catalogue (a region silo: its platforms' catalogues,
+concatenated in its platform order, c items per user over all of them) (:mod:`shared_model.popularity`), adds
 Gaussian noise of multiplier z (calibrated with the run: :meth:`PrivacyState.calibrate`) from
 the silo's secret randomness, and writes a ``popularity-release`` record. The release is
 refused (nothing leaves) when it would exceed the run or lifetime budget, or when the silo
@@ -37,7 +38,7 @@ log = logging.getLogger("fedshift.client")
 class PopularityReply:
     status: str  # "released" | "refused" | "exact" (dp = false)
     info: dict[str, str]
-    counts: np.ndarray | None = None  # over the platform's catalogue items, in catalogue order
+    counts: np.ndarray | None = None  # over the silo's platforms' catalogue items, platform by platform
     noise_std: float = 0.0  # standard deviation of each count's noise (public: z·√c)
     reason: str = ""
     privacy: PrivacyState | None = None
@@ -60,12 +61,13 @@ def release_popularity(silo: SiloSetup, run_id: int | str, privacy: PrivacyState
     cfg, data = silo.cfg, silo.data
     info = {**silo.info, "max-items": str(cfg.popularity_max_items)}
     users = train_user_ids(data.silo)
-    item_ids = data.catalogue.platform_item_ids(data.platform)
+    item_ids = [i for p in data.platforms for i in data.catalogue.platform_item_ids(p)]
+    held = ",".join(data.platforms)
     counts = item_counts(data.silo, users, item_ids, cfg.popularity_max_items)
     if not cfg.dp:
         record = write_record(silo.ledger, PlainRelease(
             run_id=str(run_id), silo=data.name, round=int(server_round), phase="popularity",
-            names=f"item-counts ({len(item_ids)} items of {data.platform}, ≤{cfg.popularity_max_items} per user)",
+            names=f"item-counts ({len(item_ids)} items of {held}, ≤{cfg.popularity_max_items} per user)",
             policy="dp = false (a non-private run)", time=_now()))
         return PopularityReply("exact", info, counts, 0.0, records=[record])
     state = privacy_for(silo, run_id, privacy)
@@ -85,7 +87,7 @@ def release_popularity(silo: SiloSetup, run_id: int | str, privacy: PrivacyState
     eps_release = state.epsilon_of([entry])
     state.record_popularity()
     record = write_record(silo.ledger, PopularityRelease(
-        run_id=str(run_id), silo=data.name, round=int(server_round), platform=data.platform, items=len(item_ids),
+        run_id=str(run_id), silo=data.name, round=int(server_round), platform=held, items=len(item_ids),
         max_items=int(cfg.popularity_max_items), noise_multiplier=float(state.popularity_noise_multiplier),
         sensitivity=sensitivity(cfg.popularity_max_items), delta=float(state.delta), accountant=state.accountant,
         epsilon_release=float(eps_release), epsilon_cumulative=float(state.epsilon_spent),

@@ -122,7 +122,7 @@ class SiloSetup:
     @property
     def info(self) -> dict[str, str]:
         """What the reply may say about the silo (no user data)."""
-        return {"silo": self.data.name, "platform": self.data.platform, "device": str(self.device),
+        return {"silo": self.data.name, "platform": ",".join(self.data.platforms), "device": str(self.device),
                 "release-metrics": self.release_metrics}
 
     def model(self, load: Loader) -> InterestModel:

@@ -67,6 +67,7 @@ def release_transitions(silo: SiloSetup, run_id: int | str, candidates: tuple[np
     array is absent) as its policy and budget allow (see the module docstring)."""
     cfg, data = silo.cfg, silo.data
     info = {**silo.info, "max-pairs": str(cfg.transition_max_pairs)}
+    held = ",".join(data.platforms)
     if not cfg.transitions:
         return TransitionReply("refused", info, reason="this run asked for no transition release (transitions = false)")
     if not cfg.dp:
@@ -74,11 +75,18 @@ def release_transitions(silo: SiloSetup, run_id: int | str, candidates: tuple[np
         a, b, counts = pair_counts(data.silo, users, data.items.row, cfg.transition_max_pairs)
         record = write_record(silo.ledger, PlainRelease(
             run_id=str(run_id), silo=data.name, round=int(server_round), phase="transitions",
-            names=f"transition-counts ({len(a)} observed pairs of {data.platform}, ≤{cfg.transition_max_pairs} per "
+            names=f"transition-counts ({len(a)} observed pairs of {held}, ≤{cfg.transition_max_pairs} per "
                   "user)", policy="dp = false (a non-private run)", time=_now()))
         return TransitionReply("exact", info, counts, a, b, 0.0, records=[record])
-    rows = data.items.platform_rows(data.platform).numpy()
-    limit = len(rows) * (cfg.transition_neighbours + cfg.transition_popular)
+    rows = data.platform_rows().numpy()
+    # each item's neighbours and popular items, in each space it is in (its platform's, and each cross space)
+    limit = len(rows) * (cfg.transition_neighbours + cfg.transition_popular) * len(data.platforms)
+    order = None
+    if candidates[0] is not None and candidates[1] is not None and len(data.platforms) > 1:
+        # a region silo's spaces come one after another: checked (disjoint, so √m holds) and counted sorted
+        order = np.argsort(np.asarray(candidates[0], dtype=np.int64) * len(data.items.item_ids)
+                           + np.asarray(candidates[1], dtype=np.int64), kind="stable")
+        candidates = (np.asarray(candidates[0])[order], np.asarray(candidates[1])[order])
     problem = query_problem(candidates[0], candidates[1], rows, len(data.items.item_ids), limit)
     if problem is not None:
         log.warning("silo %s: transition query refused: %s", data.name, problem)
@@ -99,12 +107,16 @@ def release_transitions(silo: SiloSetup, run_id: int | str, candidates: tuple[np
     users = train_user_ids(data.silo)
     counts = counts_over(pair_counts(data.silo, users, data.items.row, cfg.transition_max_pairs), cand,
                          len(data.items.item_ids))
+    if order is not None:  # back to the query's order
+        unsorted = np.empty_like(counts)
+        unsorted[order] = counts
+        counts = unsorted
     seed = derive_seed(silo.secret, run_id, data.name, server_round, "transitions")
     noisy = noisy_counts(counts, state.transition_noise_multiplier, cfg.transition_max_pairs, seed)
     eps_release = state.epsilon_of([entry])
     state.record_transitions()
     record = write_record(silo.ledger, TransitionRelease(
-        run_id=str(run_id), silo=data.name, round=int(server_round), platform=data.platform, pairs=len(cand[0]),
+        run_id=str(run_id), silo=data.name, round=int(server_round), platform=held, pairs=len(cand[0]),
         max_pairs=int(cfg.transition_max_pairs), noise_multiplier=float(state.transition_noise_multiplier),
         sensitivity=sensitivity(cfg.transition_max_pairs), delta=float(state.delta), accountant=state.accountant,
         epsilon_release=float(eps_release), epsilon_cumulative=float(state.epsilon_spent),

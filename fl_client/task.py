@@ -92,14 +92,27 @@ class SiloData:
     items: ItemIndex
     categories: list[str]
     item_prior_index: torch.Tensor  # per item row: its category index, len(categories) if none
-    category_mask: torch.Tensor  # [C] bool: the categories of this silo's platform
+    category_mask: torch.Tensor  # [C] bool: the categories of this silo's platforms
     dataset_dir: Path | None = None
     base_model: str = ""
     max_item_tokens: int = 32
 
     @property
     def platform(self) -> str:
+        """The platform of a one-platform silo (a region silo raises: use :attr:`platforms`)."""
         return self.silo.platform
+
+    @property
+    def platforms(self) -> tuple[str, ...]:
+        return self.silo.platforms
+
+    def platform_mask(self, platform: str) -> torch.Tensor:
+        """``[C]`` bool: the next-interest classes of one platform (public catalogue)."""
+        return platform_category_mask(self.catalogue, self.categories, platform)
+
+    def platform_rows(self) -> torch.Tensor:
+        """The item rows of the silo's platforms (one platform's, or a region silo's several), ascending."""
+        return torch.cat([self.items.platform_rows(p) for p in self.platforms]).sort().values
 
     @property
     def item_tokens(self) -> ItemTokens:
@@ -114,9 +127,19 @@ class SiloData:
                                cfg.max_history, cfg.migration_k)
 
     def item_space(self, device: torch.device) -> ItemSpace:
-        """The public per-item tensors the sequence loss scores with, on ``device``."""
-        return ItemSpace(self.items.embeddings.to(device), self.item_prior_index.to(device),
-                         self.items.platform_rows(self.platform).to(device), self.category_mask.to(device))
+        """The public per-item tensors the sequence loss scores with, on ``device``; a region
+        silo's also say each item's platform and each platform's classes, so every position is
+        scored against its target's platform."""
+        space = ItemSpace(self.items.embeddings.to(device), self.item_prior_index.to(device),
+                          self.platform_rows().to(device), self.category_mask.to(device))
+        if self.silo.mixed:
+            plats = list(self.platforms)
+            item_platform = torch.full((len(self.items.item_ids),), -1, dtype=torch.long)
+            for i, p in enumerate(plats):
+                item_platform[self.items.platform_rows(p)] = i
+            space.item_platform = item_platform.to(device)
+            space.platform_masks = torch.stack([self.platform_mask(p) for p in plats]).to(device)
+        return space
 
     def batcher(self, cfg: RunConfig) -> ExampleBatcher:
         """This silo's examples → tensors (target rows in this silo's item index)."""
@@ -130,6 +153,9 @@ def open_silo(cfg: RunConfig, node_config: dict[str, Any]) -> SiloData:
     items = cached_item_index(dataset_dir, cfg.base_model, cfg.max_item_tokens)
     categories = catalogue.interest_vocab()
     silo = cached_silo(silo_dir, dataset_dir)
+    if silo.mixed and cfg.user_tower != "sequence":
+        raise ValueError(f"silo {silo_dir.name} holds platforms {', '.join(silo.platforms)} (a region silo); "
+                         f"user-tower = {cfg.user_tower!r} trains one-platform silos only: use user-tower = \"sequence\"")
     return SiloData(
         name=silo_dir.name,
         silo=silo,
@@ -137,7 +163,7 @@ def open_silo(cfg: RunConfig, node_config: dict[str, Any]) -> SiloData:
         items=items,
         categories=categories,
         item_prior_index=prior_index(catalogue, items.item_ids, categories),
-        category_mask=platform_category_mask(catalogue, categories, silo.platform),
+        category_mask=torch.stack([platform_category_mask(catalogue, categories, p) for p in silo.platforms]).any(0),
         dataset_dir=dataset_dir,
         base_model=cfg.base_model,
         max_item_tokens=cfg.max_item_tokens,

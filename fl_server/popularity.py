@@ -45,7 +45,13 @@ class CollectedPrior:
     prior: np.ndarray
     summary: dict[str, Any]
     sums: dict[str, np.ndarray] = field(default_factory=dict)
-    platform_of: dict[int, str] = field(default_factory=dict)
+    platform_of: dict[int, tuple[str, ...]] = field(default_factory=dict)
+
+
+def reply_platforms(info: dict[str, Any]) -> tuple[str, ...]:
+    """The platforms a silo's reply names (``info["platform"]``: one, or a region silo's
+    several, comma-separated)."""
+    return tuple(p for p in str(info.get("platform", "")).split(",") if p)
 
 
 def prior_record(prior: np.ndarray) -> ArrayRecord:
@@ -64,7 +70,7 @@ def collect_prior(grid: Grid, cfg: RunConfig, catalogue: Catalogue, records: Run
     sums: dict[str, np.ndarray] = {}
     variance: dict[str, float] = {}
     silos: dict[str, list[str]] = {}
-    platform_of: dict[int, str] = {}
+    platform_of: dict[int, tuple[str, ...]] = {}
     released = refused = failed = 0
     for msg in grid.send_and_receive(messages, timeout=timeout):
         node = msg.metadata.src_node_id
@@ -75,9 +81,10 @@ def collect_prior(grid: Grid, cfg: RunConfig, catalogue: Catalogue, records: Run
             continue
         info = dict(msg.content["info"])
         status = dict(msg.content["status"])
-        silo, platform = str(info.get("silo", "?")), str(info.get("platform", ""))
-        if platform in catalogue.platforms:
-            platform_of[node] = platform
+        silo, platforms = str(info.get("silo", "?")), reply_platforms(info)
+        known = bool(platforms) and all(p in catalogue.platforms for p in platforms)
+        if known:
+            platform_of[node] = platforms
         metrics = dict(msg.content["metrics"])
         records.add(0, "popularity", silo, node, {**metrics, "status": str(status.get("status", ""))})
         for key in sorted(k for k in msg.content.keys() if k == "ledger" or k.startswith("ledger-")):
@@ -88,18 +95,20 @@ def collect_prior(grid: Grid, cfg: RunConfig, catalogue: Catalogue, records: Run
             refused += 1
             continue
         counts = msg.content["counts"]["counts"].numpy().astype(np.float64)
-        expected = len(catalogue.platform_item_ids(platform)) if platform in catalogue.platforms else -1
+        sizes = [len(catalogue.platform_item_ids(p)) for p in platforms] if known else []
+        expected = sum(sizes) if known else -1
         std = float(metrics.get("noise-std", 0.0))
         if len(counts) != expected or not np.all(np.isfinite(counts)) or not (math.isfinite(std) and std >= 0):
-            reason = (f"sent {len(counts)} counts for platform {platform!r} ({expected} catalogue items)"
+            reason = (f"sent {len(counts)} counts for platform {','.join(platforms)!r} ({expected} catalogue items)"
                       if len(counts) != expected else "non-finite counts or noise std")
             log(WARNING, "popularity: refusing silo %s's release: %s", silo, reason)
             records.problem(0, "popularity", silo, node, "refused", reason)
             failed += 1
             continue
-        sums[platform] = sums.get(platform, np.zeros_like(counts)) + counts
-        variance[platform] = variance.get(platform, 0.0) + std**2
-        silos.setdefault(platform, []).append(silo)
+        for platform, part in zip(platforms, np.split(counts, np.cumsum(sizes)[:-1])):
+            sums[platform] = sums.get(platform, np.zeros_like(part)) + part
+            variance[platform] = variance.get(platform, 0.0) + std**2
+            silos.setdefault(platform, []).append(silo)
         released += 1
     records.outcome(0, "popularity", released, failed, refused)
     priors = {p: log_prior(sums[p], math.sqrt(variance[p]), cfg.popularity_threshold) for p in sums}

@@ -1,6 +1,11 @@
 """The server's side of the item-transition release: build each platform's public candidate
 pairs, ask every silo for its release, sum the releases per platform into the transition table.
 
+A region silo (several platforms) releases over its *pair spaces*
+(:func:`shared_model.transitions.pair_spaces`): each platform's pairs and each two
+platforms' cross pairs, concatenated in one release; the server splits it by space
+(:func:`by_space`) and sums each space's releases from every silo that holds it.
+
 :func:`platform_candidates` (DP runs) pairs each item of a platform with its
 ``transition-neighbours`` nearest items by cosine of the frozen base-encoder item vectors
 (public), and with the platform's ``transition-popular`` most popular items by the summed DP
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any
 
@@ -34,12 +39,13 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fl_server.popularity import CollectedPrior
+from fl_server.popularity import CollectedPrior, reply_platforms
 from fl_server.records import RunRecords
 from shared_model.config import RunConfig
 from shared_model.item_index import ItemIndex, build_item_index
 from shared_model.schema import Catalogue
-from shared_model.transitions import TransitionTable, candidate_pairs, popular_rows, query_problem, sum_releases
+from shared_model.transitions import (TransitionTable, candidate_pairs, cross_candidate_pairs, pair_spaces,
+                                      popular_rows, query_problem, space_of, sum_releases)
 
 Pairs = tuple[np.ndarray, np.ndarray]
 
@@ -65,23 +71,41 @@ def model_table(model: object) -> TransitionTable | None:
 
 
 def platform_candidates(cfg: RunConfig, catalogue: Catalogue, index: ItemIndex,
-                        popularity: Mapping[str, np.ndarray] | None = None) -> dict[str, Pairs]:
-    """Each platform's candidate pairs (see the module docstring); ``popularity``: each
-    platform's summed popularity release over its catalogue items (catalogue order)."""
+                        popularity: Mapping[str, np.ndarray] | None = None,
+                        spaces: Sequence[str] | None = None) -> dict[str, Pairs]:
+    """Each pair space's candidate pairs (see the module docstring): each platform's, and
+    each ``"a|b"`` cross space among ``spaces`` (default: the platforms only);
+    ``popularity``: each platform's summed popularity release over its catalogue items."""
     if index.item_ids != list(catalogue.items):
         raise ValueError("the item index's rows are not this catalogue's items (another catalogue's index)")
+    rows = catalogue_rows(catalogue)
+    popular = {p: popular_rows(popularity[p], r, cfg.transition_popular) if popularity and p in popularity
+               else np.zeros(0, np.int64) for p, r in rows.items()}
     out: dict[str, Pairs] = {}
-    for platform, rows in catalogue_rows(catalogue).items():
-        sums = (popularity or {}).get(platform)
-        popular = popular_rows(sums, rows, cfg.transition_popular) if sums is not None else np.zeros(0, np.int64)
-        out[platform] = candidate_pairs(index.embeddings, rows, cfg.transition_neighbours, popular)
+    for space in (spaces if spaces is not None else list(rows)):
+        if "|" in space:
+            a, b = space.split("|")
+            out[space] = cross_candidate_pairs(index.embeddings, rows[a], rows[b], cfg.transition_neighbours,
+                                               popular[a], popular[b])
+        else:
+            out[space] = candidate_pairs(index.embeddings, rows[space], cfg.transition_neighbours, popular[space])
     return out
 
 
-def query_content(platforms: list[str], candidates: Mapping[str, Pairs]) -> RecordDict:
-    content = RecordDict({"config": ConfigRecord({"server-round": 0, "platforms": platforms})})
+def concatenated(spaces: Sequence[str], candidates: Mapping[str, Pairs]) -> Pairs | None:
+    """The candidate pairs of ``spaces`` one after another (a region silo's one release), or
+    None when one of them has none."""
+    if not spaces or any(s not in candidates for s in spaces):
+        return None
+    return (np.concatenate([candidates[s][0] for s in spaces]), np.concatenate([candidates[s][1] for s in spaces]))
+
+
+def query_content(spaces: list[str], candidates: Mapping[str, Pairs]) -> RecordDict:
+    """A ``query.transitions`` message: its config's ``spaces`` names the pair spaces (a
+    platform, or two platforms' cross pairs ``"a|b"``) whose candidates ``a-I``, ``b-I`` it carries."""
+    content = RecordDict({"config": ConfigRecord({"server-round": 0, "spaces": list(spaces)})})
     arrays = {}
-    for i, p in enumerate(platforms):
+    for i, p in enumerate(spaces):
         if p in candidates:
             arrays[f"a-{i}"] = Array(candidates[p][0].astype(np.int32))
             arrays[f"b-{i}"] = Array(candidates[p][1].astype(np.int32))
@@ -140,18 +164,21 @@ def collect_transitions(grid: Grid, cfg: RunConfig, catalogue: Catalogue, record
     started = time.time()
     if cfg.dp and index is None:  # the candidates' text neighbours (a non-private run needs none)
         index = build_item_index(catalogue, cfg.base_model or None, cfg.max_item_tokens)
-    candidates = platform_candidates(cfg, catalogue, index, popularity.sums if popularity else None) \
+    platform_of = popularity.platform_of if popularity else {}
+    # a node's pair spaces: its platforms' (known from its popularity reply), else every platform's
+    # own (a node of unknown platforms could be a region silo: then it is sent every cross space too)
+    node_spaces = {n: tuple(pair_spaces(platform_of[n])) if n in platform_of else
+                   tuple(pair_spaces(catalogue.platforms)) for n in nodes}
+    wanted = [s for s in pair_spaces(catalogue.platforms) if any(s in v for v in node_spaces.values())]
+    candidates = platform_candidates(cfg, catalogue, index, popularity.sums if popularity else None, wanted) \
         if cfg.dp and index is not None else {}
     seconds = time.time() - started
     rows, num_items = catalogue_rows(catalogue), len(catalogue.items)
-    platform_of = popularity.platform_of if popularity else {}
-    queries: dict[tuple[str, ...], RecordDict] = {}  # one per platform; every platform's for a node of unknown one
+    queries: dict[tuple[str, ...], RecordDict] = {}  # one per set of spaces
     for n in nodes:
-        key = (platform_of[n],) if n in platform_of else tuple(catalogue.platforms)
-        if key not in queries:
-            queries[key] = query_content(list(key), candidates)
-    messages = [grid.create_message(queries[(platform_of[n],) if n in platform_of else tuple(catalogue.platforms)],
-                                    "query.transitions", n, "0") for n in nodes]
+        if node_spaces[n] not in queries:
+            queries[node_spaces[n]] = query_content(list(node_spaces[n]), candidates)
+    messages = [grid.create_message(queries[node_spaces[n]], "query.transitions", n, "0") for n in nodes]
     releases: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray, float]]] = {}
     silos: dict[str, list[str]] = {}
     released = refused = failed = 0
@@ -163,7 +190,7 @@ def collect_transitions(grid: Grid, cfg: RunConfig, catalogue: Catalogue, record
             failed += 1
             continue
         info, status = dict(msg.content["info"]), dict(msg.content["status"])
-        silo, platform = str(info.get("silo", "?")), str(info.get("platform", ""))
+        silo, platforms = str(info.get("silo", "?")), reply_platforms(info)
         metrics = dict(msg.content["metrics"])
         records.add(0, "transitions", silo, node, {**metrics, "status": str(status.get("status", ""))})
         for key in sorted(k for k in msg.content.keys() if k == "ledger" or k.startswith("ledger-")):
@@ -173,22 +200,26 @@ def collect_transitions(grid: Grid, cfg: RunConfig, catalogue: Catalogue, record
             records.problem(0, "transitions", silo, node, "declined", str(status.get("reason", "")))
             refused += 1
             continue
-        if platform not in catalogue.platforms:
-            problem, pairs = f"unknown platform {platform!r}", None
+        spaces = pair_spaces(platforms)
+        if not platforms or any(p not in catalogue.platforms for p in platforms):
+            problem, pairs = f"unknown platform {','.join(platforms)!r}", None
         else:
-            problem, pairs = release_problem(cfg, msg.content, candidates.get(platform), rows[platform], num_items)
+            held = np.sort(np.concatenate([rows[p] for p in platforms]))
+            problem, pairs = release_problem(cfg, msg.content, concatenated(spaces, candidates), held, num_items)
         if problem is not None or pairs is None:
             log(WARNING, "transitions: refusing silo %s's release: %s", silo, problem)
             records.problem(0, "transitions", silo, node, "refused", str(problem))
             failed += 1
             continue
         counts = msg.content["counts"]["counts"].numpy().astype(np.float64)
-        releases.setdefault(platform, []).append((pairs[0], pairs[1], counts, float(metrics.get("noise-std", 0.0))))
-        silos.setdefault(platform, []).append(silo)
+        std = float(metrics.get("noise-std", 0.0))
+        for space, (a, b, c) in by_space(pairs, counts, spaces, candidates if cfg.dp else None, catalogue).items():
+            releases.setdefault(space, []).append((a, b, c, std))
+            silos.setdefault(space, []).append(silo)
         released += 1
     records.outcome(0, "transitions", released, failed, refused)
     tables, summary = [], {}
-    for p in sorted(releases):
+    for p in sorted(releases, key=pair_spaces(catalogue.platforms).index):
         table, std, summed = sum_releases(releases[p], cfg.transition_threshold, num_items)
         tables.append(table)
         summary[p] = {"silos": sorted(silos[p]), "noise-std": std, "candidate-pairs": len(candidates[p][0])
@@ -200,6 +231,22 @@ def collect_transitions(grid: Grid, cfg: RunConfig, catalogue: Catalogue, record
         "platforms": summary, "threshold": cfg.transition_threshold, "max-pairs": cfg.transition_max_pairs,
         "neighbours": cfg.transition_neighbours, "popular": cfg.transition_popular,
         "candidate-seconds": round(seconds, 2)}
+
+
+def by_space(pairs: Pairs, counts: np.ndarray, spaces: Sequence[str], candidates: Mapping[str, Pairs] | None,
+             catalogue: Catalogue) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """A release's ``(a, b, counts)`` split by pair space: a DP release in blocks of the spaces'
+    candidates (``candidates``), in order; exact counts (``candidates`` None) by each pair's
+    items' platforms."""
+    if candidates is not None:
+        ends = np.cumsum([len(candidates[s][0]) for s in spaces])[:-1]
+        return {s: (a, b, c) for s, a, b, c in zip(spaces, np.split(pairs[0], ends), np.split(pairs[1], ends),
+                                                   np.split(counts, ends))}
+    plat = np.array([item.platform for item in catalogue.items.values()])
+    names = np.array([space_of(x, y, catalogue.platforms) for x, y in zip(plat[pairs[0]], plat[pairs[1]])]) \
+        if len(pairs[0]) else np.zeros(0, dtype=str)
+    return {s: (pairs[0][names == s], pairs[1][names == s], counts[names == s]) for s in spaces
+            if np.any(names == s)}
 
 
 def merge_tables(tables: list[TransitionTable], num_items: int) -> TransitionTable:

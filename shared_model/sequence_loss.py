@@ -9,9 +9,11 @@ released pairs are subtracted (:meth:`SequenceModel.transition_entries`).
 
 Next item: a softmax over each position's own target (column 0) and the ``candidates``
 shared by the batch — the whole platform catalogue (``num-negatives = 0``), or a uniform
-sample of it; a shared candidate equal to the target, or in the history before the position,
+sample of it (on a region silo: of each of its platforms, and a position counts only the
+candidates on its target's platform); a shared candidate equal to the target, or in the history before the position,
 is excluded, as evaluation excludes history items. Next interest: cross-entropy of the
-platform-masked next-interest logits against the next event's category (unlabelled: none).
+platform-masked next-interest logits against the next event's category (unlabelled: none;
+on a region silo masked to the target's platform).
 """
 
 from __future__ import annotations
@@ -27,12 +29,41 @@ from shared_model.sequence_model import Candidates, SequenceInput, SequenceModel
 
 @dataclass
 class ItemSpace:
-    """Public per-item tensors of the item tower, in item-row order, and a platform's rows."""
+    """Public per-item tensors of the item tower, in item-row order, and the silo's platform
+    rows. A region silo (several platforms) also gives ``item_platform`` ``[N]`` (the index of
+    each row's platform among the silo's, −1 for other platforms) and ``platform_masks``
+    ``[P, C]`` (each platform's classes): a position is then scored only against items and
+    classes of its target's platform."""
 
     vectors: torch.Tensor  # [N, H]
     category: torch.Tensor  # [N] category index (C: unlabelled)
-    platform_rows: torch.Tensor  # [N_p]
-    category_mask: torch.Tensor  # [C] the platform's categories
+    platform_rows: torch.Tensor  # [N_p] the silo's platforms' rows
+    category_mask: torch.Tensor  # [C] the silo's platforms' categories
+    item_platform: torch.Tensor | None = None  # [N], region silos only
+    platform_masks: torch.Tensor | None = None  # [P, C], region silos only
+
+    def target_platforms(self, targets: torch.Tensor) -> torch.Tensor | None:
+        """``[B, P]`` each position's target platform (None on a one-platform silo)."""
+        if self.item_platform is None:
+            return None
+        return self.item_platform[targets.clamp_min(0)]
+
+    def class_masks(self, targets: torch.Tensor) -> torch.Tensor:
+        """The classes each position may predict: ``[C]`` (one platform) or ``[B, P, C]``."""
+        tp = self.target_platforms(targets)
+        if tp is None or self.platform_masks is None:
+            return self.category_mask
+        return self.platform_masks[tp.clamp_min(0)]
+
+    def other_platform(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        """``[B, P, M]``: shared candidates ``rows`` ``[M]`` (or a position's own ``[B, P, K]``)
+        on another platform than the position's target; None on a one-platform silo."""
+        tp = self.target_platforms(targets)
+        if tp is None:
+            return None
+        assert self.item_platform is not None
+        cp = self.item_platform[rows.clamp_min(0)]
+        return (cp.view(1, 1, -1) if rows.dim() == 1 else cp) != tp.unsqueeze(-1)
 
     def candidates(self, model: SequenceModel, rows: torch.Tensor, targets: torch.Tensor | None = None) -> Candidates:
         device = self.vectors.device
@@ -69,6 +100,8 @@ def hardest(model: SequenceModel, q: torch.Tensor, inp: SequenceInput, items: It
         full = items.candidates(model, pool)
         shared = model.shared_scores(qd, inp, full, positions, logp, category_prior_weight, own_pairs)  # [B, P, M]
         shared.masked_fill_(_excluded(inp, full, targets, positions), float("-inf"))
+        if (other := items.other_platform(pool, targets)) is not None:  # a region silo: the target's platform only
+            shared.masked_fill_(other, float("-inf"))
         own = model.item_scores(qd, inp, own_target(items, targets), positions, logp, category_prior_weight, own_pairs,
                                 target_vectors=inp.vectors[:, 1:])  # [B, P, 1]
         top = shared.topk(min(top_k, shared.shape[-1]), dim=-1)
@@ -116,7 +149,8 @@ def sequence_loss(model: torch.nn.Module, inp: SequenceInput, own_pairs: torch.T
     q_all = inner.queries(inp)
     q = q_all[:, :-1]
     logits = inner.interest_logits(q_all, inp.features)[:, :-1]
-    logits = mask_to_platform(logits, items.category_mask)
+    classes = items.class_masks(targets)  # [C], or [B, T-1, C] on a region silo
+    logits = mask_to_platform(logits, classes)
     logp = category_prior(logits.detach()) if category_prior_weight else None
     if top_k:
         cands, near = hardest(inner, q, inp, items, targets, positions, top_k, logp, category_prior_weight, own_pairs,
@@ -127,6 +161,8 @@ def sequence_loss(model: torch.nn.Module, inp: SequenceInput, own_pairs: torch.T
         cands = items.candidates(inner, shared_rows, targets=targets)
         valid_item = valid
         drop = _excluded(inp, cands, targets, positions)
+        if (other := items.other_platform(shared_rows, targets)) is not None:
+            drop = drop | other
     scores = inner.item_scores(q, inp, cands, positions, logp, category_prior_weight, own_pairs,
                                target_vectors=inp.vectors[:, 1:])
     scores = torch.cat([scores[..., : cands.offset], scores[..., cands.offset:].masked_fill(drop, float("-inf"))], dim=-1)
@@ -135,7 +171,7 @@ def sequence_loss(model: torch.nn.Module, inp: SequenceInput, own_pairs: torch.T
     next_cat = inp.cats[:, 1:]
     labelled = valid & (next_cat < logits.shape[-1])
     cat_ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                             torch.where(labelled, next_cat, torch.full_like(next_cat, int(items.category_mask.int().argmax()))).reshape(-1),
+                             torch.where(labelled, next_cat, classes.int().argmax(-1).expand_as(next_cat)).reshape(-1),
                              reduction="none").view(b, t - 1)
     cat_ce = torch.where(labelled, cat_ce, torch.zeros_like(cat_ce))
     n = valid.sum(1).clamp_min(1)

@@ -14,6 +14,12 @@ table the server builds from the silos' releases.
   frozen base-encoder item vectors, plus each item with each of the platform's
   ``popular`` most popular items by the server's summed DP popularity release (an earlier
   DP output: post-processing). Only candidate pairs are counted and released.
+* :func:`pair_spaces` / :func:`cross_candidate_pairs`: a region silo (several platforms)
+  releases over each of its platforms' candidate pairs and each two platforms' CROSS pairs
+  (each item with its ``neighbours`` nearest items of the other platform, and with the other
+  platform's ``popular`` items), all in ONE release: a user's ``m`` pairs are counted once
+  over their concatenation (the query's spaces must be disjoint, checked by the silo), so
+  the sensitivity stays √m.
 * :func:`counts_over`: the counts of a silo's pairs over the candidate set; the release is
   :func:`shared_model.popularity.noisy_counts` on it (the Gaussian mechanism, Dwork & Roth
   2014 Thm A.1; in RDP, Mironov 2017 Prop. 7): every coordinate, zero or not, plus
@@ -39,7 +45,8 @@ import torch
 from shared_model.popularity import noisy_counts, sensitivity  # the same Gaussian mechanism, √m for √c
 from shared_model.schema import Silo
 
-__all__ = ["TRANSITIONS_RECORD", "TransitionTable", "user_pairs", "pair_counts", "candidate_pairs", "counts_over",
+__all__ = ["TRANSITIONS_RECORD", "TransitionTable", "user_pairs", "pair_counts", "candidate_pairs",
+           "cross_candidate_pairs", "pair_spaces", "space_of", "counts_over",
            "popular_rows", "sum_releases", "noisy_counts", "sensitivity", "query_problem"]
 
 #: The record of a server message that carries the table (arrays ``a``, ``b``, ``counts``).
@@ -87,6 +94,61 @@ def pair_counts(silo: Silo, users: Iterable[str], row: Mapping[str, int], max_pa
     return uniq // num_items, uniq % num_items, counts.astype(np.float64)
 
 
+def pair_spaces(platforms: Sequence[str]) -> list[str]:
+    """The pair spaces a silo holding ``platforms`` releases over, in this order: each
+    platform's own pairs (named by the platform), then each two platforms' cross pairs
+    (``"a|b"``, in the given order). One platform: just its own."""
+    plats = list(platforms)
+    return [*plats, *(f"{a}|{b}" for i, a in enumerate(plats) for b in plats[i + 1:])]
+
+
+def space_of(platform_a: str, platform_b: str, order: Sequence[str]) -> str:
+    """The pair space of a pair of items of these platforms (``order``: the catalogue's platforms)."""
+    if platform_a == platform_b:
+        return platform_a
+    a, b = sorted((platform_a, platform_b), key=list(order).index)
+    return f"{a}|{b}"
+
+
+def _nearest(emb: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, k: int, same: bool, chunk: int) -> list[np.ndarray]:
+    """Each ``src`` row with its ``k`` nearest ``dst`` rows by cosine (itself excluded when
+    ``same``), as ``[2, n·k]`` arrays, ``chunk`` sources at a time."""
+    e_src = torch.nn.functional.normalize(emb[src].float(), dim=-1)
+    e_dst = e_src if same else torch.nn.functional.normalize(emb[dst].float(), dim=-1)
+    k = min(int(k), len(dst) - (1 if same else 0))
+    parts: list[np.ndarray] = []
+    if k <= 0:
+        return parts
+    for start in range(0, len(src), chunk):
+        sims = e_src[start:start + chunk] @ e_dst.T
+        own = torch.arange(start, min(start + chunk, len(src)))
+        if same:
+            sims[own - start, own] = -torch.inf
+        nearest = sims.topk(k, dim=1).indices
+        left = src[own].unsqueeze(1).expand_as(nearest)
+        parts.append(torch.stack([left.flatten(), dst[nearest].flatten()]).numpy())
+    return parts
+
+
+def _with(rows: np.ndarray, popular: np.ndarray) -> list[np.ndarray]:
+    """Each of ``rows`` with each of ``popular`` (an item never with itself)."""
+    if not (len(popular) and len(rows)):
+        return []
+    left, right = np.repeat(rows, len(popular)), np.tile(popular, len(rows))
+    keep = left != right
+    return [np.stack([left[keep], right[keep]])]
+
+
+def _pairs(parts: list[np.ndarray]) -> Pairs:
+    if not parts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    both = np.concatenate(parts, axis=1)
+    a, b = both.min(axis=0), both.max(axis=0)
+    num_items = int(max(int(both.max()) + 1, 1))
+    keys = np.unique(_keys(a, b, num_items))
+    return keys // num_items, keys % num_items
+
+
 def candidate_pairs(embeddings: torch.Tensor | np.ndarray, rows: Sequence[int] | np.ndarray, neighbours: int,
                     popular: Sequence[int] | np.ndarray = (), chunk: int = 1024) -> Pairs:
     """``(a, b)`` int64, a < b, unique, sorted: the candidate pairs of one platform.
@@ -96,31 +158,23 @@ def candidate_pairs(embeddings: torch.Tensor | np.ndarray, rows: Sequence[int] |
     items by cosine (itself excluded; top-k over ``chunk`` items at a time, never the whole
     similarity matrix) and with every one of the ``popular`` item rows."""
     rows_t = torch.as_tensor(np.asarray(rows, dtype=np.int64))
-    emb = torch.nn.functional.normalize(torch.as_tensor(embeddings)[rows_t].float(), dim=-1)
-    n = len(rows_t)
-    k = min(int(neighbours), n - 1)
-    parts: list[np.ndarray] = []
-    if k > 0:
-        for start in range(0, n, chunk):
-            sims = emb[start:start + chunk] @ emb.T
-            own = torch.arange(start, min(start + chunk, n))
-            sims[own - start, own] = -torch.inf
-            nearest = sims.topk(k, dim=1).indices
-            left = rows_t[own].unsqueeze(1).expand_as(nearest)
-            parts.append(torch.stack([left.flatten(), rows_t[nearest].flatten()]).numpy())
-    pop = np.asarray(popular, dtype=np.int64)
-    if len(pop) and n:
-        left = np.repeat(rows_t.numpy(), len(pop))
-        right = np.tile(pop, n)
-        keep = left != right
-        parts.append(np.stack([left[keep], right[keep]]))
-    if not parts:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    both = np.concatenate(parts, axis=1)
-    a, b = both.min(axis=0), both.max(axis=0)
-    num_items = int(max(int(both.max()) + 1, 1))
-    keys = np.unique(_keys(a, b, num_items))
-    return keys // num_items, keys % num_items
+    parts = _nearest(torch.as_tensor(embeddings), rows_t, rows_t, neighbours, True, chunk)
+    return _pairs(parts + _with(rows_t.numpy(), np.asarray(popular, dtype=np.int64)))
+
+
+def cross_candidate_pairs(embeddings: torch.Tensor | np.ndarray, rows_a: Sequence[int] | np.ndarray,
+                          rows_b: Sequence[int] | np.ndarray, neighbours: int,
+                          popular_a: Sequence[int] | np.ndarray = (), popular_b: Sequence[int] | np.ndarray = (),
+                          chunk: int = 1024) -> Pairs:
+    """``(a, b)`` int64, a < b, unique, sorted: the candidate CROSS pairs of two platforms —
+    each item of A with its ``neighbours`` nearest items of B and with B's ``popular_b``
+    items, and each item of B likewise with A's. Every pair holds one item of each platform."""
+    emb = torch.as_tensor(embeddings)
+    ra = torch.as_tensor(np.asarray(rows_a, dtype=np.int64))
+    rb = torch.as_tensor(np.asarray(rows_b, dtype=np.int64))
+    parts = _nearest(emb, ra, rb, neighbours, False, chunk) + _nearest(emb, rb, ra, neighbours, False, chunk)
+    parts += _with(ra.numpy(), np.asarray(popular_b, dtype=np.int64)) + _with(rb.numpy(), np.asarray(popular_a, dtype=np.int64))
+    return _pairs(parts)
 
 
 def popular_rows(summed: np.ndarray, platform_rows: Sequence[int] | np.ndarray, popular: int) -> np.ndarray:

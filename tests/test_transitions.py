@@ -286,7 +286,7 @@ def test_silos_release_once_the_server_sums_and_the_audit_recomputes(
                                          strategy.append_ledger, 4, collected)
     replies = grid.replies
     assert [str(r.content["status"]["status"]) for r in replies] == ["released"] * 4
-    assert [list(m.content["config"]["platforms"]) for m in grid.sent] == [["p0"], ["p0"], ["p1"], ["p1"]]
+    assert [list(m.content["config"]["spaces"]) for m in grid.sent] == [["p0"], ["p0"], ["p1"], ["p1"]]
     # the server's sum: each platform's two releases over one candidate set, thresholded at threshold·√2·z·√m
     candidates = platform_candidates(cfg, catalogue, build_item_index(catalogue, str(tiny_bert), cfg.max_item_tokens),
                                      collected.sums)
@@ -304,8 +304,8 @@ def test_silos_release_once_the_server_sums_and_the_audit_recomputes(
     assert list(zip(table.a.tolist(), table.b.tolist())) == sorted(expected) and len(table) > 0
     # a second request in the same run is refused, spends nothing, releases nothing
     node, ctx = next(iter(grid.contexts.items()))
-    platform = collected.platform_of[node]
-    again = client_app.transitions(Message(content=query_content([platform], candidates), dst_node_id=node,
+    platforms = collected.platform_of[node]
+    again = client_app.transitions(Message(content=query_content(list(platforms), candidates), dst_node_id=node,
                                            message_type="query.transitions"), ctx)
     assert again.content["status"]["status"] == "refused" and "already released" in again.content["status"]["reason"]
     assert "counts" not in again.content and "ledger" not in again.content
@@ -414,8 +414,9 @@ def test_without_a_popularity_release_every_silo_gets_every_platform_s_neighbour
     strategy = RecordingFedAvg(records, ledger=Ledger(tmp_path / "ledger.jsonl"))
     _, summary = collect_transitions(grid, cfg, catalogue, records, strategy.append_ledger, 4)  # type: ignore[arg-type]
     assert [str(r.content["status"]["status"]) for r in grid.replies] == ["released"] * 4
-    # the server knew no node's platform: each query carried both platforms' pairs, each silo answered for its own
-    assert [list(m.content["config"]["platforms"]) for m in grid.sent] == [["p0", "p1"]] * 4
+    # the server knew no node's platform: each query carried every pair space (a node could be a region
+    # silo), each silo answered for its own platform's
+    assert [list(m.content["config"]["spaces"]) for m in grid.sent] == [["p0", "p1", "p0|p1"]] * 4
     neighbours = platform_candidates(cfg, catalogue, build_item_index(catalogue, str(tiny_bert), cfg.max_item_tokens))
     assert {p: s["candidate-pairs"] for p, s in summary["platforms"].items()} == {
         p: len(a) for p, (a, _) in neighbours.items()}

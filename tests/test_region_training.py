@@ -1,0 +1,139 @@
+"""Region silos in training and in the releases: a position is scored only against its target
+platform's items and classes, the candidates of a region silo's query are its pair spaces one
+after another (checked disjoint, counted in the query's order), and the server splits a region
+silo's releases by platform and pair space."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from shared_model.sequence_loss import ItemSpace, sequence_loss
+from shared_model.sequence_model import SequenceInput
+from shared_model.transitions import (counts_over, cross_candidate_pairs, pair_counts, pair_spaces, query_problem,
+                                      space_of)
+from tests.test_sequence_model import C, N, _toy
+
+HALF = N // 2  # rows [0, HALF) are on platform 0 (classes 0, 1), the rest on platform 1 (class 2)
+
+
+def _two_platforms(top_k: int) -> tuple:
+    model, inp, own, items, shared = _toy(seed=3)
+    cat = torch.where(torch.arange(N) < HALF, torch.arange(N) % 2, torch.full((N,), 2))
+    cat[::7] = C  # some unlabelled items
+    rows = inp.rows.clone()
+    g = torch.Generator().manual_seed(5)
+    real = rows >= 0
+    rows[real] = torch.randint(0, HALF, (int(real.sum()),), generator=g)  # every target on platform 0 …
+    first = real.float().argmax(1)
+    rows[torch.arange(len(rows)), first] = HALF + torch.randint(0, HALF, (len(rows),), generator=g)  # … after one of platform 1
+    cats = torch.where(rows >= 0, cat[rows.clamp_min(0)], torch.full_like(rows, -1))
+    from shared_model.interest_features import sequence_features
+
+    vec = items.vectors
+    inp = SequenceInput(rows, vec[rows.clamp_min(0)] * (rows >= 0).unsqueeze(-1), cats, sequence_features(cats, C, 3))
+    masks = torch.tensor([[True, True, False], [False, False, True]])
+    region = ItemSpace(vec, cat, torch.arange(N), masks.any(0), item_platform=(torch.arange(N) >= HALF).long(),
+                       platform_masks=masks)
+    platform0 = ItemSpace(vec, cat, torch.arange(HALF), masks[0])
+    pool = torch.randperm(N, generator=g)[:24]
+    return model, inp, own, region, platform0, pool
+
+
+@pytest.mark.parametrize("top_k", [0, 4])
+def test_a_region_silo_scores_each_position_against_its_target_platform_only(top_k: int) -> None:
+    """Windows whose targets are all on platform 0 (the oldest event on platform 1): the region
+    silo's loss over a pool of both platforms equals the one-platform loss over the pool's
+    platform-0 items with platform 0's classes; platform-1 candidates change nothing."""
+    model, inp, own, region, platform0, pool = _two_platforms(top_k)
+    mixed, stats = sequence_loss(model, inp, own, region, pool, category_prior_weight=0.5, top_k=top_k)
+    alone, alone_stats = sequence_loss(model, inp, own, platform0, pool[pool < HALF], category_prior_weight=0.5,
+                                       top_k=top_k)
+    assert torch.isfinite(mixed) and float(mixed) > 0
+    assert float(mixed) == pytest.approx(float(alone), rel=1e-5)
+    assert stats["category"] == pytest.approx(alone_stats["category"], rel=1e-5)
+    # without the platform mask the platform-1 candidates would count: the loss differs
+    loose = ItemSpace(region.vectors, region.category, region.platform_rows, region.category_mask)
+    other, _ = sequence_loss(model, inp, own, loose, pool, category_prior_weight=0.5, top_k=top_k)
+    assert float(other) != pytest.approx(float(mixed), rel=1e-4)
+
+
+def test_class_masks_follow_each_position_s_target_platform() -> None:
+    _, inp, _, region, _, _ = _two_platforms(0)
+    targets = torch.tensor([[0, HALF, -1]])
+    masks = region.class_masks(targets)
+    assert masks.shape == (1, 3, C)
+    assert masks[0, 0].tolist() == [True, True, False] and masks[0, 1].tolist() == [False, False, True]
+    other = region.other_platform(torch.tensor([1, HALF + 1]), targets[:, :2])
+    assert other.tolist() == [[[False, True], [True, False]]]
+
+
+def test_pair_spaces_and_cross_candidates_hold_one_item_of_each_platform() -> None:
+    assert pair_spaces(["arts"]) == ["arts"]
+    assert pair_spaces(["arts", "office", "toys"]) == ["arts", "office", "toys", "arts|office", "arts|toys",
+                                                      "office|toys"]
+    assert space_of("office", "arts", ["arts", "office"]) == "arts|office" == space_of("arts", "office", ["arts", "office"])
+    g = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(12, 4, generator=g), dim=-1)
+    ra, rb = np.arange(0, 5), np.arange(5, 12)
+    a, b = cross_candidate_pairs(emb, ra, rb, neighbours=2, popular_a=[1], popular_b=[9])
+    assert np.all(a < b) and np.all(np.diff(a * 12 + b) > 0)  # sorted, unique
+    assert np.all(np.isin(a, ra) & np.isin(b, rb))  # every pair crosses the platforms
+    pairs = set(zip(a.tolist(), b.tolist()))
+    sims = emb @ emb.T
+    for i in ra:  # each A item has its 2 nearest B items …
+        for j in rb[np.argsort(-sims[i, rb].numpy())[:2]]:
+            assert (int(i), int(j)) in pairs
+        assert (int(i), 9) in pairs  # … and B's popular item
+    for j in rb:
+        assert (1, int(j)) in pairs
+
+
+def test_a_region_silo_s_release_is_counted_in_the_query_s_order_and_overlapping_spaces_are_refused() -> None:
+    from shared_model.schema import Event, Silo
+
+    # items 0-2 on platform p, 3-5 on q; user u: 0 → 3 → 1 → 4 (three cross pairs), v: 0 → 1 (a p pair)
+    def ev(u: str, items: list[int]) -> list[Event]:
+        return [Event(u, str(i), n) for n, i in enumerate(items)]
+
+    silo = Silo("r0", ("p", "q"), {"u": "train", "v": "train"}, {"u": ev("u", [0, 3, 1, 4]), "v": ev("v", [0, 1])})
+    row = {str(i): i for i in range(6)}
+    exact = pair_counts(silo, ["u", "v"], row, max_pairs=8)
+    assert list(zip(*[x.tolist() for x in exact])) == [(0, 1, 1.0), (0, 3, 1.0), (1, 3, 1.0), (1, 4, 1.0)]
+    # the query: space p, then space q, then p|q — not sorted as a whole, as the silo receives it
+    spaces = {"p": (np.array([0, 1]), np.array([1, 2])), "q": (np.array([3]), np.array([4])),
+              "p|q": (np.array([0, 1, 1]), np.array([3, 3, 4]))}
+    a = np.concatenate([spaces[s][0] for s in pair_spaces(["p", "q"])])
+    b = np.concatenate([spaces[s][1] for s in pair_spaces(["p", "q"])])
+    order = np.argsort(a * 6 + b, kind="stable")
+    assert query_problem(a[order], b[order], np.arange(6), 6, 100) is None
+    counts = counts_over(exact, (a[order], b[order]), 6)
+    back = np.empty_like(counts)
+    back[order] = counts
+    assert back.tolist() == [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]  # (0,1) (1,2) | (3,4) | (0,3) (1,3) (1,4)
+    # a server that puts one pair in two spaces would count a user twice: the sorted check refuses it
+    dup_a, dup_b = np.append(a, 0), np.append(b, 3)
+    order = np.argsort(dup_a * 6 + dup_b, kind="stable")
+    assert "not unique" in query_problem(dup_a[order], dup_b[order], np.arange(6), 6, 100)
+
+
+def test_the_server_splits_a_region_silo_s_releases_by_platform_and_space() -> None:
+    from fl_server.popularity import reply_platforms
+    from fl_server.transitions import by_space, concatenated
+    from shared_model.schema import Catalogue, Item
+
+    assert reply_platforms({"platform": "p,q"}) == ("p", "q") and reply_platforms({"platform": "p"}) == ("p",)
+    catalogue = Catalogue({str(i): Item(str(i), "p" if i < 3 else "q", f"t{i}") for i in range(6)})
+    cands = {"p": (np.array([0]), np.array([1])), "q": (np.array([3, 4]), np.array([4, 5])),
+             "p|q": (np.array([2]), np.array([3]))}
+    pairs = concatenated(["p", "q", "p|q"], cands)
+    assert pairs is not None and pairs[0].tolist() == [0, 3, 4, 2]
+    split = by_space(pairs, np.array([1.0, 2.0, 3.0, 4.0]), ["p", "q", "p|q"], cands, catalogue)
+    assert {s: c.tolist() for s, (_, _, c) in split.items()} == {"p": [1.0], "q": [2.0, 3.0], "p|q": [4.0]}
+    # exact (non-private) counts come as sparse pairs: split by their items' platforms
+    exact = by_space((np.array([0, 2, 3]), np.array([1, 3, 5])), np.array([5.0, 6.0, 7.0]), ["p", "q", "p|q"], None,
+                     catalogue)
+    assert {s: (a.tolist(), c.tolist()) for s, (a, _, c) in exact.items()} == {
+        "p": ([0], [5.0]), "q": ([3], [7.0]), "p|q": ([2], [6.0])}
+    assert concatenated(["p", "r"], cands) is None
