@@ -18,17 +18,25 @@ DESCRIPTION = """\
 Evaluate a checkpoint (and the non-learned baselines, in the same harness) on the
 held-out users of one split, centrally: the whole dataset is read locally.
 
-Groups: each platform (held-out users of that platform's silos), "overall" (all of
-them pooled) and each cross-platform pair A->B (users with a held-out next item on B,
-given only their earlier events on A).
+Groups (a silo holds one platform, or several: a region silo, whose histories mix
+platforms and whose users have a held-out next item per platform):
+  each platform P       within platform: the held-out next items on P, from every
+                        silo holding P, given the user's whole history on that silo
+  overall               the platforms' groups pooled
+  switch                the cases of the platform groups whose last history event
+                        is on another platform than the target (region silos only;
+                        left out when there is none; its cases are also in their
+                        platform's group, so overall counts them once)
+  A->B                  cold start: users with a held-out next item on B, given only
+                        their earlier events on A (from any silo, same user id)
 
 Metrics, each with a 95% paired-bootstrap interval over users:
   hr10, ndcg10, mrr     next item: rank of the held-out item in a full ranking over
-                        the platform's catalogue; the user's history items are
-                        excluded from the candidates (the target never is)
+                        the target platform's catalogue; the user's history items
+                        are excluded from the candidates (the target never is)
   category-acc1/-acc3   next interest: interest class in the top 1 / top 3
   ...-migrating         the same on users whose next category is not among their
-                        last k categories (k = migration-k)
+                        last k categories on the target's platform (k = migration-k)
   new-interest-acc1-migrating
                         on those users: is the most probable category outside
                         their last k categories the one they moved to ("where
@@ -76,10 +84,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the full result as JSON on stdout")
     p.add_argument("--out", metavar="FILE", help="also write the JSON result to FILE")
     p.add_argument("--no-baselines", action="store_true", help="evaluate the checkpoint only")
-    p.add_argument("--no-cross", action="store_true", help="skip the cross-platform groups")
+    p.add_argument("--no-cross", action="store_true", help="skip the cold-start A->B groups (switch, a "
+                   "subset of the platform groups, is still shown)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default: 1000)")
     p.add_argument("--max-users", type=int, default=0, metavar="N",
-                   help="evaluate a seeded random subset of at most N users per group (default: all)")
+                   help="evaluate a seeded random subset of at most N users per platform and A->B group "
+                        "(switch: those of the platform groups' subsets that switch) (default: all)")
     p.add_argument("--reference", default=None, metavar="METHOD",
                    help="method that every other one is compared with, per user and paired "
                         "(default: 'against' with --against, else most-popular; 'none' to skip)")

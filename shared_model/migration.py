@@ -2,8 +2,11 @@
 the user's recent interests.
 
 ``recent_distribution``: the empirical distribution of the interest classes (docs/data-format.md) of the
-user's last ``k`` events (unlabelled events ignored; k = ``migration-k``, 5 by default,
-the same window that defines the migration flag in :mod:`shared_model.examples`).
+user's last ``k`` events on the target's platform (unlabelled events ignored; k = ``migration-k``,
+5 by default, the same window that defines the migration flag in :mod:`shared_model.examples`,
+:func:`shared_model.examples.same_platform`). On a one-platform history that is its last ``k``
+events; a region silo's history mixes platforms, whose classes differ, so the other platforms'
+events are left out when the ``target`` is given.
 
 ``migration_score`` = Jensen–Shannon divergence, base 2, between the predicted
 next-interest distribution ``p`` and that recent distribution ``q``:
@@ -23,16 +26,24 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from shared_model.examples import DEFAULT_K
+from shared_model.examples import DEFAULT_K, same_platform
 from shared_model.schema import Catalogue, Event
 
 
+def recent_events(history: Sequence[Event], catalogue: Catalogue, k: int = DEFAULT_K,
+                  target: Event | None = None) -> list[Event]:
+    """The last ``k`` events of ``history`` on ``target``'s platform (of the whole history without a target)."""
+    events = list(history) if target is None else same_platform(history, target, catalogue)
+    return events[-k:] if k > 0 else []
+
+
 def recent_distribution(history: Sequence[Event], catalogue: Catalogue, categories: Sequence[str],
-                        k: int = DEFAULT_K) -> np.ndarray | None:
-    """``[C]`` distribution of the interest classes of the last ``k`` events; None if none labelled."""
+                        k: int = DEFAULT_K, target: Event | None = None) -> np.ndarray | None:
+    """``[C]`` distribution of the interest classes of the last ``k`` events (on ``target``'s
+    platform when given); None if none labelled."""
     index = {c: i for i, c in enumerate(categories)}
     q = np.zeros(len(categories), dtype=np.float64)
-    for e in history[-k:] if k > 0 else ():
+    for e in recent_events(history, catalogue, k, target):
         c = catalogue.items[e.item_id].interest if e.item_id in catalogue.items else None
         if c in index:
             q[index[c]] += 1.0
@@ -57,19 +68,21 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 
 def migration_score(predicted: np.ndarray, history: Sequence[Event], catalogue: Catalogue,
-                    categories: Sequence[str], k: int = DEFAULT_K) -> float:
-    """JS divergence (bits) between ``predicted`` ``[C]`` and the recent distribution; NaN if undefined."""
-    q = recent_distribution(history, catalogue, categories, k)
+                    categories: Sequence[str], k: int = DEFAULT_K, target: Event | None = None) -> float:
+    """JS divergence (bits) between ``predicted`` ``[C]`` and the recent distribution (on
+    ``target``'s platform when given); NaN if undefined."""
+    q = recent_distribution(history, catalogue, categories, k, target)
     if q is None:
         return float("nan")
     return float(js_divergence(predicted, q))
 
 
 def outside_recent_mass(predicted: np.ndarray, history: Sequence[Event], catalogue: Catalogue,
-                        categories: Sequence[str], k: int = DEFAULT_K) -> float:
+                        categories: Sequence[str], k: int = DEFAULT_K, target: Event | None = None) -> float:
     """Predicted probability that the next category is *not* among the last ``k`` events'
-    categories — the model's own probability of the migration flag; NaN if undefined."""
-    q = recent_distribution(history, catalogue, categories, k)
+    categories (on ``target``'s platform when given) — the model's own probability of the
+    migration flag; NaN if undefined."""
+    q = recent_distribution(history, catalogue, categories, k, target)
     if q is None:
         return float("nan")
     p = np.asarray(predicted, dtype=np.float64)

@@ -1,6 +1,6 @@
 """Offline, centralised evaluation of checkpoints and baselines on held-out users.
 
-* :mod:`.harness`: cases (per platform, cross-platform), per-user results of any predictor
+* :mod:`.harness`: cases (per platform, ``switch``, cold-start ``A->B``; platform or region silos), per-user results of any predictor
   through the one scoring path (:mod:`shared_model.scoring`), summaries and paired
   differences, the text table;
 * :mod:`.bootstrap`: the paired bootstrap over users;
@@ -19,6 +19,7 @@ from simulations.evaluation.bootstrap import Estimate, bootstrap_mean_ci, paired
 from simulations.evaluation.harness import (
     DIFFERENCE_METRICS,
     METRICS,
+    SWITCH,
     Case,
     ModelPredictor,
     Predictor,
@@ -27,16 +28,22 @@ from simulations.evaluation.harness import (
     differences,
     evaluate,
     format_table,
+    group_order,
     group_seed,
+    history_source,
+    is_switch,
     new_interest_hit,
     per_user,
     platform_cases,
     summarise,
+    switch_cases,
+    take,
 )
 
 __all__ = [
-    "DIFFERENCE_METRICS", "METRICS", "Case", "CategoryMarkov", "Estimate", "HistoryLogit", "ItemCooccurrence",
+    "DIFFERENCE_METRICS", "METRICS", "SWITCH", "Case", "CategoryMarkov", "Estimate", "HistoryLogit", "ItemCooccurrence",
     "ModelPredictor", "MostPopular", "Predictor", "TrainStats", "all_baselines", "bootstrap_mean_ci", "concat",
-    "cross_cases", "differences", "evaluate", "format_table", "group_seed", "new_interest_hit", "paired_bootstrap",
-    "paired_difference", "per_user", "platform_cases", "summarise",
+    "cross_cases", "differences", "evaluate", "format_table", "group_order", "group_seed", "history_source",
+    "is_switch", "new_interest_hit", "paired_bootstrap", "paired_difference", "per_user", "platform_cases",
+    "summarise", "switch_cases", "take",
 ]

@@ -4,24 +4,35 @@ Each predictor answers ``predict(cases, platform) -> (scores [B, N], probabiliti
 with candidates in the platform's catalogue order and probabilities over the catalogue's
 interest classes (zero outside the platform), the interface
 :mod:`simulations.evaluation.harness` scores a checkpoint through, so all share candidates,
-exclusions and metric code.
+exclusions and metric code. A case's history may mix platforms (a region silo's, docs/data-format.md);
+"train histories" are every train user's events of every silo merged by user id (one timeline:
+by ``order``, events of two platforms at one order in catalogue platform order), the same on the
+platforms and the regions layout of a dataset.
 
-* ``most-popular``: items by train-event count on the platform; the next-interest
+* ``most-popular``: items by train-event count on the target platform; the next-interest
   distribution is the platform's train category frequency (the majority-class predictor).
 * ``category-markov``: next category from the user's last labelled category's transition
-  counts (within a platform: consecutive train events; across platforms A→B: the last A
-  event before each B event of a train user), smoothed with the platform frequency; next
+  counts, smoothed with the target platform's frequency and masked to its classes. Which
+  counts depends on where the history comes from (``Case.source``): a one-platform history
+  on A (a platform silo, or a cold-start A→B group) uses A→B counts (A = B: consecutive train
+  events on A; A ≠ B: the last A event before each B event of a train user); a region silo's
+  mixed history uses the *mixed* counts: the last labelled train event of any platform (order
+  strictly below) before each event on B, so an arts category predicts an office one. Next
   item = the most popular item of the most probable category, then of the next, …
 * ``history-logit``: the next-interest head's own conditional logit (per-category bias, shared
   θ and per-category δ over :mod:`shared_model.interest_features`), fitted centrally, without
-  noise and to convergence on every train user (a few seeded cuts each) — what that head
-  could reach if privacy and federation cost nothing. Next item as for ``category-markov``.
+  noise and to convergence on every train user (a few seeded cuts of each silo's history; on a
+  region silo the cut's history is its events at lower orders, platforms mixed, and its classes
+  are the cut event's platform's) — what that head could reach if privacy and federation cost
+  nothing. Next item as for ``category-markov``.
   ``migration_weight > 0`` adds a migration-aware term (the probe of
   :mod:`simulations.evaluation.migration_probe`): on migrating transitions only, the cross
-  entropy of the target among the categories *outside* the last k.
+  entropy of the target among the categories *outside* the last k (events on the target's
+  platform, :func:`shared_model.migration.recent_distribution`).
 * ``item-cooccurrence``: centralised and non-private, an upper reference: score(j) = Σ over
-  history items i of the number of train users (histories merged over all silos by user
-  id) who have both i and j; ties broken by popularity. Next-interest distribution: the
+  history items i (any platform) of the number of train users (histories merged over all
+  silos by user id, so a pair of an arts and an office item counts) who have both i and j;
+  ties broken by popularity. Next-interest distribution: the
   co-occurrence mass per category, smoothed with the platform frequency.
 """
 
@@ -37,6 +48,7 @@ import torch
 
 from shared_model.examples import DEFAULT_K
 from shared_model.interest_features import FEATURES, history_features
+from shared_model.migration import recent_distribution
 from shared_model.schema import Catalogue, Silo
 
 SMOOTHING = 1.0  # pseudo-count mass of the platform's category frequency in the Markov rows
@@ -102,6 +114,25 @@ class TrainStats:
                         if nxt < C:
                             t[src, nxt] += 1
                             last = nxt
+        # mixed: [dst platform] -> [C+1 (last labelled category of any platform before it, C = none), C]
+        self.mixed_transitions: dict[str, np.ndarray] = {b: np.zeros((C + 1, C)) for b in plats}
+        rank = {p: n for n, p in enumerate(plats)}
+        for events in merged.values():
+            events = sorted(events, key=lambda e: (e.order, rank.get(item_plat[e.item_id], 0)))
+            last, n = C, 0
+            while n < len(events):  # one order at a time: its events follow the last category before it
+                m = n
+                while m < len(events) and events[m].order == events[n].order:
+                    m += 1
+                for e in events[n:m]:
+                    nxt = self.item_cat[self.item_col[e.item_id]]
+                    if nxt < C:
+                        self.mixed_transitions[item_plat[e.item_id]][last, nxt] += 1
+                for e in events[n:m]:
+                    nxt = self.item_cat[self.item_col[e.item_id]]
+                    if nxt < C:
+                        last = int(nxt)
+                n = m
         # co-occurrence: users × items binary matrix of merged train histories
         rows, cols = [], []
         for r, events in enumerate(merged.values()):
@@ -148,7 +179,9 @@ class CategoryMarkov:
         freq, mask = s.cat_freq[platform], s.mask[platform]
         out = np.zeros((len(cases), len(s.categories)))
         for r, case in enumerate(cases):
-            row = s.transitions[(case.source, platform)][s.last_category(case.history)]
+            table = s.transitions[(case.source, platform)] if case.source in s.platform_cols \
+                else s.mixed_transitions[platform]  # a region silo's mixed history
+            row = table[s.last_category(case.history)]
             d = (row + SMOOTHING * freq) * mask
             out[r] = d / d.sum()
         return out
@@ -180,7 +213,8 @@ class HistoryLogit:
     plus the category bias, without the user-vector term (which adds nothing measurable to
     next-interest accuracy on this data; docs/results.md) — fitted by full-batch L-BFGS on
     ``cuts`` seeded random cuts of every train user's history (weight 1/cuts each, so every
-    user counts once), restricted to the target platform's categories."""
+    user counts once; on a region silo the events at lower orders than the cut event, platforms
+    mixed), restricted to the cut event's platform's categories."""
 
     name = "history-logit"
 
@@ -191,23 +225,29 @@ class HistoryLogit:
             self.name = f"history-logit-mig{migration_weight:g}"
         C, F = len(stats.categories), len(FEATURES)
         rng = random.Random(seed)
-        feats, labels, weights, masks = [], [], [], []
+        feats, labels, weights, masks, recents = [], [], [], [], []
+        cat = stats.catalogue
         for name in sorted(silos):
             silo = silos[name]
-            mask = self.platform_mask(silo.platform)
             for u in silo.users("train"):
                 events = silo.histories.get(u, ())
                 if len(events) < 2:
                     continue
                 picks = rng.sample(range(1, len(events)), min(cuts, len(events) - 1))
                 for cut in picks:
-                    c = stats.item_cat[stats.item_col[events[cut].item_id]]
+                    target = events[cut]
+                    c = stats.item_cat[stats.item_col[target.item_id]]
                     if c >= C:
                         continue
-                    feats.append(history_features(events[:cut], stats.catalogue, stats.cat_index, k))
+                    # the events before the cut (a region silo: at lower orders, another platform's
+                    # event at the target's order is not history)
+                    history = [e for e in events[:cut] if e.order < target.order]
+                    feats.append(history_features(history, cat, stats.cat_index, k))
                     labels.append(int(c))
                     weights.append(1.0 / len(picks))
-                    masks.append(mask)
+                    masks.append(self.platform_mask(cat.items[target.item_id].platform))
+                    q = recent_distribution(history, cat, stats.categories, k, target)
+                    recents.append(torch.zeros(C, dtype=torch.bool) if q is None else torch.as_tensor(q > 0))
         self.examples = len(labels)
         self.bias = torch.zeros(C, dtype=torch.float64)
         self.shared = torch.zeros(F, dtype=torch.float64)
@@ -218,7 +258,7 @@ class HistoryLogit:
         y = torch.tensor(labels)
         w = torch.tensor(weights, dtype=torch.float64)
         m = torch.stack(masks)
-        recent = x[:, :, FEATURES.index("share-recent")] > 0
+        recent = torch.stack(recents)  # the last k events' categories on the target's platform
         migrating = recent.any(1) & ~recent.gather(1, y.view(-1, 1)).squeeze(1)
         params = [p.requires_grad_(True) for p in (self.bias, self.shared, self.per_category)]
         opt = torch.optim.LBFGS(params, max_iter=200, tolerance_grad=1e-9, line_search_fn="strong_wolfe")

@@ -1,26 +1,46 @@
 """Centralised offline evaluation of a checkpoint and the baselines on held-out users.
 
-A researcher with all silos locally: per platform, the held-out users of a split (union
-of that platform's silos) with their last event as target (:func:`shared_model.examples.eval_examples`).
+A researcher with all silos locally. A silo holds one platform (a platform silo) or several (a
+region silo: one region's users on every platform; docs/data-format.md). The held-out examples
+of a split are :func:`shared_model.examples.eval_examples`: a platform silo's user has one (the
+last event), a region silo's user one per platform with a held-out event (the events at the
+user's highest order), each with the whole history before that order, platforms mixed.
 
-* next item: full ranking over the platform's catalogue; the user's history items on
-  that platform are excluded from the candidates (the target never is); a tie is ordered at random in
-  expectation and a non-finite score is an error (:func:`shared_model.scoring.rank_targets`, for every predictor);
-  HR@10, NDCG@10, MRR.
+Groups:
+
+* each platform P (*within platform*): the held-out examples whose target is on P, from every
+  silo that holds P, with the silo's whole history as input (:func:`platform_cases`);
+* ``overall``: the platforms' groups pooled;
+* ``switch``: the cases of the platform groups whose history is non-empty and whose last
+  history event is on another platform than the target (:func:`is_switch`). Only a region
+  silo's mixed history has them; the group is left out where it is empty. Its cases are
+  also in their platform's group (``overall`` counts them once). Under ``max_users`` it is
+  the switching cases of the platform groups' subsets;
+* cold start ``A->B``: users with a held-out next item on B; input = only their events on A
+  (by each event's item platform, from every silo with the same user id: A's platform silos or
+  the region silos) with ``order`` below the target's (the orders of a user's silos are taken
+  as one timeline, as in the bundled data); users with no such event are left out
+  (:func:`cross_cases`). The same cases on both layouts of a dataset.
+
+Metrics:
+
+* next item: full ranking over the target platform's catalogue; the user's history items on
+  that platform are excluded from the candidates (the target never is; other platforms'
+  items are no candidates); a tie is ordered at random in expectation and a non-finite score
+  is an error (:func:`shared_model.scoring.rank_targets`, for every predictor); HR@10, NDCG@10, MRR.
 * next interest: interest-class accuracy@1 and @3, for all users and the migrating
-  subset (flag as in :mod:`shared_model.examples`, k = ``migration-k``).
+  subset (flag as in :mod:`shared_model.examples`, k = ``migration-k``, read on the history's
+  events on the target's platform).
 * new interest: on migrating users, whether the most probable category *outside* the user's
-  last-k categories is the one they moved to (``new-interest-acc1-migrating``). The flag
-  says *whether* a user moves (scored by the AUC below); this says *where* they go, and is
-  the question a predictor that must commit to one arg-max for every user cannot answer
-  with ``category-acc1-migrating`` (it predicts a recent category and is wrong by definition).
+  last-k categories (on the target's platform) is the one they moved to
+  (``new-interest-acc1-migrating``). The flag says *whether* a user moves (scored by the AUC
+  below); this says *where* they go, and is the question a predictor that must commit to one
+  arg-max for every user cannot answer with ``category-acc1-migrating`` (it predicts a recent
+  category and is wrong by definition).
 * migration detection: ROC-AUC of the migration score (:mod:`shared_model.migration`,
   JS divergence) against the flag, over users where the flag is defined; also of the
-  predicted probability mass outside the recent categories (``migration-auc-mass``).
-* cross-platform A→B: users with a held-out next item on B; input = only their events
-  on A's silos (same user id) with ``order`` below the target's (the orders of a user's
-  silos are taken as one timeline, as in the bundled data); users with no such event are
-  left out. Ranking over B's catalogue, nothing excluded (the input has no B items).
+  predicted probability mass outside the recent categories (``migration-auc-mass``). Not for
+  the cold-start groups.
 
 Every metric carries a 95 % paired-bootstrap interval over users
 (:func:`simulations.evaluation.bootstrap.paired_bootstrap`; same draws for every method of a group), and
@@ -48,13 +68,20 @@ from shared_model.schema import Catalogue, Event, Silo
 from shared_model.scoring import rank_targets
 from simulations.evaluation.bootstrap import Estimate, paired_bootstrap, paired_difference
 
+#: the group of cases whose last history event is on another platform than the target
+SWITCH = "switch"
+
 METRICS = ("hr10", "ndcg10", "mrr", "category-acc1", "category-acc3", "category-acc1-migrating",
            "category-acc3-migrating", "new-interest-acc1-migrating", "migration-auc", "migration-auc-mass")
 
 
 @dataclass(frozen=True)
 class Case:
-    """One held-out user: input history (from ``source``), target on ``platform``."""
+    """One held-out example: input history, target on ``platform``.
+
+    ``source``: where the history comes from — a platform (a platform silo's history, or a
+    cold-start group's events on that platform) or, for a region silo, its platforms joined
+    with ``+`` (:func:`history_source`; a mixed history)."""
 
     user_id: str
     platform: str
@@ -72,27 +99,49 @@ class Predictor(Protocol):
     def predict(self, cases: Sequence[Case], platform: str) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+def history_source(silo: Silo) -> str:
+    """A :attr:`Case.source`: the silo's platform, or its platforms joined with ``+`` (a region silo)."""
+    return "+".join(silo.platforms)
+
+
 def platform_cases(catalogue: Catalogue, silos: Mapping[str, Silo], platform: str, split: str,
                    k: int = DEFAULT_K) -> list[Case]:
-    """Held-out users of ``split`` on every silo of ``platform`` (silos in name order)."""
+    """Held-out examples of ``split`` with a target on ``platform``, from every silo that holds
+    it (silos in name order); the input is the silo's whole history before the target (a region
+    silo's mixes platforms)."""
     out = []
     for name in sorted(silos):
         silo = silos[name]
-        if silo.platform != platform:
+        if platform not in silo.platforms:
             continue
+        source = history_source(silo)
         for ex in eval_examples(silo, catalogue, split, k):
-            out.append(Case(ex.user_id, platform, platform, ex.history, ex.target, ex.target_category, ex.migrating,
+            if catalogue.items[ex.target.item_id].platform != platform:
+                continue
+            out.append(Case(ex.user_id, platform, source, ex.history, ex.target, ex.target_category, ex.migrating,
                             migration_defined(ex.history, ex.target, catalogue)))
     return out
 
 
+def is_switch(case: Case, catalogue: Catalogue) -> bool:
+    """Whether the history is non-empty and its last event is on another platform than the target."""
+    return bool(case.history) and catalogue.items[case.history[-1].item_id].platform != case.platform
+
+
+def switch_cases(catalogue: Catalogue, cases: Sequence[Case]) -> list[Case]:
+    """The ``switch`` cases among ``cases`` (:func:`is_switch`), in order."""
+    return [c for c in cases if is_switch(c, catalogue)]
+
+
 def cross_cases(catalogue: Catalogue, silos: Mapping[str, Silo], source: str, target: str, split: str) -> list[Case]:
-    """Held-out users of ``split`` on ``target`` whose input is only their earlier ``source`` events."""
+    """Held-out users of ``split`` with a target on ``target`` whose input is only their earlier
+    ``source`` events: events whose item is on ``source``, from every silo, same user id."""
     src_events: dict[str, list[Event]] = {}
     for silo in silos.values():
-        if silo.platform == source:
-            for u, h in silo.histories.items():
-                src_events.setdefault(u, []).extend(h)
+        if source not in silo.platforms:
+            continue
+        for u, h in silo.histories.items():
+            src_events.setdefault(u, []).extend(e for e in h if catalogue.items[e.item_id].platform == source)
     out = []
     for case in platform_cases(catalogue, silos, target, split):
         hist = sorted((e for e in src_events.get(case.user_id, ()) if e.order < case.target.order), key=lambda e: e.order)
@@ -128,7 +177,8 @@ def per_user(predictor: Predictor, cases: Sequence[Case], platform: str, catalog
         acc1.append(topk_correct(probs, truth, 1))
         acc3.append(topk_correct(probs, truth, 3))
         for r, c in enumerate(chunk):
-            q = recent_distribution(c.history, catalogue, categories, k) if c.migration_defined else None
+            q = (recent_distribution(c.history, catalogue, categories, k, c.target) if c.migration_defined
+                 else None)
             if q is None:
                 js.append(math.nan)
                 mass.append(math.nan)
@@ -235,12 +285,15 @@ def evaluate(predictors: Sequence[Predictor], catalogue: Catalogue, silos: Mappi
              k: int = DEFAULT_K, reps: int = 1000, seed: int = 0, max_users: int = 0,
              cross: bool = True, batch_size: int = 64, progress: Any = None,
              reference: str | None = "most-popular") -> dict[str, Any]:
-    """Every predictor on every group (each platform, ``overall``, each ``A->B``) → JSON-ready dict.
+    """Every predictor on every group (each platform, ``overall``, ``switch`` where a history
+    mixes platforms, each cold-start ``A->B`` unless ``cross`` is false) → JSON-ready dict.
 
+    ``max_users`` caps each platform and cold-start group (a seeded subset); ``switch`` is
+    taken from the platform groups' (capped) cases and scored with them, once.
     With ``reference`` (a predictor's name), ``differences`` holds each other method's
     paired difference to it (same users, same bootstrap draws)."""
     categories = catalogue.interest_vocab()
-    platforms = [p for p in catalogue.platforms if any(s.platform == p for s in silos.values())]
+    platforms = [p for p in catalogue.platforms if any(p in s.platforms for s in silos.values())]
     groups: dict[str, tuple[str, list[Case]]] = {}
     rng = np.random.default_rng(seed)
     for p in platforms:
@@ -250,9 +303,15 @@ def evaluate(predictors: Sequence[Predictor], catalogue: Catalogue, silos: Mappi
             for b in platforms:
                 if a != b:
                     groups[f"{a}->{b}"] = (b, _cap(cross_cases(catalogue, silos, a, b, split), max_users, rng))
+    # switch: positions, in each platform group, of the cases whose last history event is on another platform
+    switch = {p: np.array([i for i, c in enumerate(groups[p][1]) if is_switch(c, catalogue)], dtype=np.int64)
+              for p in platforms}
+    switch = {p: idx for p, idx in switch.items() if len(idx)}
     result: dict[str, Any] = {"split": split, "migration-k": k, "bootstrap-reps": reps, "seed": seed,
                               "users": {g: len(cs) for g, (_, cs) in groups.items()}, "methods": {}}
     result["users"]["overall"] = sum(len(groups[p][1]) for p in platforms)
+    if switch:
+        result["users"][SWITCH] = sum(len(idx) for idx in switch.values())
     all_per: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for pred in predictors:
         per: dict[str, dict[str, np.ndarray]] = {}
@@ -269,11 +328,19 @@ def evaluate(predictors: Sequence[Predictor], catalogue: Catalogue, silos: Mappi
         if within:
             per["overall"] = concat(within)
             out["overall"] = {m: e.as_dict() for m, e in summarise(per["overall"], reps, group_seed(seed, "overall")).items()}
+        if switch:
+            per[SWITCH] = concat([take(per[p], idx) for p, idx in switch.items()])
+            out[SWITCH] = {m: e.as_dict() for m, e in summarise(per[SWITCH], reps, group_seed(seed, SWITCH)).items()}
         result["methods"][pred.name] = out
     if reference and reference in all_per:
         result["reference"] = reference
         result["differences"] = differences(all_per, reference, reps, seed)
     return result
+
+
+def take(u: Mapping[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
+    """The users ``index`` of a per-user result (every array sliced alike)."""
+    return {key: np.asarray(v)[index] for key, v in u.items()}
 
 
 def _cap(cases: list[Case], max_users: int, rng: np.random.Generator) -> list[Case]:
@@ -294,13 +361,19 @@ class ModelPredictor:
         return self.scorer.predict([c.history for c in cases], platform)
 
 
+def group_order(groups: Sequence[str]) -> list[str]:
+    """Display order: the platforms, ``overall``, ``switch`` (where present), the cold-start ``A->B`` groups."""
+    groups = list(groups)
+    platforms = [g for g in groups if "->" not in g and g not in ("overall", SWITCH)]
+    return platforms + ["overall"] + [g for g in groups if g == SWITCH] + [g for g in groups if "->" in g]
+
+
 def format_table(result: dict[str, Any]) -> str:
     """Human-readable: one block per group, one row per method, ``value [low, high]``."""
     cols = [("hr10", "HR@10"), ("ndcg10", "NDCG@10"), ("mrr", "MRR"), ("category-acc1", "cat@1"),
             ("category-acc3", "cat@3"), ("category-acc1-migrating", "cat@1 mig"),
             ("new-interest-acc1-migrating", "new@1 mig"), ("migration-auc", "mig AUC")]
-    groups = list(result["users"])
-    order = [g for g in groups if "->" not in g and g != "overall"] + ["overall"] + [g for g in groups if "->" in g]
+    order = group_order(result["users"])
     width = max([len(m) for m in result["methods"]] + [18])
     lines = [f"split {result['split']}; 95% paired-bootstrap intervals over users ({result['bootstrap-reps']} resamples)"]
     undefined: dict[str, str] = {}

@@ -7,8 +7,10 @@ Two questions, each answered by what the best-case (non-private, converged) mode
    own history against the migration flag (:mod:`shared_model.examples`): the user's own past
    migration rate (the share of their earlier events that left the categories of the k
    events before them, add-½ smoothed), the share of distinct categories in the history, the
-   length of the current same-category streak, and the history length. An AUC near 0.5 means
-   the signal carries no information about the next move.
+   length of the current same-category streak, and the history length — all read on the
+   history's events on the target's platform (a region silo's history mixes platforms, whose
+   classes differ; :func:`shared_model.examples.same_platform`). An AUC near 0.5 means the
+   signal carries no information about the next move.
 2. *Where* — the ``history-logit`` baseline (the next-interest head's conditional logit, fitted
    to convergence) with a migration-aware loss term of weight λ: on migrating transitions only,
    the cross entropy of the target among the categories outside the last k
@@ -28,19 +30,23 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shared_model.dataset import load_dataset
-from shared_model.examples import DEFAULT_K, eval_examples, migration_defined
+from shared_model.examples import DEFAULT_K, eval_examples, migration_defined, same_platform
 from shared_model.metrics import roc_auc
 from shared_model.schema import Catalogue, Event
 from simulations.evaluation.baselines import CategoryMarkov, HistoryLogit, MostPopular, TrainStats
-from simulations.evaluation.harness import evaluate
+from simulations.evaluation.harness import SWITCH, evaluate
 
 BUNDLED = Path(__file__).resolve().parents[2] / "data" / "amazon-art-office"
 SHOWN = (("category-acc1", "cat@1"), ("category-acc3", "cat@3"), ("new-interest-acc1-migrating", "new@1 mig"),
          ("migration-auc", "mig AUC"))
 
 
-def propensity_signals(history: Sequence[Event], catalogue: Catalogue, k: int = DEFAULT_K) -> dict[str, float]:
-    """User-level signals of how likely the user is to move next, from their own history."""
+def propensity_signals(history: Sequence[Event], catalogue: Catalogue, k: int = DEFAULT_K,
+                       target: Event | None = None) -> dict[str, float]:
+    """User-level signals of how likely the user is to move next, from their own history (its
+    events on ``target``'s platform when given)."""
+    if target is not None:
+        history = same_platform(history, target, catalogue)
     labels = [catalogue.items[e.item_id].interest for e in history]
     moves = seen = 0
     for t in range(1, len(labels)):
@@ -64,11 +70,13 @@ def propensity_signals(history: Sequence[Event], catalogue: Catalogue, k: int = 
 def propensity_auc(catalogue: Catalogue, silos: dict, platform: str, split: str, k: int) -> dict[str, float]:
     rows, flags = [], []
     for silo in silos.values():
-        if silo.platform != platform:
+        if platform not in silo.platforms:
             continue
         for ex in eval_examples(silo, catalogue, split, k):
+            if catalogue.items[ex.target.item_id].platform != platform:
+                continue
             if migration_defined(ex.history, ex.target, catalogue):
-                rows.append(propensity_signals(ex.history, catalogue, k))
+                rows.append(propensity_signals(ex.history, catalogue, k, ex.target))
                 flags.append(ex.migrating)
     if not rows:
         return {}
@@ -97,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = evaluate(predictors, catalogue, silos, split, k=k, reps=args.bootstrap, cross=False,
                       reference="category-markov")
     print(f"where: next-interest metrics ({split} users, 95 % paired-bootstrap intervals, {args.bootstrap} resamples)")
-    for group in [*catalogue.platforms, "overall"]:
+    for group in [*catalogue.platforms, "overall", *([SWITCH] if SWITCH in result["users"] else [])]:
         print(f"  {group}")
         for name, out in result["methods"].items():
             if group not in out:
