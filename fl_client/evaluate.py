@@ -101,7 +101,8 @@ def _rank_sequence(model: InterestModel, data: SiloData, cfg: RunConfig, example
         cands = platform_candidates(model, data.items.embeddings, data.item_prior_index, rows, device)  # type: ignore[arg-type]
         parts.append(rank_sequence_examples(model, data.sequence_batcher(cfg), [examples[i] for i in mine], cands,  # type: ignore[arg-type]
                                             data.platform_mask(platform), cfg.category_prior_weight, device,
-                                            cfg.eval_batch_size, what=f"silo {data.name}: model scores"))
+                                            cfg.eval_batch_size, what=f"silo {data.name}: model scores",
+                                            target_platform=data.catalogue.platforms.index(platform)))
         order.extend(mine)
         sizes.append(len(rows))
     if len(parts) == 1:

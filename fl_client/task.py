@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from shared_model.examples import eval_examples, train_user_ids, training_exampl
 from shared_model.item_index import ItemIndex, ItemTokens, build_item_index, tokenize_items
 from shared_model.schema import Catalogue, Example, Silo
 from shared_model.sequence_loss import ItemSpace
-from shared_model.sequences import SequenceBatcher
+from shared_model.sequences import SequenceBatcher, row_platforms
 
 def resolve_silo_dir(cfg: RunConfig, node_config: dict[str, Any]) -> Path:
     """This node's silo folder.
@@ -124,7 +124,7 @@ class SiloData:
     def sequence_batcher(self, cfg: RunConfig) -> SequenceBatcher:
         """This silo's histories → the sequence model's windows (item vectors from the index)."""
         return SequenceBatcher(self.items.row, self.items.embeddings, self.item_prior_index, len(self.categories),
-                               cfg.max_history, cfg.migration_k)
+                               cfg.max_history, cfg.migration_k, self.row_platform)
 
     def item_space(self, device: torch.device) -> ItemSpace:
         """The public per-item tensors the sequence loss scores with, on ``device``; a region
@@ -133,13 +133,14 @@ class SiloData:
         space = ItemSpace(self.items.embeddings.to(device), self.item_prior_index.to(device),
                           self.platform_rows().to(device), self.category_mask.to(device))
         if self.silo.mixed:
-            plats = list(self.platforms)
-            item_platform = torch.full((len(self.items.item_ids),), -1, dtype=torch.long)
-            for i, p in enumerate(plats):
-                item_platform[self.items.platform_rows(p)] = i
-            space.item_platform = item_platform.to(device)
-            space.platform_masks = torch.stack([self.platform_mask(p) for p in plats]).to(device)
+            space.item_platform = self.row_platform.to(device)
+            space.platform_masks = torch.stack([self.platform_mask(p) for p in self.catalogue.platforms]).to(device)
         return space
+
+    @cached_property
+    def row_platform(self) -> torch.Tensor:
+        """``[N]`` each item row's platform: its index in the catalogue's platforms."""
+        return row_platforms(self.catalogue, self.items.item_ids)
 
     def batcher(self, cfg: RunConfig) -> ExampleBatcher:
         """This silo's examples → tensors (target rows in this silo's item index)."""

@@ -81,6 +81,7 @@ RULES: dict[str, tuple[Any, str]] = {
     "user-tower": (lambda v: v in USER_TOWERS, f"must be one of {', '.join(USER_TOWERS)}"),
     "max-history": _AT_LEAST_1,
     "history-lags": _AT_LEAST_1,
+    "other-platform-lags": (lambda v: 0 <= v <= 50, "must be in [0, 50]"),
     "transition-lags": _AT_LEAST_1,
     "item-adaptor-rank": _NON_NEGATIVE,
     "loss-top-k": _NON_NEGATIVE,
@@ -147,6 +148,9 @@ class RunConfig:
     user_tower: str = "sequence"
     max_history: int = 50  # sequence: the newest events a window holds
     history_lags: int = 10  # sequence: the query pools the last this many item vectors (learned weights)
+    # sequence: with > 0, the query reads a mixed history (region silos) as the last history-lags items on the
+    # target's platform plus the last this many on the others (weights from 0); 0 = the window as it is
+    other_platform_lags: int = 0
     transition_lags: int = 5  # sequence: the transition term reads the last this many items' pairs
     transition_weight: float = 0.0  # sequence: initial weight of the transition term (trained)
     item_adaptor_rank: int = 32  # sequence: rank of the learned linear item adaptor (0 = none)

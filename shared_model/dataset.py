@@ -237,6 +237,24 @@ def layout_dir(dataset_dir: Path, layout: str | None) -> Path:
                      f"a layout is a dataset folder {dataset_dir / LAYOUTS_DIR}/<name>/)")
 
 
+def has_region_silos(dataset_dir: Path) -> bool:
+    """Whether a silo of the dataset declares several platforms in its ``silo.json`` (read
+    loosely: a malformed file is the loader's to report)."""
+    for name in list_silos(dataset_dir):
+        p = Path(dataset_dir) / "silos" / name / "silo.json"
+        try:
+            plats = json.loads(p.read_text(encoding="utf-8")).get("platforms") if p.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(plats, list) and len(set(map(str, plats))) > 1:
+            return True
+    return False
+
+
+#: ``other-platform-lags`` that simulate and experiment use on a dataset with region silos, unless set
+REGION_OTHER_PLATFORM_LAGS = 5
+
+
 FEDERATION_MISMATCH = "fedshift-federation-mismatch"
 
 

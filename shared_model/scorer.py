@@ -52,10 +52,11 @@ class Scorer:
         self.sequence = self.cfg.user_tower == "sequence"
         if self.sequence:
             from shared_model.sequence_scoring import HistoryEncoder
-            from shared_model.sequences import SequenceBatcher
+            from shared_model.sequences import SequenceBatcher, row_platforms
 
             seq = SequenceBatcher(self.index.row, self.index.embeddings, self.tower.prior_index, len(self.categories),
-                                  self.cfg.max_history, self.cfg.migration_k)
+                                  self.cfg.max_history, self.cfg.migration_k,
+                                  row_platforms(self.catalogue, self.index.item_ids))
             self.history_encoder = HistoryEncoder(seq, self.catalogue, {c: i for i, c in enumerate(self.categories)},
                                                   self.cfg.base_model, self.cfg.max_item_tokens)
         else:
@@ -147,7 +148,8 @@ class Scorer:
             from shared_model.sequence_model import last_position_scores
 
             inp = self.history_encoder.batch(encoded).to(self.device)  # type: ignore[arg-type]
-            scores, logits = last_position_scores(self.model, inp, cands, mask, self.cfg.category_prior_weight)  # type: ignore[arg-type]
+            scores, logits = last_position_scores(self.model, inp, cands, mask, self.cfg.category_prior_weight,  # type: ignore[arg-type]
+                                                  self.catalogue.platforms.index(platform))
             return scores.float().cpu(), torch.softmax(logits.float(), -1).cpu()
         input_ids, att, _, _, feats, last = collate([(ids, 0, 0, f, r) for ids, f, r in encoded], self.batcher.pad_id)
         user, logits = user_vectors(self.model, input_ids, att, feats, mask, self.device)

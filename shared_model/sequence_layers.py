@@ -7,7 +7,11 @@ exactly (``tests/test_sequence_model.py`` checks them against per-example autogr
 
 * :class:`RecencyPool`: ``q_t = Σ_l w_l · x_{t−l}`` over the last ``L`` positions (lag 0 is
   the position itself). ``w`` starts at ``(1, 0, …, 0)``: the untrained query is the newest
-  item's vector, the text ranker the model starts from.
+  item's vector, the text ranker the model starts from. Given a stack ``[B, T, L, H]`` instead
+  (a region silo's history: the newest L events on the target's platform at each position,
+  :func:`platform_streams`) it pools that.
+* :class:`LagPool`: ``Σ_l v_l · y_{t,l}`` over a stack ``[B, T, L, H]`` — the newest L events on
+  the OTHER platforms, ``v`` starting at 0 (a region silo's cross-platform signal).
 * :class:`ScoreHead`: the next-item score of a candidate j at a position,
   ``s·cos(q, e_j) + w_p·log prior(j) + w_t·log(1 + Σ_l exp(a_l)·n(i_{t−l}, j))`` — a learned
   temperature ``s = exp(log_scale)``, the DP popularity prior's weight, and the DP transition
@@ -35,7 +39,8 @@ def shifted(x: torch.Tensor, lag: int) -> torch.Tensor:
 
 
 class RecencyPool(nn.Module):
-    """``q_t = Σ_{l<L} w_l · x_{t−l}`` (see the module docstring)."""
+    """``q_t = Σ_{l<L} w_l · x_{t−l}`` over a window ``[B, T, H]``, or ``Σ_l w_l · x_{t,l}`` over
+    a stack ``[B, T, L, H]`` (see the module docstring)."""
 
     def __init__(self, lags: int):
         super().__init__()
@@ -49,6 +54,8 @@ class RecencyPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.to(x.dtype)
+        if x.dim() == 4:
+            return torch.einsum("btlh,l->bth", x, w[: x.shape[2]])
         out = w[0] * x
         for lag in range(1, min(self.lags, x.shape[1])):
             out = out + w[lag] * shifted(x, lag)
@@ -60,9 +67,75 @@ def _recency_pool_grad_sample(layer: RecencyPool, activations: list[torch.Tensor
     x = activations[0].to(backprops.dtype)
     t = x.shape[1]
     grad = backprops.new_zeros(x.shape[0], layer.lags)
+    if x.dim() == 4:
+        grad[:, : x.shape[2]] = torch.einsum("btlh,bth->bl", x, backprops)
+        return {layer.weight: grad}
     for lag in range(min(layer.lags, t)):
         grad[:, lag] = (backprops[:, lag:] * x[:, : t - lag]).sum((1, 2))
     return {layer.weight: grad}
+
+
+class LagPool(nn.Module):
+    """``Σ_l v_l · y_{t,l}`` over a stack ``[B, T, L, H]``; ``v`` starts at zero."""
+
+    def __init__(self, lags: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(lags))
+
+    @property
+    def lags(self) -> int:
+        return self.weight.numel()
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("btlh,l->bth", y, self.weight.to(y.dtype)[: y.shape[2]])
+
+
+@register_grad_sampler(LagPool)
+def _lag_pool_grad_sample(layer: LagPool, activations: list[torch.Tensor], backprops: torch.Tensor):
+    y = activations[0].to(backprops.dtype)
+    grad = backprops.new_zeros(y.shape[0], layer.lags)
+    grad[:, : y.shape[2]] = torch.einsum("btlh,bth->bl", y, backprops)
+    return {layer.weight: grad}
+
+
+def lag_positions(mask: torch.Tensor, lags: int) -> torch.Tensor:
+    """``[B, T, L]``: at each position t, the position of the l-th newest event at or before t
+    among those where ``mask`` ``[B, T]`` holds (−1 where there is none)."""
+    b, t = mask.shape
+    count = mask.long().cumsum(1)
+    rank = torch.where(mask, count - 1, torch.full_like(count, t))  # the others go to a spare column
+    at = torch.full((b, t + 1), -1, dtype=torch.long, device=mask.device)
+    at.scatter_(1, rank, torch.arange(t, device=mask.device).expand(b, t))
+    want = count.unsqueeze(-1) - 1 - torch.arange(lags, device=mask.device)
+    found = at[:, :t].gather(1, want.clamp_min(0).view(b, -1)).view(b, t, lags)
+    return torch.where(want >= 0, found, torch.full_like(found, -1))
+
+
+def platform_streams(x: torch.Tensor, platforms: torch.Tensor, valid: torch.Tensor, target: torch.Tensor,
+                     same_lags: int, other_lags: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A mixed history's two stacks at each position t for its target platform ``target[b, t]``:
+    the vectors of the newest ``same_lags`` events at or before t on that platform (an event
+    of unknown platform, −1, counts as on it) and of the newest ``other_lags`` on the others,
+    ``[B, T, L, H]`` each, 0 where there is none. A position with no event on its target's
+    platform yet (cold start on it) reads the newest events of any platform as its first
+    stack. On a one-platform window the first is the window shifted by each lag (what
+    :class:`RecencyPool` reads), the second all zeros."""
+    b, t, h = x.shape
+    same = torch.full((b, t, same_lags), -1, dtype=torch.long, device=x.device)
+    other = torch.full((b, t, other_lags), -1, dtype=torch.long, device=x.device)
+    for k in torch.unique(target).tolist():
+        here = (target == k).unsqueeze(-1)
+        on = valid & ((platforms == k) | (platforms < 0))
+        own = lag_positions(on, same_lags)
+        own = torch.where(own[..., :1] >= 0, own, lag_positions(valid, same_lags))  # none yet: any platform's
+        same = torch.where(here, own, same)
+        other = torch.where(here, lag_positions(valid & ~on, other_lags), other)
+
+    def gather(index: torch.Tensor) -> torch.Tensor:
+        flat = x.gather(1, index.clamp_min(0).view(b, -1, 1).expand(-1, -1, h)).view(b, t, -1, h)
+        return flat * (index >= 0).unsqueeze(-1).to(x.dtype)
+
+    return gather(same), gather(other)
 
 
 def transition_mass(index: torch.Tensor, lag: torch.Tensor, count: torch.Tensor, lag_weights: torch.Tensor,

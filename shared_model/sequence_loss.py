@@ -31,9 +31,9 @@ from shared_model.sequence_model import Candidates, SequenceInput, SequenceModel
 class ItemSpace:
     """Public per-item tensors of the item tower, in item-row order, and the silo's platform
     rows. A region silo (several platforms) also gives ``item_platform`` ``[N]`` (the index of
-    each row's platform among the silo's, −1 for other platforms) and ``platform_masks``
-    ``[P, C]`` (each platform's classes): a position is then scored only against items and
-    classes of its target's platform."""
+    each row's platform among the catalogue's platforms) and ``platform_masks`` ``[P, C]``
+    (each platform's classes): a position is then scored only against items and classes of
+    its target's platform, and a model with an other-platform pool reads the history by it."""
 
     vectors: torch.Tensor  # [N, H]
     category: torch.Tensor  # [N] category index (C: unlabelled)
@@ -41,6 +41,15 @@ class ItemSpace:
     category_mask: torch.Tensor  # [C] the silo's platforms' categories
     item_platform: torch.Tensor | None = None  # [N], region silos only
     platform_masks: torch.Tensor | None = None  # [P, C], region silos only
+
+    def with_platforms(self, inp: SequenceInput) -> tuple[SequenceInput, torch.Tensor | None]:
+        """``inp`` with each event's platform, and each position's target platform ``[B, T]``
+        (the next event's; the last position its own), on a region silo; else ``(inp, None)``."""
+        if self.item_platform is None:
+            return inp, None
+        plat = torch.where(inp.rows >= 0, self.item_platform[inp.rows.clamp_min(0)], torch.full_like(inp.rows, -1))
+        target = torch.cat([plat[:, 1:], plat[:, -1:]], dim=1)
+        return SequenceInput(inp.rows, inp.vectors, inp.cats, inp.features, plat), target
 
     def target_platforms(self, targets: torch.Tensor) -> torch.Tensor | None:
         """``[B, P]`` each position's target platform (None on a one-platform silo)."""
@@ -146,7 +155,8 @@ def sequence_loss(model: torch.nn.Module, inp: SequenceInput, own_pairs: torch.T
     positions = torch.arange(t - 1, device=inp.rows.device)
     valid = (inp.cats[:, :-1] >= 0) & (inp.cats[:, 1:] >= 0) & (inp.rows[:, 1:] >= 0)  # [B, T-1]
     targets = inp.rows[:, 1:]
-    q_all = inner.queries(inp)
+    inp, target_platform = items.with_platforms(inp)
+    q_all = inner.queries(inp, target_platform)
     q = q_all[:, :-1]
     logits = inner.interest_logits(q_all, inp.features)[:, :-1]
     classes = items.class_masks(targets)  # [C], or [B, T-1, C] on a region silo

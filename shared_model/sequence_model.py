@@ -5,7 +5,13 @@ a history is the sequence of its last ``max-history`` items' vectors, right-alig
 ``[B, T]`` window (padding first). At every position t the model scores the next item:
 
 * **query** ``q_t``: :class:`~shared_model.sequence_layers.RecencyPool` over the last
-  ``history-lags`` item vectors (starts as the newest item's vector);
+  ``history-lags`` item vectors (starts as the newest item's vector); with
+  ``other-platform-lags`` > 0 (region silos, whose histories mix platforms) the last
+  ``history-lags`` items on the position's TARGET platform instead, plus a
+  :class:`~shared_model.sequence_layers.LagPool` over the last ``other-platform-lags`` items
+  on the other platforms (weights starting at 0): the untrained query is the newest item on
+  the platform being scored, as on a platform silo (with none on it yet, the newest items of
+  any platform);
 * **next item**: :class:`~shared_model.sequence_layers.ScoreHead` — ``s·cos(q_t, e_j)`` with a
   learned temperature, plus the DP popularity prior and the DP item-transition counts of the
   history's newest ``transition-lags`` items with j (:class:`~shared_model.transition_index.TransitionIndex`), each with a
@@ -30,7 +36,7 @@ from torch import nn
 
 from shared_model.interest_features import FEATURES
 from shared_model.model import PopularityPrior
-from shared_model.sequence_layers import HistoryFeatureHead, RecencyPool, ScoreHead
+from shared_model.sequence_layers import HistoryFeatureHead, LagPool, RecencyPool, ScoreHead, platform_streams
 from shared_model.transition_index import TransitionIndex
 
 if TYPE_CHECKING:
@@ -42,12 +48,15 @@ class SequenceInput:
     """A batch of right-aligned item windows: ``rows`` ``[B, T]`` item rows (−1: padding or an
     item outside the index), ``vectors`` ``[B, T, H]`` their item vectors (0 at padding),
     ``cats`` ``[B, T]`` category indices (C: unlabelled, −1: padding), ``features``
-    ``[B, T, C, F]`` the per-position history features."""
+    ``[B, T, C, F]`` the per-position history features; optionally ``platforms`` ``[B, T]``
+    each event's platform (its index in the catalogue's platforms, −1 unknown), which a model
+    with an other-platform pool reads when told each position's target platform."""
 
     rows: torch.Tensor
     vectors: torch.Tensor
     cats: torch.Tensor
     features: torch.Tensor
+    platforms: torch.Tensor | None = None
 
     @property
     def valid(self) -> torch.Tensor:
@@ -55,7 +64,7 @@ class SequenceInput:
 
     def to(self, device: torch.device) -> "SequenceInput":
         return SequenceInput(self.rows.to(device), self.vectors.to(device), self.cats.to(device),
-                             self.features.to(device))
+                             self.features.to(device), None if self.platforms is None else self.platforms.to(device))
 
 
 @dataclass
@@ -93,9 +102,10 @@ class SequenceModel(nn.Module):
 
     def __init__(self, hidden: int, num_categories: int, *, history_lags: int, logit_scale: float,
                  popularity_weight: float | None, transition_weight: float | None, transition_lags: int,
-                 history_features: bool = True, adaptor_rank: int = 0):
+                 history_features: bool = True, adaptor_rank: int = 0, other_platform_lags: int = 0):
         super().__init__()
         self.pool = RecencyPool(history_lags)
+        self.other_pool = LagPool(other_platform_lags) if other_platform_lags else None
         if adaptor_rank:  # q + V·U·q: a learned linear item adaptor (see :meth:`queries`), V starts at 0
             self.adaptor_down = nn.Linear(hidden, adaptor_rank, bias=False)
             self.adaptor_up = nn.Linear(adaptor_rank, hidden, bias=False)
@@ -109,14 +119,27 @@ class SequenceModel(nn.Module):
         self.popularity_prior = PopularityPrior() if popularity_weight is not None else None
         self.transition_table = TransitionIndex() if transition_weight is not None else None
 
-    def queries(self, inp: SequenceInput) -> torch.Tensor:
+    def queries(self, inp: SequenceInput, target: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, T, H]`` unit query vectors at every position (0 where the window is empty).
+
+        With an other-platform pool, ``inp.platforms`` and ``target`` ``[B, T]`` (each
+        position's target platform) the query pools the position's target-platform stream and
+        its other-platform stream (:func:`~shared_model.sequence_layers.platform_streams`);
+        otherwise the window as it is (the other-platform pool then adds 0).
 
         With ``item-adaptor-rank`` r > 0 the pooled vector p becomes ``p + V·U·p`` (rank r,
         V starting at zero), so ``cos(q, e_j)`` is a learned bilinear similarity
         ``p·(I + VU)ᵀ e_j``: a linear adaptor of the candidates' item vectors applied on the
         query side, where every example's gradient stays its own (the candidates are shared)."""
-        pooled = self.pool(inp.vectors)
+        if self.other_pool is not None and inp.platforms is not None and target is not None:
+            same, other = platform_streams(inp.vectors, inp.platforms, inp.valid, target, self.pool.lags,
+                                           self.other_pool.lags)
+            pooled = self.pool(same) + self.other_pool(other)
+        else:
+            pooled = self.pool(inp.vectors)
+            if self.other_pool is not None:  # called with nothing, so every step has its (zero) per-sample gradient
+                b, t, h = inp.vectors.shape
+                pooled = pooled + self.other_pool(inp.vectors.new_zeros(1, 1, 1, 1).expand(b, t, self.other_pool.lags, h))
         if self.adaptor_down is not None and self.adaptor_up is not None:
             pooled = pooled + self.adaptor_up(self.adaptor_down(pooled))
         return F.normalize(pooled, dim=-1, eps=1e-8)
@@ -307,22 +330,25 @@ def build_sequence_model(cfg: "RunConfig", num_categories: int, seed: int | None
                              popularity_weight=cfg.popularity_weight if cfg.popularity_prior else None,
                              transition_weight=cfg.transition_weight if cfg.transitions else None,
                              transition_lags=cfg.transition_lags, history_features=cfg.history_features,
-                             adaptor_rank=cfg.item_adaptor_rank)
+                             adaptor_rank=cfg.item_adaptor_rank, other_platform_lags=cfg.other_platform_lags)
     finally:
         torch.random.set_rng_state(state)
 
 
 @torch.inference_mode()
 def last_position_scores(model: SequenceModel, inp: SequenceInput, cands: Candidates, category_mask: torch.Tensor | None,
-                         category_prior_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                         category_prior_weight: float = 0.0, target_platform: int | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """``([B, M] next-item scores of the shared candidates, [B, C] next-interest logits)`` at
     each window's last position (the history's newest event), logits masked to
-    ``category_mask``'s categories (``None``: unmasked)."""
+    ``category_mask``'s categories (``None``: unmasked); ``target_platform``: the index of the
+    candidates' platform (a model with an other-platform pool reads the history by it)."""
     from shared_model.model import category_prior, mask_to_platform
 
     t = inp.rows.shape[1]
     position = torch.tensor([t - 1], device=inp.rows.device)
-    q = model.queries(inp)[:, -1:]
+    target = None if target_platform is None else torch.full_like(inp.rows, int(target_platform))
+    q = model.queries(inp, target)[:, -1:]
     logits = model.interest_logits(q, inp.features[:, -1:])
     if category_mask is not None:
         logits = mask_to_platform(logits, category_mask)

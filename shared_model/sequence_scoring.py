@@ -35,8 +35,10 @@ def platform_candidates(model: SequenceModel, embeddings: torch.Tensor, item_cat
 @torch.inference_mode()
 def rank_sequence_examples(model: SequenceModel, batcher: SequenceBatcher, examples: Sequence[Example],
                            cands: Candidates, category_mask: torch.Tensor, category_prior_weight: float,
-                           device: torch.device, batch_size: int, what: str = "model scores"):  # -> scoring.Ranked
-    """Each example's target ranked among ``cands`` (history excluded) at its window's newest position."""
+                           device: torch.device, batch_size: int, what: str = "model scores",
+                           target_platform: int | None = None):  # -> scoring.Ranked
+    """Each example's target ranked among ``cands`` (history excluded) at its window's newest
+    position; ``target_platform``: the candidates' platform index (see :func:`last_position_scores`)."""
     from shared_model.scoring import Ranked, rank_targets
 
     model.to(device).eval()
@@ -49,7 +51,8 @@ def rank_sequence_examples(model: SequenceModel, batcher: SequenceBatcher, examp
         chunk = examples[s : s + batch_size]
         windows = [batcher.window(ex.history) for ex in chunk]
         inp = batcher.batch(windows).to(device)
-        scores, cat_logits = last_position_scores(model, inp, cands, category_mask.to(device), category_prior_weight)
+        scores, cat_logits = last_position_scores(model, inp, cands, category_mask.to(device), category_prior_weight,
+                                                  target_platform)
         targets = torch.tensor([column[batcher.item_row[ex.target.item_id]] for ex in chunk])
         seen = [{column[r] for r in w if r in column} for w in windows]
         ranked = rank_targets(scores.float().cpu().clone(), targets, seen, what)
@@ -76,11 +79,12 @@ def _category(batcher: SequenceBatcher, ex: Example) -> int:
 @dataclass
 class EncodedHistory:
     """One history as the sequence model reads it: window rows (−1 outside the index), their
-    vectors and categories."""
+    vectors, categories and platforms (index in the catalogue's platforms, −1 unknown)."""
 
     rows: list[int]
     vectors: torch.Tensor
     cats: list[int]
+    platforms: list[int] | None = None
 
 
 class HistoryEncoder:
@@ -111,7 +115,10 @@ class HistoryEncoder:
         none = self.batcher.num_categories
         cats = [int(self.batcher.item_category[r]) if r >= 0 else
                 self.category_index.get(cat.items[e.item_id].interest or "", none) for e, r in zip(events, rows)]
-        return EncodedHistory(rows, vectors, cats)
+        index = {p: i for i, p in enumerate(self.catalogue.platforms)}
+        plats = [index.get(getattr(cat.items.get(e.item_id), "platform", None) or "", -1) for e in events]
+        return EncodedHistory(rows, vectors, cats, plats)
 
     def batch(self, encoded: Sequence[EncodedHistory]) -> SequenceInput:
-        return self.batcher.batch([e.rows for e in encoded], [e.vectors for e in encoded], [e.cats for e in encoded])
+        return self.batcher.batch([e.rows for e in encoded], [e.vectors for e in encoded], [e.cats for e in encoded],
+                                  [e.platforms for e in encoded])

@@ -18,10 +18,16 @@ import torch
 from torch.utils.data import Dataset
 
 from shared_model.interest_features import sequence_features
-from shared_model.schema import Event, Silo
+from shared_model.schema import Catalogue, Event, Silo
 from shared_model.sequence_model import SequenceInput
 
 NO_ROW = -1
+
+
+def row_platforms(catalogue: Catalogue, item_ids: Sequence[str]) -> torch.Tensor:
+    """``[N]`` each item's platform as its index in ``catalogue.platforms``."""
+    index = {p: i for i, p in enumerate(catalogue.platforms)}
+    return torch.tensor([index[catalogue.items[i].platform] for i in item_ids], dtype=torch.long)
 
 
 class SequenceBatcher:
@@ -30,8 +36,9 @@ class SequenceBatcher:
     ``item_category`` (``[N]``, C for unlabelled items)."""
 
     def __init__(self, item_row: Mapping[str, int], embeddings: torch.Tensor, item_category: torch.Tensor,
-                 num_categories: int, max_history: int, migration_k: int):
+                 num_categories: int, max_history: int, migration_k: int, item_platform: torch.Tensor | None = None):
         self.item_row = item_row
+        self.item_platform = item_platform  # [N] each row's platform index (batches then carry it)
         self.embeddings = embeddings
         self.item_category = item_category
         self.num_categories = num_categories
@@ -44,10 +51,12 @@ class SequenceBatcher:
         return [self.item_row.get(e.item_id, NO_ROW) for e in history[-(self.max_history + extra):]] if history else []
 
     def batch(self, windows: Sequence[Sequence[int]], vectors: Sequence[torch.Tensor | None] | None = None,
-              categories: Sequence[Sequence[int] | None] | None = None) -> SequenceInput:
+              categories: Sequence[Sequence[int] | None] | None = None,
+              platforms: Sequence[Sequence[int] | None] | None = None) -> SequenceInput:
         """Right-aligned ``[B, T]`` batch of ``windows`` (T: the longest). A row of :data:`NO_ROW`
         needs its vector in ``vectors[b]`` (``[len, H]``, e.g. free text encoded by the base
-        encoder) and its category in ``categories[b]``; otherwise both come from the index."""
+        encoder) and its category in ``categories[b]`` (and may have its platform in
+        ``platforms[b]``, else −1, unknown); otherwise all come from the index."""
         b = len(windows)
         t = max((len(w) for w in windows), default=0) or 1
         rows = torch.full((b, t), NO_ROW, dtype=torch.long)
@@ -67,7 +76,13 @@ class SequenceBatcher:
             if categories is not None and categories[i] is not None:
                 cats[i, start:] = torch.as_tensor(list(categories[i]), dtype=torch.long)
         features = sequence_features(cats, self.num_categories, self.k)
-        return SequenceInput(rows, vecs, cats, features)
+        plats = None
+        if self.item_platform is not None:
+            plats = torch.where(known, self.item_platform[rows.clamp_min(0)], torch.full_like(rows, -1))
+            for i, w in enumerate(windows):
+                if platforms is not None and platforms[i] is not None and w:
+                    plats[i, t - len(w):] = torch.as_tensor(list(platforms[i]), dtype=torch.long)
+        return SequenceInput(rows, vecs, cats, features, plats)
 
 
 PairsOf = Callable[[Sequence[Event]], Sequence[tuple[int, int]]]

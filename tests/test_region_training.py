@@ -18,8 +18,8 @@ from tests.test_sequence_model import C, N, _toy
 HALF = N // 2  # rows [0, HALF) are on platform 0 (classes 0, 1), the rest on platform 1 (class 2)
 
 
-def _two_platforms(top_k: int) -> tuple:
-    model, inp, own, items, shared = _toy(seed=3)
+def _two_platforms(top_k: int, other_lags: int = 0) -> tuple:
+    model, inp, own, items, shared = _toy(seed=3, other_lags=other_lags)
     cat = torch.where(torch.arange(N) < HALF, torch.arange(N) % 2, torch.full((N,), 2))
     cat[::7] = C  # some unlabelled items
     rows = inp.rows.clone()
@@ -57,6 +57,72 @@ def test_a_region_silo_scores_each_position_against_its_target_platform_only(top
     loose = ItemSpace(region.vectors, region.category, region.platform_rows, region.category_mask)
     other, _ = sequence_loss(model, inp, own, loose, pool, category_prior_weight=0.5, top_k=top_k)
     assert float(other) != pytest.approx(float(mixed), rel=1e-4)
+
+
+@pytest.mark.parametrize("top_k", [0, 4])
+def test_the_other_platform_pool_s_per_example_gradients_are_each_example_s_own(top_k: int) -> None:
+    """With an other-platform pool, on a region silo's windows: Opacus' per-sample gradients
+    (the pools' samplers over gathered streams) equal each example's own autograd gradient."""
+    from opacus import GradSampleModule
+
+    from tests.test_sequence_model import _one
+
+    model, inp, own, region, _, pool = _two_platforms(top_k, other_lags=3)
+    assert model.other_pool is not None and float(model.other_pool.weight.abs().sum()) > 0
+    wrapped = GradSampleModule(model)
+    loss, _ = sequence_loss(wrapped, inp, own, region, pool, category_prior_weight=0.5, top_k=top_k)
+    loss.backward()
+    assert float(model.other_pool.weight.grad_sample.abs().sum()) > 0  # the platform-1 events reach the query
+    for i in range(len(inp.rows)):
+        alone = _two_platforms(top_k, other_lags=3)[0]
+        alone.load_state_dict(model.state_dict())
+        l_i, _ = sequence_loss(alone, _one(inp, i), own[i : i + 1], region, pool, category_prior_weight=0.5, top_k=top_k)
+        l_i.backward()
+        for (name, p), (_, q) in zip(model.named_parameters(), alone.named_parameters()):
+            ref = q.grad if q.grad is not None else torch.zeros_like(q)
+            assert torch.allclose(p.grad_sample[i], ref, atol=1e-5), (i, name)
+
+
+def test_platform_streams_of_a_one_platform_window_are_the_shifted_window() -> None:
+    """Every event on the target's platform: the same-platform stack is the window shifted by
+    each lag (what RecencyPool reads), the other stack is empty, and the query is unchanged."""
+    from shared_model.sequence_layers import lag_positions, platform_streams, shifted
+
+    model, inp, _, _, _ = _toy(seed=1, other_lags=2)
+    zeros = torch.zeros_like(inp.rows)
+    same, other = platform_streams(inp.vectors, zeros, inp.valid, zeros, 4, 2)
+    for lag in range(4):
+        assert torch.equal(same[:, :, lag], shifted(inp.vectors, lag) * inp.valid.unsqueeze(-1))
+    assert float(other.abs().sum()) == 0
+    with_platforms = SequenceInput(inp.rows, inp.vectors, inp.cats, inp.features, zeros)
+    assert torch.allclose(model.queries(with_platforms, zeros), model.queries(inp), atol=1e-6)
+    # the l-th newest masked position at or before each position, by hand
+    mask = torch.tensor([[True, False, True, True, False]])
+    assert lag_positions(mask, 2).tolist() == [[[0, -1], [0, -1], [2, 0], [3, 2], [3, 2]]]
+
+
+def test_the_query_for_a_platform_reads_that_platform_s_newest_items() -> None:
+    """An untrained model (other weights 0, same weights (1, 0, …)): the query for platform k is
+    the newest event on k, wherever the newest event of the history is."""
+    model, inp, _, _, _ = _toy(seed=2, other_lags=2)
+    torch.nn.init.zeros_(model.pool.weight)
+    torch.nn.init.zeros_(model.other_pool.weight)
+    model.adaptor_down = model.adaptor_up = None
+    with torch.no_grad():
+        model.pool.weight[0] = 1.0
+    plats = torch.where(inp.valid, torch.arange(inp.rows.shape[1]).expand_as(inp.rows) % 2, torch.full_like(inp.rows, -1))
+    mixed = SequenceInput(inp.rows, inp.vectors, inp.cats, inp.features, plats)
+    last = inp.rows.shape[1] - 1
+    for k in (0, 1):
+        q = model.queries(mixed, torch.full_like(inp.rows, k))[:, -1]
+        newest = last if last % 2 == k else last - 1
+        want = torch.nn.functional.normalize(inp.vectors[:, newest], dim=-1)
+        shown = inp.valid[:, newest]
+        assert torch.allclose(q[shown], want[shown], atol=1e-6)
+    # cold start on a platform (no event on it yet): the newest event of any platform
+    only0 = SequenceInput(inp.rows, inp.vectors, inp.cats, inp.features, torch.where(inp.valid, 0, -1))
+    q = model.queries(only0, torch.ones_like(inp.rows))[:, -1]
+    assert torch.allclose(q, torch.nn.functional.normalize(inp.vectors[:, last], dim=-1), atol=1e-6)
 
 
 def test_class_masks_follow_each_position_s_target_platform() -> None:

@@ -37,14 +37,14 @@ def _table(a: list[int], b: list[int], counts: list[float]) -> TransitionTable:
     return TransitionTable(torch.tensor(a).numpy(), torch.tensor(b).numpy(), torch.tensor(counts).numpy())
 
 
-def _toy(seed: int = 0, adaptor: int = 4) -> tuple[SequenceModel, SequenceInput, torch.Tensor, ItemSpace, torch.Tensor]:
+def _toy(seed: int = 0, adaptor: int = 4, other_lags: int = 0) -> tuple[SequenceModel, SequenceInput, torch.Tensor, ItemSpace, torch.Tensor]:
     """A model with a prior and a transition table, a batch of 5 windows of different lengths,
     their own pairs, the item space and 15 shared candidates."""
     g = torch.Generator().manual_seed(seed)
     vec = torch.nn.functional.normalize(torch.randn(N, H, generator=g), dim=-1)
     cat = torch.randint(0, C + 1, (N,), generator=g)
     model = SequenceModel(H, C, history_lags=4, logit_scale=10.0, popularity_weight=1.0, transition_weight=0.7,
-                          transition_lags=3, adaptor_rank=adaptor)
+                          transition_lags=3, adaptor_rank=adaptor, other_platform_lags=other_lags)
     model.popularity_prior.set_prior(torch.randn(N, generator=g))
     keys = torch.unique(torch.randint(0, N * N, (80,), generator=g))
     a, b = keys // N, keys % N
