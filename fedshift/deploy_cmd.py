@@ -58,8 +58,9 @@ def local_plan(args: argparse.Namespace) -> tuple[Any, list[str]]:
     from fedshift.simulate_cmd import simulate_config
     from shared_model.dataset import list_silos, require_valid_dataset
 
-    ns = argparse.Namespace(preset=args.preset, dataset=args.dataset, base_model=args.base_model, rounds=args.rounds,
-                            epsilon=None, seed=None, no_dp=False, set=args.set)
+    ns = argparse.Namespace(preset=args.preset, dataset=args.dataset, layout=getattr(args, "layout", None),
+                            base_model=args.base_model, rounds=args.rounds, epsilon=None, seed=None, no_dp=False,
+                            set=args.set)
     cfg = simulate_config(ns)
     available = list_silos(cfg.dataset_dir())
     if not available:
@@ -197,6 +198,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                      "checkpoint: same certificates, keys and silo disks (their ledgers continue, each silo "
                      "charging the rounds to the original run's budget), a fresh SuperLink database")
     loc.add_argument("--dataset", metavar="DIR", help="dataset folder (default: bundled data/amazon-art-office)")
+    loc.add_argument("--layout", metavar="NAME", help="the dataset's layout: platforms (default) or layouts/NAME/, "
+                     "e.g. regions (one region SuperNode per region, holding every platform)")
     loc.add_argument("--base-model", metavar="DIR", help="local BERT checkpoint (default: bundled all-MiniLM-L6-v2)")
     loc.add_argument("--preset", choices=["quick", "full"], default="quick")
     loc.add_argument("--rounds", type=int, help="server rounds (overrides the preset)")
