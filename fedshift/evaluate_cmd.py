@@ -78,6 +78,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "first (RUN/server-signing.pub; see `fedshift verify`)")
     p.add_argument("--split", choices=("valid", "test"), default="valid",
                    help="held-out users to evaluate on (default: valid)")
+    p.add_argument("--layout", metavar="NAME", help="the dataset's layout: platforms (the folder itself) or "
+                   "layouts/NAME/, e.g. regions (default: the checkpoint's run dataset as it is)")
     p.add_argument("--dataset", metavar="DIR", help="dataset folder (default: the checkpoint's run dataset, "
                    "else the bundled one)")
     p.add_argument("--base-model", metavar="DIR", help="base encoder folder, if it moved since training")
@@ -132,6 +134,13 @@ def _run(args: argparse.Namespace) -> int:
     predictors = []
     k = None
     dataset = Path(args.dataset).expanduser() if args.dataset else None
+    if args.layout:
+        from shared_model.dataset import layout_dir
+
+        try:
+            dataset = layout_dir(dataset or RunConfig().dataset_dir(), args.layout)
+        except ValueError as e:
+            return _fail(str(e))
     t0 = time.perf_counter()
     try:
         if args.checkpoint:

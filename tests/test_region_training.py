@@ -203,3 +203,19 @@ def test_the_server_splits_a_region_silo_s_releases_by_platform_and_space() -> N
     assert {s: (a.tolist(), c.tolist()) for s, (a, _, c) in exact.items()} == {
         "p": ([0], [5.0]), "q": ([3], [7.0]), "p|q": ([2], [6.0])}
     assert concatenated(["p", "r"], cands) is None
+
+
+@pytest.mark.parametrize("command", [["simulate", "--out", "OUT"], ["evaluate"], ["deploy", "local", "--silos", "2",
+                                                                                 "--out", "OUT"]])
+def test_an_unknown_layout_is_one_line_and_exit_2_with_nothing_created(command: list[str], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    args = [str(out) if a == "OUT" else a for a in command]
+    proc = subprocess.run([sys.executable, "-m", "fedshift.cli", *args, "--layout", "nope"], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "has no layout 'nope' (it has: platforms, regions;" in lines[0]
+    assert not out.exists()
