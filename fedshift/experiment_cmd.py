@@ -72,11 +72,13 @@ examples:
   fedshift experiment --preset paper --dry-run
   fedshift experiment --preset paper --out runs/paper
   fedshift experiment --preset paper --out runs/paper --resume   # after a crash: keeps finished runs
+  fedshift experiment --preset paper --layout regions --out runs/regions   # region silos
 exit status: 0 ok; 1 a training run failed (its log is named); 2 bad input.
 """
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from shared_model.dataset import REGION_OTHER_PLATFORM_LAGS
     from simulations.experiment.plan import EXPERIMENT_PRESETS, PER_RUN_KEYS
 
     p = sub.add_parser("experiment", help="run the experiment grid and write results.md/.csv and plots",
@@ -85,6 +87,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="the grid (default: smoke)")
     p.add_argument("--dataset", metavar="DIR", help="dataset folder (default: smoke generates one, paper uses "
                    "the bundled one)")
+    p.add_argument("--layout", metavar="NAME", help="the dataset's layout: platforms (the folder itself, default) "
+                   "or a layouts/NAME/ folder, e.g. regions (one silo per region holding every platform: a switch "
+                   "group, no leave-one-platform-out, other-platform-lags = "
+                   f"{REGION_OTHER_PLATFORM_LAGS} unless --set; the unequal re-partition is not applied)")
     p.add_argument("--base-model", metavar="DIR", help="local BERT checkpoint (default: smoke a tiny random "
                    "BERT, paper the bundled encoder)")
     p.add_argument("--out", metavar="DIR", help="results folder (default: runs/experiment-<timestamp>)")
@@ -155,10 +161,33 @@ def _run(args: argparse.Namespace) -> int:
     if dataset is not None and not (dataset / "silos").is_dir():
         print(f"fedshift experiment: {dataset}: not a dataset folder (no silos/)", file=sys.stderr)
         return 2
+    layout = args.layout or "platforms"
+    notes: list[str] = []
+    from shared_model.config import RunConfig
+    from shared_model.dataset import has_region_silos, layout_dir
+
+    if layout != "platforms":
+        if dataset is None and preset.generated is not None:
+            print(f"fedshift experiment: --layout {layout}: the {preset.name} preset's generated dataset has only the "
+                  "platforms layout; give --dataset", file=sys.stderr)
+            return 2
+        try:
+            dataset = layout_dir(dataset if dataset is not None else RunConfig().dataset_dir(), layout)
+        except ValueError as e:
+            return refuse("experiment", e)
+    if dataset is not None and preset.small_region_share is not None and has_region_silos(dataset):
+        if args.small_region_share is not None:
+            print(f"fedshift experiment: --small-region-share: {dataset} has region silos; the unequal re-partition "
+                  "handles one-platform silos only", file=sys.stderr)
+            return 2
+        notes.append(f"{dataset} has region silos: trained on its own silos (the preset's unequal re-partition, "
+                     f"share {preset.small_region_share:g}, handles one-platform silos only)")
+        preset = replace(preset, small_region_share=None)
     out = Path(args.out).expanduser() if args.out else Path.cwd() / "runs" / datetime.now().strftime("experiment-%Y%m%d-%H%M%S")
     try:
         run_experiment(preset, out, dataset, args.base_model, timeout=args.timeout,
-                       log=lambda s: print(s, flush=True), dry_run=args.dry_run, resume=args.resume)
+                       log=lambda s: print(s, flush=True), dry_run=args.dry_run, resume=args.resume, layout=layout,
+                       notes=notes)
     except RuntimeError as e:
         print(f"fedshift experiment: {e}", file=sys.stderr)
         return 1

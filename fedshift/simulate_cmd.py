@@ -37,10 +37,9 @@ def simulate_config(args: argparse.Namespace) -> RunConfig:
     if args.no_dp:
         values["dp"] = False
     values.update(sets)
-    from shared_model.dataset import REGION_OTHER_PLATFORM_LAGS, has_region_silos
+    from shared_model.dataset import with_region_defaults
 
-    if "other-platform-lags" not in values and has_region_silos(Path(values["dataset"])):
-        values["other-platform-lags"] = REGION_OTHER_PLATFORM_LAGS  # region silos: read histories per platform
+    values = with_region_defaults(values, Path(values["dataset"]))  # region silos: read histories per platform
     cfg = RunConfig().replace(**values)
     if "min-nodes" not in values:  # a simulation waits for every silo's SuperNode
         cfg = cfg.replace(**{"min-nodes": max(len(list_silos(cfg.dataset_dir())), 1)})

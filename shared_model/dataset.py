@@ -11,7 +11,9 @@ import gzip
 import io
 import json
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from shared_model.schema import (
     DEFAULT_EVENT_TYPE,
@@ -253,6 +255,17 @@ def has_region_silos(dataset_dir: Path) -> bool:
 
 #: ``other-platform-lags`` that simulate and experiment use on a dataset with region silos, unless set
 REGION_OTHER_PLATFORM_LAGS = 5
+
+
+def with_region_defaults(values: Mapping[str, Any], dataset_dir: Path) -> dict[str, Any]:
+    """``values`` (run-config items, dashed keys) plus ``other-platform-lags =``
+    :data:`REGION_OTHER_PLATFORM_LAGS` when ``dataset_dir`` has region silos and ``values``
+    does not set it: the sequence model then reads a mixed history per target platform
+    (``fedshift simulate`` and every run of ``fedshift experiment``)."""
+    out = dict(values)
+    if "other-platform-lags" not in out and has_region_silos(Path(dataset_dir)):
+        out["other-platform-lags"] = REGION_OTHER_PLATFORM_LAGS
+    return out
 
 
 FEDERATION_MISMATCH = "fedshift-federation-mismatch"

@@ -98,6 +98,27 @@ def _lag_pool_grad_sample(layer: LagPool, activations: list[torch.Tensor], backp
     return {layer.weight: grad}
 
 
+class ColdScale(nn.Module):
+    """``q · exp(c)`` at the positions of ``cold`` ``[B, T]`` (no event on the target's platform
+    yet), ``q`` elsewhere: the text term's own temperature for a cold-start query, which is
+    made of another platform's items; ``c`` starts at 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(1))
+
+    def forward(self, q: torch.Tensor, cold: torch.Tensor) -> torch.Tensor:
+        factor = torch.where(cold, self.log_scale.exp().to(q.dtype), torch.ones((), dtype=q.dtype, device=q.device))
+        return q * factor.unsqueeze(-1)
+
+
+@register_grad_sampler(ColdScale)
+def _cold_scale_grad_sample(layer: ColdScale, activations: list[torch.Tensor], backprops: torch.Tensor):
+    q, cold = activations[0].to(backprops.dtype), activations[1]
+    per = ((backprops * q).sum(-1) * cold.to(backprops.dtype)).sum(1) * layer.log_scale.exp().to(backprops.dtype)
+    return {layer.log_scale: per.unsqueeze(1)}
+
+
 def lag_positions(mask: torch.Tensor, lags: int) -> torch.Tensor:
     """``[B, T, L]``: at each position t, the position of the l-th newest event at or before t
     among those where ``mask`` ``[B, T]`` holds (−1 where there is none)."""
@@ -112,30 +133,34 @@ def lag_positions(mask: torch.Tensor, lags: int) -> torch.Tensor:
 
 
 def platform_streams(x: torch.Tensor, platforms: torch.Tensor, valid: torch.Tensor, target: torch.Tensor,
-                     same_lags: int, other_lags: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     same_lags: int, other_lags: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A mixed history's two stacks at each position t for its target platform ``target[b, t]``:
     the vectors of the newest ``same_lags`` events at or before t on that platform (an event
     of unknown platform, −1, counts as on it) and of the newest ``other_lags`` on the others,
     ``[B, T, L, H]`` each, 0 where there is none. A position with no event on its target's
     platform yet (cold start on it) reads the newest events of any platform as its first
-    stack. On a one-platform window the first is the window shifted by each lag (what
-    :class:`RecencyPool` reads), the second all zeros."""
+    stack; the third output ``[B, T]`` marks those positions. On a one-platform window the
+    first is the window shifted by each lag (what :class:`RecencyPool` reads), the second all
+    zeros, the third false where the window has an event."""
     b, t, h = x.shape
     same = torch.full((b, t, same_lags), -1, dtype=torch.long, device=x.device)
     other = torch.full((b, t, other_lags), -1, dtype=torch.long, device=x.device)
+    cold = torch.zeros(b, t, dtype=torch.bool, device=x.device)
     for k in torch.unique(target).tolist():
         here = (target == k).unsqueeze(-1)
         on = valid & ((platforms == k) | (platforms < 0))
         own = lag_positions(on, same_lags)
-        own = torch.where(own[..., :1] >= 0, own, lag_positions(valid, same_lags))  # none yet: any platform's
+        none = (own[..., 0] < 0) & valid
+        own = torch.where(none.unsqueeze(-1), lag_positions(valid, same_lags), own)  # none yet: any platform's
         same = torch.where(here, own, same)
         other = torch.where(here, lag_positions(valid & ~on, other_lags), other)
+        cold = torch.where(here[..., 0], none, cold)
 
     def gather(index: torch.Tensor) -> torch.Tensor:
         flat = x.gather(1, index.clamp_min(0).view(b, -1, 1).expand(-1, -1, h)).view(b, t, -1, h)
         return flat * (index >= 0).unsqueeze(-1).to(x.dtype)
 
-    return gather(same), gather(other)
+    return gather(same), gather(other), cold
 
 
 def transition_mass(index: torch.Tensor, lag: torch.Tensor, count: torch.Tensor, lag_weights: torch.Tensor,

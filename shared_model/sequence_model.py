@@ -11,7 +11,7 @@ a history is the sequence of its last ``max-history`` items' vectors, right-alig
   :class:`~shared_model.sequence_layers.LagPool` over the last ``other-platform-lags`` items
   on the other platforms (weights starting at 0): the untrained query is the newest item on
   the platform being scored, as on a platform silo (with none on it yet, the newest items of
-  any platform);
+  any platform, the query then scaled by a learned ``exp(c)``, :class:`ColdScale`, starting at 1);
 * **next item**: :class:`~shared_model.sequence_layers.ScoreHead` — ``s·cos(q_t, e_j)`` with a
   learned temperature, plus the DP popularity prior and the DP item-transition counts of the
   history's newest ``transition-lags`` items with j (:class:`~shared_model.transition_index.TransitionIndex`), each with a
@@ -36,7 +36,8 @@ from torch import nn
 
 from shared_model.interest_features import FEATURES
 from shared_model.model import PopularityPrior
-from shared_model.sequence_layers import HistoryFeatureHead, LagPool, RecencyPool, ScoreHead, platform_streams
+from shared_model.sequence_layers import (ColdScale, HistoryFeatureHead, LagPool, RecencyPool, ScoreHead,
+                                         platform_streams)
 from shared_model.transition_index import TransitionIndex
 
 if TYPE_CHECKING:
@@ -106,6 +107,7 @@ class SequenceModel(nn.Module):
         super().__init__()
         self.pool = RecencyPool(history_lags)
         self.other_pool = LagPool(other_platform_lags) if other_platform_lags else None
+        self.cold_scale = ColdScale() if other_platform_lags else None
         if adaptor_rank:  # q + V·U·q: a learned linear item adaptor (see :meth:`queries`), V starts at 0
             self.adaptor_down = nn.Linear(hidden, adaptor_rank, bias=False)
             self.adaptor_up = nn.Linear(adaptor_rank, hidden, bias=False)
@@ -131,9 +133,10 @@ class SequenceModel(nn.Module):
         V starting at zero), so ``cos(q, e_j)`` is a learned bilinear similarity
         ``p·(I + VU)ᵀ e_j``: a linear adaptor of the candidates' item vectors applied on the
         query side, where every example's gradient stays its own (the candidates are shared)."""
+        cold = None
         if self.other_pool is not None and inp.platforms is not None and target is not None:
-            same, other = platform_streams(inp.vectors, inp.platforms, inp.valid, target, self.pool.lags,
-                                           self.other_pool.lags)
+            same, other, cold = platform_streams(inp.vectors, inp.platforms, inp.valid, target, self.pool.lags,
+                                                 self.other_pool.lags)
             pooled = self.pool(same) + self.other_pool(other)
         else:
             pooled = self.pool(inp.vectors)
@@ -142,11 +145,14 @@ class SequenceModel(nn.Module):
                 pooled = pooled + self.other_pool(inp.vectors.new_zeros(1, 1, 1, 1).expand(b, t, self.other_pool.lags, h))
         if self.adaptor_down is not None and self.adaptor_up is not None:
             pooled = pooled + self.adaptor_up(self.adaptor_down(pooled))
-        return F.normalize(pooled, dim=-1, eps=1e-8)
+        q = F.normalize(pooled, dim=-1, eps=1e-8)
+        if self.cold_scale is not None:  # called on every step (zero gradient without cold positions)
+            q = self.cold_scale(q, cold if cold is not None else torch.zeros(q.shape[:2], dtype=torch.bool, device=q.device))
+        return q
 
     def interest_logits(self, q: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """``[B, T, C]`` next-interest logits; the query is detached (no gradient into the ranking)."""
-        logits = self.category_head(q.detach())
+        logits = self.category_head(F.normalize(q.detach(), dim=-1, eps=1e-8))  # unit: a cold-start scale is the items' only
         if self.history_head is not None:
             logits = logits + self.history_head(features.to(logits.dtype))
         return logits

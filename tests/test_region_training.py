@@ -73,6 +73,7 @@ def test_the_other_platform_pool_s_per_example_gradients_are_each_example_s_own(
     loss, _ = sequence_loss(wrapped, inp, own, region, pool, category_prior_weight=0.5, top_k=top_k)
     loss.backward()
     assert float(model.other_pool.weight.grad_sample.abs().sum()) > 0  # the platform-1 events reach the query
+    assert float(model.cold_scale.log_scale.grad_sample.abs().sum()) > 0  # position 0 is a cold start on platform 0
     for i in range(len(inp.rows)):
         alone = _two_platforms(top_k, other_lags=3)[0]
         alone.load_state_dict(model.state_dict())
@@ -90,7 +91,8 @@ def test_platform_streams_of_a_one_platform_window_are_the_shifted_window() -> N
 
     model, inp, _, _, _ = _toy(seed=1, other_lags=2)
     zeros = torch.zeros_like(inp.rows)
-    same, other = platform_streams(inp.vectors, zeros, inp.valid, zeros, 4, 2)
+    same, other, cold = platform_streams(inp.vectors, zeros, inp.valid, zeros, 4, 2)
+    assert not bool(cold.any())
     for lag in range(4):
         assert torch.equal(same[:, :, lag], shifted(inp.vectors, lag) * inp.valid.unsqueeze(-1))
     assert float(other.abs().sum()) == 0
@@ -107,6 +109,7 @@ def test_the_query_for_a_platform_reads_that_platform_s_newest_items() -> None:
     model, inp, _, _, _ = _toy(seed=2, other_lags=2)
     torch.nn.init.zeros_(model.pool.weight)
     torch.nn.init.zeros_(model.other_pool.weight)
+    torch.nn.init.zeros_(model.cold_scale.log_scale)
     model.adaptor_down = model.adaptor_up = None
     with torch.no_grad():
         model.pool.weight[0] = 1.0
@@ -119,10 +122,17 @@ def test_the_query_for_a_platform_reads_that_platform_s_newest_items() -> None:
         want = torch.nn.functional.normalize(inp.vectors[:, newest], dim=-1)
         shown = inp.valid[:, newest]
         assert torch.allclose(q[shown], want[shown], atol=1e-6)
-    # cold start on a platform (no event on it yet): the newest event of any platform
+    # cold start on a platform (no event on it yet): the newest event of any platform, scaled by exp(c)
     only0 = SequenceInput(inp.rows, inp.vectors, inp.cats, inp.features, torch.where(inp.valid, 0, -1))
     q = model.queries(only0, torch.ones_like(inp.rows))[:, -1]
     assert torch.allclose(q, torch.nn.functional.normalize(inp.vectors[:, last], dim=-1), atol=1e-6)
+    with torch.no_grad():
+        model.cold_scale.log_scale.fill_(-1.0)
+    q = model.queries(only0, torch.ones_like(inp.rows))[:, -1]
+    assert torch.allclose(q, torch.nn.functional.normalize(inp.vectors[:, last], dim=-1) * torch.exp(torch.tensor(-1.0)),
+                          atol=1e-6)
+    assert torch.allclose(model.queries(mixed, torch.full_like(inp.rows, 0))[:, -1].norm(dim=-1)[inp.valid[:, -1]],
+                          torch.ones(int(inp.valid[:, -1].sum())), atol=1e-6)  # not cold: unscaled
 
 
 def test_class_masks_follow_each_position_s_target_platform() -> None:

@@ -4,7 +4,10 @@ The upper reference of the experiment grid for ``user-tower = sequence`` (issue 
 bounds what the architecture can do when privacy and federation cost nothing:
 
 * **Data.** Every silo's training users pooled; each batch comes from one silo (its platform's
-  candidates and category mask), silos interleaved at random in proportion to their batches.
+  candidates and category mask; a region silo's per platform, each position scored on its
+  target's platform, as :func:`fl_client.sequence_train.shared_candidates` and
+  :meth:`fl_client.task.SiloData.item_space`), silos interleaved at random in proportion to
+  their batches.
   One example is one user's whole window with a loss at every position
   (:func:`shared_model.sequence_loss.sequence_loss`).
 * **Statistics.** The exact popularity prior of the pooled training users and their exact item
@@ -35,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fl_client.evaluate import evaluate_silo
-from fl_client.sequence_train import optimizer_groups, training_set
+from fl_client.sequence_train import optimizer_groups, shared_candidates, training_set
 from fl_client.task import SiloData, open_silo
 from shared_model.adapters import get_trainable_state, save_checkpoint, set_trainable_state
 from shared_model.config import RunConfig
@@ -95,9 +98,7 @@ def _epoch(model: torch.nn.Module, datas: list[SiloData], cfg: RunConfig, optimi
     while iters:
         d, it, sampler = iters[rng.randrange(len(iters))]
         items = d.item_space(torch.device("cpu"))
-        rows = d.items.platform_rows(d.platform)
-        shared = rows if cfg.num_negatives <= 0 or cfg.num_negatives >= len(rows) else \
-            rows[torch.randperm(len(rows), generator=gen)[: cfg.num_negatives]]
+        shared = shared_candidates(d, cfg, gen)  # per platform: a region silo samples each of its platforms
         try:
             while True:  # one logical batch: its physical parts, then a step
                 batch = next(it)

@@ -51,13 +51,18 @@ from shared_model.popularity import item_counts, log_prior, prior_vector
 
 def exact_prior(datas: list[Any], cfg: RunConfig) -> Any:
     """The popularity prior of every silo's training users, counted exactly (no noise: this
-    trainer is the non-private reference), by the federated prior's own functions."""
+    trainer is the non-private reference), by the federated prior's own functions: one count per
+    silo over its platforms' items (a region silo's, as its release), summed per platform."""
     catalogue = datas[0].catalogue
     sums: dict[str, Any] = {}
     for d in datas:
-        ids = catalogue.platform_item_ids(d.platform)
-        counts = item_counts(d.silo, train_user_ids(d.silo), ids, cfg.popularity_max_items)
-        sums[d.platform] = sums.get(d.platform, 0) + counts
+        per = {p: catalogue.platform_item_ids(p) for p in d.platforms}
+        counts = item_counts(d.silo, train_user_ids(d.silo), [i for p in d.platforms for i in per[p]],
+                             cfg.popularity_max_items)
+        start = 0
+        for p in d.platforms:
+            sums[p] = sums.get(p, 0) + counts[start:start + len(per[p])]
+            start += len(per[p])
     return prior_vector(catalogue, {p: log_prior(c, 0.0, cfg.popularity_threshold) for p, c in sums.items()})
 
 
@@ -93,7 +98,7 @@ def train_centralised(cfg: RunConfig, out: Path, progress: Any = None) -> Path:
     neg_gen = torch.Generator().manual_seed(cfg.seed + 1)
     item_emb = datas[0].items.embeddings
     prior = datas[0].item_prior_index
-    platform_rows = {d.platform: d.items.platform_rows(d.platform) for d in datas}
+    platform_rows = [d.platform_rows() for d in datas]  # the text tower trains platform silos only (open_silo)
 
     block = cfg.local_steps * len(silos)
     total = cfg.num_server_rounds * block
@@ -108,7 +113,7 @@ def train_centralised(cfg: RunConfig, out: Path, progress: Any = None) -> Path:
             iters[s] = iter(loaders[s])
             batch = next(iters[s])
         data = datas[s]
-        rows = platform_rows[data.platform]
+        rows = platform_rows[s]
         optimizer.zero_grad(set_to_none=True)
         if cfg.item_tower == "adapted":
             negatives = rows[torch.randint(len(rows), (len(batch[2]), cfg.tower_negatives), generator=neg_gen)]

@@ -82,7 +82,7 @@ def plan_curves(plan: Any, out: Path, catalogue: Any, silos: Mapping[str, Any], 
     preset = plan.preset
     if not plan.curve_methods:
         return {}
-    platforms = [p for p in catalogue.platforms if p in plan.silos.values()]
+    platforms = [p for p in catalogue.platforms if p in plan.platforms]
     groups = build_groups(catalogue, silos, "valid", k, preset.curve_users, preset.seed + 101)
     owner = {id(c): s for g in groups.values() for c, s in zip(g.cases, g.silo)}
     steps = preset.config().local_steps

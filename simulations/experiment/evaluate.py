@@ -9,6 +9,11 @@ from :mod:`simulations.evaluation` (``platform_cases``, ``cross_cases``, ``per_u
 * which groups each method is evaluated on: every platform and ``overall``, or only the
   platform a leave-one-platform-out model never saw; cross-platform ``A->B`` groups for every
   method with one model of both platforms;
+* region silos (a silo holding several platforms): a platform group takes the cases on that
+  platform from every silo holding it, each still owned by its silo (local-only routes both
+  platforms' cases of a region silo to that silo's model), and ``switch`` (the cases whose
+  last history event is on another platform than the target, :func:`is_switch`) is taken
+  from the platform groups' cases and reported like the other groups;
 * two references: ``delta-*`` to :data:`REFERENCE` and ``delta-markov-*`` (next-interest
   metrics only) to :data:`INTEREST_REFERENCE`.
 
@@ -31,15 +36,18 @@ from typing import Any
 import numpy as np
 
 from simulations.evaluation import (
+    SWITCH,
     ModelPredictor,
     all_baselines,
     concat,
     cross_cases,
     differences,
     group_seed,
+    is_switch,
     per_user,
     platform_cases,
     summarise,
+    take,
 )
 from simulations.experiment.per_silo import per_silo_comparison, pooled_comparison, small_silos
 from simulations.experiment.plan import Plan
@@ -70,14 +78,15 @@ def _subset(items: list[Any], max_users: int, rng: np.random.Generator) -> list[
 
 def build_groups(catalogue: Any, silos: Mapping[str, Any], split: str, k: int, max_users: int,
                  seed: int) -> dict[str, Group]:
-    """Per platform: held-out users of every silo of that platform (silos in name order, as
-    :func:`platform_cases`), optionally a seeded subset."""
+    """Per platform: held-out cases on that platform of every silo holding it (silos in name
+    order, as :func:`platform_cases`; a region silo's user has one per platform), optionally a
+    seeded subset."""
     rng = np.random.default_rng(seed)
     groups: dict[str, Group] = {}
     for p in catalogue.platforms:
         cases, owner = [], []
         for name in sorted(silos):
-            if silos[name].platform == p:
+            if p in silos[name].platforms:
                 got = platform_cases(catalogue, {name: silos[name]}, p, split, k)
                 cases += got
                 owner += [name] * len(got)
@@ -85,6 +94,22 @@ def build_groups(catalogue: Any, silos: Mapping[str, Any], split: str, k: int, m
             keep = _subset(cases, max_users, rng)
             groups[p] = Group(p, [cases[i] for i in keep], [owner[i] for i in keep])
     return groups
+
+
+def switch_positions(groups: Mapping[str, Group], catalogue: Any) -> dict[str, np.ndarray]:
+    """Per platform group, the positions of its ``switch`` cases (:func:`is_switch`: the last
+    history event on another platform than the target); only groups that have some, so a
+    dataset of platform silos has none."""
+    out = {p: np.array([i for i, c in enumerate(g.cases) if is_switch(c, catalogue)], dtype=np.int64)
+           for p, g in groups.items()}
+    return {p: idx for p, idx in out.items() if len(idx)}
+
+
+def switch_group(per: Mapping[str, PerUser], switch: Mapping[str, np.ndarray]) -> dict[str, PerUser]:
+    """``{"switch": per-user results}`` sliced out of the per-platform results ``per`` (its
+    cases are scored once, with their platform group), or ``{}`` when there is none."""
+    parts = [take(per[p], idx) for p, idx in switch.items() if p in per]
+    return {SWITCH: concat(parts)} if parts else {}
 
 
 def build_cross_groups(catalogue: Any, silos: Mapping[str, Any], split: str, max_users: int,
@@ -151,12 +176,15 @@ def _deltas(groups: Mapping[str, PerUser], ref: Mapping[str, PerUser], reps: int
 
 def summarise_all(per: Mapping[str, PerUser], ref: Mapping[str, PerUser] | None, overall: bool, reps: int,
                   seed: int, cross: Mapping[str, PerUser] | None = None,
-                  interest_ref: Mapping[str, PerUser] | None = None) -> dict[str, dict[str, Any]]:
-    """Each group's metrics (and overall when asked) with paired intervals, Δ to the reference
+                  interest_ref: Mapping[str, PerUser] | None = None,
+                  switch: Mapping[str, PerUser] | None = None) -> dict[str, dict[str, Any]]:
+    """Each group's metrics (and overall when asked; then ``switch``, when given: not part of
+    overall, its cases are already there) with paired intervals, Δ to the reference
     (``delta-*``) and, for the next-interest metrics, Δ to :data:`INTEREST_REFERENCE` (``delta-markov-*``)."""
     groups = dict(per)
     if overall and per:
         groups["overall"] = concat(list(per.values())) if len(per) > 1 else next(iter(per.values()))
+    groups.update(switch or {})
     groups.update(cross or {})
     to_ref = _deltas(groups, ref, reps, seed) if ref is not None else {}
     within = {g: u for g, u in groups.items() if "->" not in g}
@@ -218,18 +246,19 @@ def evaluate_plan(plan: Plan, out: Path, log: Callable[[str], None], clock: Call
     preset, dataset = plan.preset, plan.dataset
     catalogue, silos = load_dataset(dataset, plan.base_model, preset.config().max_item_tokens)
     k = int(load_dataset_info(dataset).get("migration_k", DEFAULT_K))
-    platforms = [p for p in catalogue.platforms if p in plan.silos.values()]
+    platforms = [p for p in catalogue.platforms if p in plan.platforms]
     groups = build_groups(catalogue, silos, preset.split, k, preset.max_users, preset.seed)
     owner = {id(c): s for g in groups.values() for c, s in zip(g.cases, g.silo)}
+    switch = switch_positions(groups, catalogue)
     baselines = {b.name: b for b in all_baselines(catalogue, silos)}
     reps, seed = preset.bootstrap, preset.seed
     ref_per = evaluate_method(baselines[REFERENCE], groups, platforms, catalogue, k)
-    ref_all = with_overall(ref_per, platforms)
+    ref_all = with_overall(ref_per, platforms) | switch_group(ref_per, switch)
     cross = build_cross_groups(catalogue, silos, preset.split, preset.max_users, preset.seed)
     cross = {g: grp for g, grp in cross.items() if all(p in platforms for p in g.split("->"))}
     ref_all.update(evaluate_cross(baselines[REFERENCE], cross, catalogue, k))
     markov_per = evaluate_method(baselines[INTEREST_REFERENCE], groups, platforms, catalogue, k)
-    markov_all = with_overall(markov_per, platforms)
+    markov_all = with_overall(markov_per, platforms) | switch_group(markov_per, switch)
     delta = preset.config().delta
     results: dict[str, Any] = {}
     fed_name, local_name = per_silo_pair(plan)
@@ -257,8 +286,10 @@ def evaluate_plan(plan: Plan, out: Path, log: Callable[[str], None], clock: Call
         if m.family not in {"local-only", "lopo"}:
             per_cross = ({g: ref_all[g] for g in cross} if m.name == REFERENCE
                          else evaluate_cross(pred, cross, catalogue, k))
+        # switch: for the methods evaluated on every platform (the same cases, sliced out of theirs)
+        per_switch = switch_group(per, switch) if m.eval_platforms is None else None
         summary = summarise_all(per, None if m.name == REFERENCE else ref_all, m.eval_platforms is None, reps, seed,
-                                per_cross, None if m.name == INTEREST_REFERENCE else markov_all)
+                                per_cross, None if m.name == INTEREST_REFERENCE else markov_all, per_switch)
         spent = None
         if m.family in {"federated-dp", "lopo"}:
             spent = spent_epsilon(out / "runs" / m.runs[0])
@@ -280,7 +311,10 @@ def evaluate_plan(plan: Plan, out: Path, log: Callable[[str], None], clock: Call
                                   train_users)
         if small is not None:
             per_silo["pooled"] = {"small": small}
-    return {"users": {g: len(v.cases) for g, v in {**groups, **cross}.items()}, "methods": results,
+    users = {g: len(v.cases) for g, v in groups.items()}
+    if switch:
+        users[SWITCH] = int(sum(len(idx) for idx in switch.values()))
+    return {"users": users | {g: len(v.cases) for g, v in cross.items()}, "methods": results,
             "per-silo": per_silo, "catalogue": catalogue, "silos": silos, "k": k}
 
 

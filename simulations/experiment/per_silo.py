@@ -30,16 +30,18 @@ def take(u: Mapping[str, np.ndarray], index: np.ndarray) -> PerUser:
 
 
 def split_by_silo(per: Mapping[str, PerUser], owners: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, PerUser]]:
-    """``silo -> (platform, its users' per-user results)`` from per-platform results and each
-    platform group's silo of every case (in case order)."""
-    out: dict[str, tuple[str, PerUser]] = {}
+    """``silo -> (platform, its cases' per-user results)`` from per-platform results and each
+    platform group's silo of every case (in case order). A region silo's cases on several
+    platforms are concatenated (platform order), its platform their names joined with ``+``."""
+    parts: dict[str, list[tuple[str, PerUser]]] = {}
     for p, u in per.items():
         silo_of = np.asarray(list(owners.get(p, ())), dtype=object)
         if len(silo_of) != len(u["rank"]):
             raise ValueError(f"platform {p}: {len(silo_of)} owners for {len(u['rank'])} users")
         for s in sorted(set(silo_of.tolist())):
-            out[s] = (p, take(u, np.flatnonzero(silo_of == s)))
-    return out
+            parts.setdefault(s, []).append((p, take(u, np.flatnonzero(silo_of == s))))
+    return {s: (got[0][0], got[0][1]) if len(got) == 1 else ("+".join(p for p, _ in got), concat([u for _, u in got]))
+            for s, got in parts.items()}
 
 
 def _entry(platform: str, fed: PerUser, loc: PerUser, delta: Mapping[str, Any], reps: int, seed: int,

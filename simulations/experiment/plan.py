@@ -198,12 +198,14 @@ class Plan:
     preset: ExperimentPreset
     dataset: Path
     base_model: str | None
-    silos: dict[str, str]  # silo -> platform
+    silos: dict[str, str]  # silo -> its platform (a region silo: its platforms joined with "+")
     runs: dict[str, TrainRun]
     methods: list[Method]
     curve_methods: list[str] = field(default_factory=list)  # methods with a learning curve
     curve_users: int = 0  # validation users the learning curve scores (the seeded subset, all platforms)
     held_out: dict[str, int] = field(default_factory=dict)  # platform (or A->B) -> held-out users the table scores
+    platforms: list[str] = field(default_factory=list)  # the platforms some silo holds (catalogue order)
+    notes: list[str] = field(default_factory=list)  # what the plan left out and why (logged, in results.json)
 
     def estimate_s(self) -> float:
         return (sum(r.estimate_s for r in self.runs.values()) + sum(self.eval_estimate(m) for m in self.methods)
@@ -238,11 +240,11 @@ def make_plan(preset: ExperimentPreset, dataset: Path, base_model: str | None) -
 
     catalogue = read_catalogue(dataset)  # platforms only: interests are not needed here
     loaded = {s: load_silo(dataset / "silos" / s, catalogue) for s in list_silos(dataset)}
-    silos = {s: silo.platform for s, silo in loaded.items()}
-    platforms = [p for p in catalogue.platforms if p in silos.values()]
-    valid = {p: sum(1 for s in loaded.values() if s.platform == p for v in s.splits.values() if v == "valid")
-             for p in platforms}
-    held_out = held_out_users(loaded, platforms, preset.split, preset.max_users)
+    silos = {s: "+".join(silo.platforms) for s, silo in loaded.items()}
+    platforms = [p for p in catalogue.platforms if any(p in silo.platforms for silo in loaded.values())]
+    valid = {p: n for p, n in held_out_users(loaded, platforms, "valid", 0, catalogue).items() if "->" not in p}
+    held_out = held_out_users(loaded, platforms, preset.split, preset.max_users, catalogue)
+    notes: list[str] = []
     cfg = preset.config()
     rounds, steps = cfg.num_server_rounds, cfg.local_steps
     runs: dict[str, TrainRun] = {}
@@ -277,7 +279,11 @@ def make_plan(preset: ExperimentPreset, dataset: Path, base_model: str | None) -
     curves = [m.name for m in methods if m.family in {"federated-nonprivate", "local-only"}
               or (m.family == "federated-dp" and m.epsilon == curve_epsilon(preset))]
     curve_users = sum(min(n, preset.curve_users) for n in valid.values()) if preset.curve_users else 0
-    if preset.lopo and len(platforms) > 1:
+    region = sorted(s for s, silo in loaded.items() if silo.mixed)
+    if preset.lopo and len(platforms) > 1 and region:
+        notes.append(f"leave-one-platform-out skipped: silo(s) {', '.join(region)} hold several platforms "
+                     "(it trains on one platform's silos only)")
+    elif preset.lopo and len(platforms) > 1:
         for a in platforms:
             key = fed_run([s for s, p in silos.items() if p == a], True, preset.local_epsilon)
             for b in platforms:
@@ -285,15 +291,28 @@ def make_plan(preset: ExperimentPreset, dataset: Path, base_model: str | None) -
                     methods.append(Method(f"lopo-{a}-to-{b}-eps{preset.local_epsilon:g}", "lopo", (key,),
                                           preset.local_epsilon, (a,), eval_platforms=(b,)))
     return Plan(preset, dataset, base_model, silos, runs, methods, curves if curve_users else [], curve_users,
-                held_out)
+                held_out, platforms, notes)
 
 
-def held_out_users(silos: Mapping[str, Any], platforms: Sequence[str], split: str, cap: int) -> dict[str, int]:
+def held_out_users(silos: Mapping[str, Any], platforms: Sequence[str], split: str, cap: int,
+                   catalogue: Any = None) -> dict[str, int]:
     """Held-out users of ``split`` per platform and, per ``A->B``, those of B also on A (the
-    upper bound of the cross-platform cases), each capped at ``cap`` (0 = no cap)."""
-    users = {p: {u for s in silos.values() if s.platform == p for u, v in s.splits.items() if v == split}
-             for p in platforms}
-    anywhere = {p: {u for s in silos.values() if s.platform == p for u in s.splits} for p in platforms}
+    upper bound of the cross-platform cases), each capped at ``cap`` (0 = no cap). A region
+    silo's user counts on each platform of their held-out events (one case per platform, as
+    :func:`shared_model.examples.eval_examples`) and is on A when they have an event on A;
+    that needs ``catalogue`` (item platforms)."""
+    from shared_model.schema import held_out
+
+    def on(silo: Any, u: str, held: bool) -> set[str]:
+        if not silo.mixed:
+            return set(silo.platforms)
+        h = silo.histories.get(u, [])
+        return {catalogue.items[e.item_id].platform for e in (h[held_out(h):] if held else h)}
+
+    users = {p: {u for s in silos.values() if p in s.platforms for u, v in s.splits.items()
+                 if v == split and p in on(s, u, True)} for p in platforms}
+    anywhere = {p: {u for s in silos.values() if p in s.platforms for u in s.splits if p in on(s, u, False)}
+                for p in platforms}
     out = {p: len(u) for p, u in users.items()}
     out |= {f"{a}->{b}": len(users[b] & anywhere[a]) for a in platforms for b in platforms if a != b}
     return {g: min(n, cap) if cap else n for g, n in out.items()}

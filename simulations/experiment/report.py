@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from shared_model.io_utils import csv_bytes, write_bytes_atomic
-from simulations.evaluation import METRICS
+from simulations.evaluation import METRICS, SWITCH
 from simulations.experiment.evaluate import INTEREST_DELTAS, INTEREST_REFERENCE, REFERENCE_DELTAS
 from simulations.experiment.curves import CURVE_METRICS
 from simulations.experiment.per_silo import SILO_CSV_HEADER, silo_rows
@@ -86,10 +86,17 @@ def results_markdown(doc: Mapping[str, Any]) -> str:
                f"the same draws for every method]. Δ: per-user paired difference to {doc['reference']}. "
                f"ε: each silo's total budget for the run (Opacus RDP; spent = the largest cumulative ε reached); "
                f"non-private methods have ε = ∞. 'overall' pools every platform's users; a leave-one-platform-out "
-               f"row is evaluated on the platform it never saw. {doc['subsampling']}. "
+               f"row is evaluated on the platform it never saw. "
+               + ("'switch' (region silos): the cases whose last history event is on another platform than the "
+                  "target, taken from the platform rows (a region silo's held-out user has one case per platform; "
+                  "not added to 'overall'). " if SWITCH in doc["users"] else "")
+               + f"{doc['subsampling']}. "
                f"No tuning: every hyper-parameter is fixed by the preset; the test split is used only here. "
                f"Machine: {doc['machine']}; wall time {doc['seconds'] / 60:.1f} min.")
-    lines += [caption, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += [caption, ""]
+    if doc.get("notes"):
+        lines += [*(f"Note: {n}." for n in doc["notes"]), ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, entry in methods.items():
         g = _main_group(entry)
         res = entry["groups"][g]
@@ -220,7 +227,10 @@ def silo_table(doc: Mapping[str, Any]) -> list[str]:
              "interval]; Δ = federated − local-only per user, with its paired interval: federation helps a silo "
              "only where the interval of Δ lies above 0."
              + (" The last row pools the silos with fewer training users than the median silo: their held-out users "
-                "together, the same draws for both methods." if ps.get("pooled") else ""), "",
+                "together, the same draws for both methods." if ps.get("pooled") else "")
+             + (" A region silo's row (platforms joined with +) pools its cases on every platform: a held-out user "
+                "counts once per platform of their held-out events." if any("+" in r["platform"] for r in
+                                                                         ps["silos"].values()) else ""), "",
              "| silo | platform | train users | held-out users | federated NDCG@10 | local-only NDCG@10 | "
              "Δ NDCG@10 | Δ HR@10 |", "|---|---|---|---|---|---|---|---|"]
     pooled = {f"{k} silos pooled ({' + '.join(f'`{x}`' for x in r['silos'])})": r

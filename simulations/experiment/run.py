@@ -17,6 +17,7 @@ import platform as platform_mod
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -137,11 +138,18 @@ def train(run: TrainRun, plan: Plan, out: Path, timeout: int) -> None:
 
 def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = None, base_model: str | None = None,
                    timeout: int = 3600, log: Callable[[str], None] = print, dry_run: bool = False,
-                   resume: bool = False) -> dict[str, Any]:
+                   resume: bool = False, layout: str = "platforms", notes: Sequence[str] = ()) -> dict[str, Any]:
     """Train every run of the plan, evaluate every method, write the results into ``out``.
 
+    ``dataset``: the folder of the chosen layout (``layout``, recorded; resolved by the caller
+    with :func:`shared_model.dataset.layout_dir`). On a dataset with region silos every run gets
+    ``other-platform-lags`` (:func:`shared_model.dataset.with_region_defaults`) unless the
+    preset's overrides set it, and the unequal re-partition (``small_region_share``) is refused.
+    ``notes``: the caller's notes on the settings, recorded with the plan's.
     ``resume``: a run whose folder records (:data:`STAMP_FILE`) that it finished with the same
     settings (:func:`run_stamp`) is reused instead of retrained; evaluation always reruns."""
+    from shared_model.dataset import has_region_silos, with_region_defaults
+
     out = Path(out).resolve()
     started = time.time()
 
@@ -151,6 +159,9 @@ def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = N
     generated = dataset is None and preset.generated is not None
     if not generated:
         dataset = Path(dataset).expanduser().resolve() if dataset else RunConfig().dataset_dir()
+    if not generated and preset.small_region_share is not None and has_region_silos(Path(dataset)):
+        raise ValueError(f"{dataset} has region silos (several platforms in a silo); the unequal re-partition "
+                         "(small-region share) handles one-platform silos only: train on its own silos (--keep-regions)")
     # a bad share or a platform too small for two regions fails before anything is written
     regions = plan_regions(Path(dataset), preset.small_region_share, preset.seed) if (
         preset.small_region_share is not None and not generated) else None
@@ -167,15 +178,21 @@ def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = N
     if regions is not None:
         dataset = write_regions(regions, out / "views" / f"small-region-{eps_label(regions.share)}")
     base_model = str(Path(base_model).expanduser().resolve()) if base_model else None
+    # region silos: every run (federated, local-only, centralised) reads mixed histories per platform
+    preset = replace(preset, overrides=with_region_defaults(preset.overrides, dataset))
     plan = make_plan(preset, dataset, base_model)
     cfg = preset.config()
+    notes = [*notes, *plan.notes]
     log(f"fedshift experiment: preset {preset.name} ({summary(preset)})")
     if regions is not None:
         log(f"unequal silos: {source} re-partitioned into {dataset} (small region ≈{regions.share:g} of each "
             f"platform's users, by a hash of the user id): {describe(regions)}")
     log(f"dataset {dataset} ({len(plan.silos)} silos: {', '.join(f'{s}={p}' for s, p in plan.silos.items())}); "
         f"base model {base_model or 'bundled'}; {cfg.num_server_rounds} round(s) × {cfg.local_steps} local steps; "
-        f"split {preset.split}")
+        f"split {preset.split}; layout {layout}" + (f"; other-platform-lags {cfg.other_platform_lags}"
+                                                    if "other-platform-lags" in preset.overrides else ""))
+    for note in notes:
+        log(f"note: {note}")
     log(f"{len(plan.runs)} training runs, {len(plan.methods)} methods; estimated time "
         f"{plan.estimate_s() / 60:.1f} min (item-index embedding of the catalogue not included when uncached):")
     for r in plan.runs.values():
@@ -213,6 +230,8 @@ def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = N
         "subsampling": caption_note(preset),
         "dataset": str(dataset),
         "source-dataset": str(source),
+        "layout": layout,
+        "notes": notes,
         "regions": regions.record if regions is not None else None,
         "base-model": base_model or "bundled all-MiniLM-L6-v2",
         "split": preset.split,

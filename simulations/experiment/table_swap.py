@@ -79,6 +79,9 @@ def build_tables(checkpoint: Path, dataset: Path, variants: list[str], z: float)
     index = build_item_index(catalogue, None, cfg.max_item_tokens)
     n = len(catalogue.items)
     silos = {name: load_silo(dataset / "silos" / name, catalogue) for name in list_silos(dataset)}
+    if mixed := sorted(name for name, silo in silos.items() if silo.mixed):
+        raise ValueError(f"{dataset}: silo(s) {', '.join(mixed)} hold several platforms; table_swap handles "
+                         "one-platform silos only (use the platforms layout)")
     log_prior = load_file(str(checkpoint / "heads.safetensors"))["popularity_prior.log_prior"].numpy()
     candidates = platform_candidates(cfg, catalogue, index, {p: np.exp(log_prior[r])
                                                              for p, r in catalogue_rows(catalogue).items()})
