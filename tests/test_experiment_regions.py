@@ -1,6 +1,9 @@
 """`fedshift experiment --layout regions`: the smoke grid on a generated dataset whose
 ``layouts/regions/`` holds a mixed federation (one region silo with both platforms, two
-platform silos of the other region; built by ``tests/test_region_simulation.py::region_dataset``).
+platform silos of the other region; built by :func:`region_dataset`). Its federated run is a
+real Flower simulation of that federation: it releases popularity per platform and
+transition counts per pair space (the region silo's cross pairs too), evaluates both of the
+region silo's targets, and passes the audit, whose worst-case user is the one on every silo.
 It completes; every run reads mixed histories (other-platform-lags); the table has the
 per-platform groups and ``switch``; local-only scores the region silo's cases of both
 platforms with that silo's model; leave-one-platform-out is skipped with a note; the per-silo
@@ -17,9 +20,39 @@ import pytest
 from fedshift.cli import main
 from shared_model.dataset import REGION_OTHER_PLATFORM_LAGS, load_silo, read_catalogue
 from simulations.evaluation import platform_cases
-from tests.test_region_simulation import region_dataset
+from shared_model.io_utils import write_bytes_atomic, write_csv
 
 pytestmark = pytest.mark.slow
+
+
+def region_dataset(src: Path, out: Path, region: str = "r0") -> Path:
+    """``src`` (generated, silos ``p0-rR``/``p1-rR``) with region ``region``'s two platform silos
+    joined into one region silo: each user's events interleaved (p0 at even orders, p1 at odd),
+    both last events moved to one order after the rest, so both are held out."""
+    catalogue = read_catalogue(src)
+    out.mkdir(parents=True)
+    for name in ("items.csv.gz", "items.csv", "dataset.json"):
+        if (src / name).exists():
+            (out / name).write_bytes((src / name).read_bytes())
+    silos = sorted(p.name for p in (src / "silos").iterdir())
+    joined = [s for s in silos if s.endswith(f"-{region}")]
+    users: dict[str, str] = {}
+    events: list[tuple[str, str, int]] = []
+    for i, name in enumerate(joined):
+        silo = load_silo(src / "silos" / name, catalogue)
+        users |= silo.splits
+        for u, h in silo.histories.items():
+            last = 10**6  # one order for both platforms' last events
+            events += [(u, e.item_id, last if n == len(h) - 1 else 2 * e.order + i) for n, e in enumerate(h)]
+    write_csv(out / "silos" / region / "users.csv", ("user_id", "split"), sorted(users.items()))
+    write_csv(out / "silos" / region / "events.csv", ("user_id", "item_id", "order"), sorted(events))
+    write_bytes_atomic(out / "silos" / region / "silo.json", json.dumps({"platforms": ["p0", "p1"]}).encode())
+    for name in silos:
+        if name not in joined:
+            for f in (src / "silos" / name).iterdir():
+                (out / "silos" / name).mkdir(parents=True, exist_ok=True)
+                (out / "silos" / name / f.name).write_bytes(f.read_bytes())
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +122,39 @@ def test_groups_have_platforms_and_switch_and_local_only_scores_the_region_silo(
     text = (out / "results.md").read_text()
     assert "| `local-only-eps8` | 8 (spent" in text and "| switch |" in text and "'switch' (region silos)" in text
     assert set(doc["learning-curves"]["methods"]) == {"federated-dp-eps8", "local-only-eps8"}
+
+
+def test_the_mixed_federation_releases_per_platform_and_space_and_evaluates_both_targets(
+        regions: tuple[Path, Path]) -> None:
+    data, out = regions
+    doc = json.loads((out / "runs" / "fed-all-eps8" / "metrics.json").read_text())
+    silos = {"r0", "p0-r1", "p1-r1"}
+    assert silos <= set(next(x for x in doc["rounds"] if x["round"] == 1)["silos"])
+    # one popularity release per silo; the region silo's is split and summed into both platforms
+    popularity = doc["run"]["popularity"]["platforms"]
+    assert popularity["p0"]["silos"] == ["p0-r1", "r0"] and popularity["p1"]["silos"] == ["p1-r1", "r0"]
+    # the transition release: each platform's pairs from both its silos, the cross pairs from the region silo only
+    spaces = doc["run"]["transitions"]["platforms"]
+    assert set(spaces) == {"p0", "p1", "p0|p1"}
+    assert spaces["p0"]["silos"] == ["p0-r1", "r0"] and spaces["p0|p1"]["silos"] == ["r0"]
+    assert spaces["p0|p1"]["candidate-pairs"] > 0
+    # the region silo's evaluation ranks each valid user's two targets (each on its own platform), up to the cap
+    region = load_silo(data / "silos" / "r0", read_catalogue(data))
+    assert region.mixed and region.platforms == ("p0", "p1")
+    cap = json.loads((out / "results.json").read_text())["overrides"].get("max-eval-users", 0)
+    evaluate = next(x for x in doc["rounds"] if x["round"] == 1)["silos"]["r0"]["evaluate"]
+    assert evaluate["eval-users"] == min(2 * len(region.users("valid")), cap or 10**9) > 0
+
+
+def test_the_mixed_federation_passes_the_audit_with_the_user_on_every_silo_as_worst_case(
+        regions: tuple[Path, Path]) -> None:
+    from shared_model.privacy.audit_report import audit_run
+
+    result = audit_run(regions[1] / "runs" / "fed-all-eps8")
+    assert result["passed"], [c for c in result["checks"] if not c["passed"]]
+    assert set(result["silos"]) == {"r0", "p0-r1", "p1-r1"}
+    region = result["silos"]["r0"]
+    assert region["popularity-releases"] == 1 and region["transition-releases"] == 1  # one of each, both platforms
+    cross = result["cross-silo"]
+    worst = max(s["epsilon-reported"] for s in result["silos"].values())
+    assert cross["silos"] == 3 and cross["epsilon-user-on-every-silo-opacus-rdp"] > worst
