@@ -24,8 +24,9 @@ Titles that contain ';' need --history-file.
 
 Migration score: Jensen-Shannon divergence (bits, 0..1) between the predicted
 next-interest distribution and the category distribution of the last k matched history
-items (k = the checkpoint's migration-k); null when none of them has a category, and 1
-by construction when they are all from another platform (no shared categories).
+items on the requested platform (k = the checkpoint's migration-k; a history from other
+platforms only is a cold start there: null), as migration is defined (docs/data-format.md);
+null when none of them has a category.
 "If moving": the most probable category outside those recent ones, i.e. where the user
 is predicted to go if they leave their recent interests, with its share of the
 predicted mass outside them (JSON: new_interest; null when undefined).

@@ -79,7 +79,8 @@ class Recommender:
         p = probs.numpy().astype(np.float64)
         interests = [{"category": self.scorer.categories[i], "probability": round(float(p[i]), 4)}
                      for i in np.argsort(-p, kind="stable") if p[i] > 0]
-        q = recent_distribution(events, cat, self.scorer.categories, self.scorer.cfg.migration_k)
+        here = [e for e in events if getattr(cat.items.get(e.item_id), "platform", None) == platform]
+        q = recent_distribution(here, cat, self.scorer.categories, self.scorer.cfg.migration_k)  # on the platform
         mig = None if q is None else round(float(js_divergence(p, q)), 4)
         mass = None if q is None else round(float(1.0 - p[q > 0].sum() / p.sum()), 4)
         pick = None if q is None else new_interest(p, q)

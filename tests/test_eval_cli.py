@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,6 +108,28 @@ def test_recommend_every_platform_with_cached_index(checkpoint: Path, small_data
     assert main(["recommend", "--checkpoint", str(ckpt), "--platform", "p0", "--history", "x", "--bench", "5"]) == 0
     out = capsys.readouterr().out
     assert "checkpoint-cache" in out and "p50" in out and "p99" in out
+
+
+def test_recommend_on_a_platform_reads_migration_on_that_platform_only(checkpoint: Path, small_dataset: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A history from two platforms, scored for p1: the migration score is read on p1's items
+    alone (as migration is defined); a history from p0 only is a cold start on p1: null."""
+    p0, p1 = _titles(small_dataset, "p0"), _titles(small_dataset, "p1")
+    assert main(["recommend", "--checkpoint", str(checkpoint), "--platform", "p1", "--history", f"{p1}; {p0}",
+                 "--json"]) == 0
+    mixed = json.loads(capsys.readouterr().out)
+    assert main(["recommend", "--checkpoint", str(checkpoint), "--platform", "p1", "--history", p1, "--json"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert {h["platform"] for h in mixed["history"]} == {"p0", "p1"}
+    probs = np.array([i["probability"] for i in mixed["interests"]])
+    assert mixed["migration_score"] is not None and 0.0 <= mixed["migration_score"] <= 1.0
+    recent = {h["category"] for h in mixed["history"] if h["platform"] == "p1" and h["category"]}
+    outside = sum(i["probability"] for i in mixed["interests"] if i["category"] not in recent)
+    assert mixed["migration_outside_recent_mass"] == pytest.approx(outside / probs.sum(), abs=2e-3)
+    assert alone["migration_score"] is not None
+    assert main(["recommend", "--checkpoint", str(checkpoint), "--platform", "p1", "--history", p0, "--json"]) == 0
+    cold = json.loads(capsys.readouterr().out)
+    assert cold["migration_score"] is None and cold["new_interest"] is None and len(cold["items"]) == 10
 
 
 def test_recommend_errors_exit_2(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
