@@ -10,7 +10,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from shared_model.dataset import DEFAULT_DATASET, layout_dir, layouts, load_dataset, validate_dataset
+from shared_model.dataset import DEFAULT_DATASET, load_dataset, validate_dataset
+from shared_model.layouts import layout_dir, layouts
 from shared_model.examples import DEFAULT_K, is_migrating, migration_defined
 from shared_model.schema import SPLITS, Catalogue, DataError, Event, Silo, held_out
 

@@ -135,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
     k = None
     dataset = Path(args.dataset).expanduser() if args.dataset else None
     if args.layout:
-        from shared_model.dataset import layout_dir
+        from shared_model.layouts import layout_dir
 
         try:
             dataset = layout_dir(dataset or RunConfig().dataset_dir(), args.layout)

@@ -78,7 +78,7 @@ exit status: 0 ok; 1 a training run failed (its log is named); 2 bad input.
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from shared_model.dataset import REGION_OTHER_PLATFORM_LAGS
+    from shared_model.layouts import REGION_OTHER_PLATFORM_LAGS
     from simulations.experiment.plan import EXPERIMENT_PRESETS, PER_RUN_KEYS
 
     p = sub.add_parser("experiment", help="run the experiment grid and write results.md/.csv and plots",
@@ -164,7 +164,7 @@ def _run(args: argparse.Namespace) -> int:
     layout = args.layout or "platforms"
     notes: list[str] = []
     from shared_model.config import RunConfig
-    from shared_model.dataset import has_region_silos, layout_dir
+    from shared_model.layouts import has_region_silos, layout_dir
 
     if layout != "platforms":
         if dataset is None and preset.generated is not None:

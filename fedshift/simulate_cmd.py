@@ -25,7 +25,7 @@ def simulate_config(args: argparse.Namespace) -> RunConfig:
 
     sets = parse_set(args.set)
     values = dict(PRESETS[args.preset])
-    from shared_model.dataset import layout_dir
+    from shared_model.layouts import layout_dir
 
     base = Path(args.dataset).expanduser().resolve() if args.dataset else RunConfig().dataset_dir()
     values["dataset"] = str(layout_dir(base, getattr(args, "layout", None)))  # ValueError: no such layout
@@ -37,7 +37,7 @@ def simulate_config(args: argparse.Namespace) -> RunConfig:
     if args.no_dp:
         values["dp"] = False
     values.update(sets)
-    from shared_model.dataset import with_region_defaults
+    from shared_model.layouts import with_region_defaults
 
     values = with_region_defaults(values, Path(values["dataset"]))  # region silos: read histories per platform
     cfg = RunConfig().replace(**values)
@@ -49,7 +49,7 @@ def simulate_config(args: argparse.Namespace) -> RunConfig:
 def explicit_values(args: argparse.Namespace) -> dict[str, Any]:
     """The run-config values the flags set explicitly (dashed keys), for ``--resume`` to
     compare with the recorded run (``--preset`` is not compared: the run keeps its own)."""
-    from shared_model.dataset import layout_dir
+    from shared_model.layouts import layout_dir
 
     values: dict[str, Any] = {}
     if getattr(args, "dataset", None) or getattr(args, "layout", None):

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared_model.dataset import layout_dir, load_dataset
+from shared_model.dataset import load_dataset
+from shared_model.layouts import layout_dir
 from shared_model.metrics import hits
 from shared_model.migration import js_divergence, recent_distribution
 from shared_model.schema import Catalogue, Event, Item, Silo

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from fedshift.cli import main
-from shared_model.dataset import REGION_OTHER_PLATFORM_LAGS, load_silo, read_catalogue
+from shared_model.dataset import load_silo, read_catalogue
+from shared_model.layouts import REGION_OTHER_PLATFORM_LAGS
 from simulations.evaluation import platform_cases
 from shared_model.io_utils import write_bytes_atomic, write_csv
 

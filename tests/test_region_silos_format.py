@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from fedshift.data_cmd import main as data_main
-from shared_model.dataset import DEFAULT_DATASET, layout_dir, layouts, load_catalogue, load_silo, validate_dataset
+from shared_model.dataset import DEFAULT_DATASET, load_catalogue, load_silo, validate_dataset
+from shared_model.layouts import layout_dir, layouts
 from shared_model.examples import eval_examples
 from shared_model.schema import held_out
 

@@ -16,27 +16,29 @@ from simulations.evaluation.baselines import (
     all_baselines,
 )
 from simulations.evaluation.bootstrap import Estimate, bootstrap_mean_ci, paired_bootstrap, paired_difference
+from simulations.evaluation.cases import (
+    SWITCH,
+    Case,
+    cross_cases,
+    history_source,
+    is_switch,
+    platform_cases,
+    switch_cases,
+)
 from simulations.evaluation.harness import (
     DIFFERENCE_METRICS,
     METRICS,
-    SWITCH,
-    Case,
     ModelPredictor,
     Predictor,
     concat,
-    cross_cases,
     differences,
     evaluate,
     format_table,
     group_order,
     group_seed,
-    history_source,
-    is_switch,
     new_interest_hit,
     per_user,
-    platform_cases,
     summarise,
-    switch_cases,
     take,
 )
 

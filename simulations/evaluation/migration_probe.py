@@ -34,7 +34,8 @@ from shared_model.examples import DEFAULT_K, eval_examples, migration_defined, s
 from shared_model.metrics import roc_auc
 from shared_model.schema import Catalogue, Event
 from simulations.evaluation.baselines import CategoryMarkov, HistoryLogit, MostPopular, TrainStats
-from simulations.evaluation.harness import SWITCH, evaluate
+from simulations.evaluation.cases import SWITCH
+from simulations.evaluation.harness import evaluate
 
 BUNDLED = Path(__file__).resolve().parents[2] / "data" / "amazon-art-office"
 SHOWN = (("category-acc1", "cat@1"), ("category-acc3", "cat@3"), ("new-interest-acc1-migrating", "new@1 mig"),

@@ -148,7 +148,7 @@ def run_experiment(preset: ExperimentPreset, out: Path, dataset: Path | None = N
     ``notes``: the caller's notes on the settings, recorded with the plan's.
     ``resume``: a run whose folder records (:data:`STAMP_FILE`) that it finished with the same
     settings (:func:`run_stamp`) is reused instead of retrained; evaluation always reruns."""
-    from shared_model.dataset import has_region_silos, with_region_defaults
+    from shared_model.layouts import has_region_silos, with_region_defaults
 
     out = Path(out).resolve()
     started = time.time()
