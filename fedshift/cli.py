@@ -19,7 +19,8 @@ Opacus DP-SGD and a Flower server averages only the adapters.
 
 commands:
   data validate DIR     check a dataset folder; exit 2 and one line per problem if bad
-  data describe [DIR]   silos, users, events, classes, history lengths, migration rates
+  data describe [DIR]   silos (their platforms), users, events, classes, history lengths,
+                        migration rates, platform switches
   simulate              run the federated DP simulation on a dataset (default: bundled)
   deploy certs|keys|local  TLS certificates, SuperNode keys, or a whole deployment on
                         127.0.0.1 (SuperLink + one SuperNode process per silo)
@@ -33,6 +34,11 @@ commands:
                         centralised, leave-one-platform-out): results.md/.csv and plots
   bench                 DP overhead, traffic, serving latency, catalogue throughput and
                         scale, measured on this machine against their goals
+
+A silo holds one platform's users, or one region's users on every platform (a region
+silo, its silo.json lists them). --layout NAME on data, simulate, experiment, evaluate and
+deploy local picks a dataset's other cut of the same users (layouts/NAME/, e.g. the bundled
+regions); docs/data-format.md.
 """
 
 
