@@ -106,22 +106,41 @@ def hardest(model: SequenceModel, q: torch.Tensor, inp: SequenceInput, items: It
     top k stand for about the top k/f of the whole catalogue."""
     with torch.no_grad():
         qd = q.detach()
-        full = items.candidates(model, pool)
-        shared = model.shared_scores(qd, inp, full, positions, logp, category_prior_weight, own_pairs)  # [B, P, M]
-        shared.masked_fill_(_excluded(inp, full, targets, positions), float("-inf"))
-        if (other := items.other_platform(pool, targets)) is not None:  # a region silo: the target's platform only
-            shared.masked_fill_(other, float("-inf"))
         own = model.item_scores(qd, inp, own_target(items, targets), positions, logp, category_prior_weight, own_pairs,
-                                target_vectors=inp.vectors[:, 1:])  # [B, P, 1]
-        top = shared.topk(min(top_k, shared.shape[-1]), dim=-1)
-        # fewer than top_k items score above the target ⇔ the k-th highest does not
-        near = (top.values[..., -1] <= own[..., 0]) if shared.shape[-1] >= top_k else torch.ones_like(own[..., 0], dtype=torch.bool)
-        rows = torch.where(torch.isfinite(top.values), pool.to(top.indices.device)[top.indices],
-                           torch.full_like(top.indices, -1))
+                                target_vectors=inp.vectors[:, 1:])[..., 0]  # [B, P]
+        values = own.new_full((*own.shape, top_k), float("-inf"))
+        rows = torch.full(values.shape, -1, dtype=torch.long, device=own.device)
+        for part, only in _platform_parts(items, pool, targets):  # a region silo: each platform's positions apart
+            full = items.candidates(model, part)
+            shared = model.shared_scores(qd, inp, full, positions, logp, category_prior_weight, own_pairs, only)
+            shared.masked_fill_(_excluded(inp, full, targets, positions), float("-inf"))  # [B, P, M]
+            top = shared.topk(min(top_k, shared.shape[-1]), dim=-1)
+            found = torch.where(torch.isfinite(top.values), part.to(top.indices.device)[top.indices],
+                                torch.full_like(top.indices, -1))
+            k = top.values.shape[-1]
+            if only is None:
+                values[..., :k], rows[..., :k] = top.values, found
+            else:
+                values[only, :k], rows[only, :k] = top.values[only], found[only]
+        # fewer than top_k items score above the target ⇔ the k-th highest does not (−inf: fewer than k items)
+        near = values[..., -1] <= own
     safe = rows.clamp_min(0)
     cands = Candidates(rows, items.vectors[safe], model.log_priors(safe), items.category[safe], targets,
                        items.category[targets.clamp_min(0)])
     return cands, near
+
+
+def _platform_parts(items: ItemSpace, pool: torch.Tensor, targets: torch.Tensor,
+                    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``[(pool, None)]`` on a one-platform silo; on a region silo each platform's share of the
+    pool with the positions ``[B, P]`` whose target is on that platform, so a position is
+    scored only against its target platform's sample (half the work of masking the rest)."""
+    tp = items.target_platforms(targets)
+    if tp is None:
+        return [(pool, None)]
+    assert items.item_platform is not None
+    pool_platform = items.item_platform[pool.to(items.item_platform.device)].to(pool.device)
+    return [(pool[pool_platform == p], tp == p) for p in torch.unique(pool_platform).tolist()]
 
 
 def own_target(items: ItemSpace, targets: torch.Tensor) -> Candidates:

@@ -201,14 +201,17 @@ class SequenceModel(nn.Module):
 
     def shared_scores(self, q: torch.Tensor, inp: SequenceInput, cands: Candidates, positions: torch.Tensor,
                       category_logp: torch.Tensor | None = None, category_weight: float = 0.0,
-                      own_pairs: torch.Tensor | None = None) -> torch.Tensor:
+                      own_pairs: torch.Tensor | None = None, only: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`item_scores` of shared candidates without targets, ``[B, P, M]``, scored without
         gradient for many positions at once (the top-k loss's hardest items): the text, popularity
         and category terms in one matrix product, ``[s·q, w_p, w_c·log p(c)] · [e_j, log prior_j,
         onehot(c_j)]``, and the transition term added where the table has entries. The same
         figures as :meth:`item_scores` up to float rounding, without its per-position copies of
         each shared column. Building the right-hand matrix costs a copy of the candidates' vectors,
-        so a few queries (serving one user) are cheaper through :meth:`item_scores`."""
+        so a few queries (serving one user) are cheaper through :meth:`item_scores`.
+
+        ``only`` ``[B, P]`` bool: score just those positions (a region silo's positions whose
+        target is on the candidates' platform); the others are −inf and cost nothing."""
         if not cands.shared or cands.targets is not None:
             raise ValueError("shared_scores takes shared candidates without targets")
         b, p = q.shape[:2]
@@ -223,14 +226,20 @@ class SequenceModel(nn.Module):
             cats = cands.category.to(q.device)
             used, column = torch.unique(cats, return_inverse=True)
             logp = category_logp.index_select(-1, used).to(q.dtype)
-            if bool(torch.isfinite(logp).all()):  # a one-hot product is exact only over finite log p
+            scored = logp if only is None else logp[only]
+            if bool(torch.isfinite(scored).all()):  # a one-hot product is exact only over finite log p
                 left.append(category_weight * logp)
                 right.append(F.one_hot(column, len(used)).to(q.dtype))
             else:
                 extra = category_weight * category_logp.index_select(-1, cats)
-        scores = torch.cat(left, -1) @ torch.cat(right, -1).T  # [B, P, M]
-        if extra is not None:
-            scores = scores + extra
+        lhs, rhs = torch.cat(left, -1), torch.cat(right, -1)
+        if only is None:
+            scores = lhs @ rhs.T  # [B, P, M]
+            if extra is not None:
+                scores = scores + extra
+        else:
+            scores = lhs.new_full((b, p, rhs.shape[0]), float("-inf"))
+            scores[only] = lhs[only] @ rhs.T + (0.0 if extra is None else extra[only])
         index, lag, count = self.transition_entries(inp, cands, positions, own_pairs)
         if head.transition_weight is not None and index.numel():
             slot = index >= 0

@@ -59,6 +59,33 @@ def test_a_region_silo_scores_each_position_against_its_target_platform_only(top
     assert float(other) != pytest.approx(float(mixed), rel=1e-4)
 
 
+def test_a_region_silo_s_hardest_items_come_from_each_position_s_target_platform() -> None:
+    """Targets on both platforms: each position's k hardest items and its near flag are those of
+    scoring the whole pool and masking the other platform's items (the per-platform product only
+    skips work)."""
+    from shared_model.sequence_loss import _excluded, hardest
+
+    model, inp, own, region, _, pool = _two_platforms(4)
+    g = torch.Generator().manual_seed(11)
+    rows = torch.where(inp.rows >= 0, torch.randint(0, N, inp.rows.shape, generator=g), inp.rows)
+    inp = SequenceInput(rows, region.vectors[rows.clamp_min(0)] * (rows >= 0).unsqueeze(-1),
+                        torch.where(rows >= 0, region.category[rows.clamp_min(0)], -1), inp.features)
+    targets = rows[:, 1:]
+    inp, target_platform = region.with_platforms(inp)
+    assert len(torch.unique(target_platform[:, :-1][targets >= 0])) == 2
+    positions = torch.arange(rows.shape[1] - 1)
+    q = model.queries(inp, target_platform)[:, :-1].detach()
+    cands, near = hardest(model, q, inp, region, targets, positions, 4, None, 0.0, own, pool)
+    with torch.no_grad():
+        ref = model.item_scores(q, inp, region.candidates(model, pool, targets=targets), positions, None, 0.0, own,
+                                target_vectors=inp.vectors[:, 1:])
+    drop = _excluded(inp, region.candidates(model, pool), targets, positions) | region.other_platform(pool, targets)
+    others = ref[..., 1:].masked_fill(drop, float("-inf"))
+    assert torch.equal(near, (others > ref[..., :1]).sum(-1) < 4)
+    top = others.topk(4, dim=-1)
+    assert torch.equal(cands.rows, torch.where(torch.isfinite(top.values), pool[top.indices], -1))
+
+
 @pytest.mark.parametrize("top_k", [0, 4])
 def test_the_other_platform_pool_s_per_example_gradients_are_each_example_s_own(top_k: int) -> None:
     """With an other-platform pool, on a region silo's windows: Opacus' per-sample gradients

@@ -153,6 +153,15 @@ def test_shared_scores_are_item_scores_in_one_product(masked: bool) -> None:
     finite = torch.isfinite(ref)
     assert torch.allclose(ref[finite], fast[finite], atol=1e-5)
     assert (model.transition_entries(inp, cands, positions, own)[0] >= 0).any()  # the transition term was exercised
+    # scoring only some positions (a region silo's, per target platform): those alike, the rest −inf
+    only = torch.rand(ref.shape[:2], generator=torch.Generator().manual_seed(2)) < 0.5
+    logp_only = logp.masked_fill(~only.unsqueeze(-1) & (torch.arange(C + 1) == 0), float("-inf"))  # −inf off `only`
+    with torch.no_grad():
+        part = model.shared_scores(q, inp, cands, positions, logp_only, 0.5, own, only=only)
+    assert torch.isinf(part[~only]).all() and (part[~only] < 0).all()
+    assert torch.equal(torch.isinf(part[only]), torch.isinf(ref[only]))
+    finite = torch.isfinite(ref[only])
+    assert torch.allclose(part[only][finite], ref[only][finite], atol=1e-5)
 
 
 def test_the_hardest_items_and_the_near_flag_follow_their_definitions() -> None:
