@@ -255,8 +255,11 @@ def make_plan(preset: ExperimentPreset, dataset: Path, base_model: str | None) -
         tag = "all" if len(subset) == len(silos) else "+".join(subset)
         key = f"fed-{tag}-" + (f"eps{eps_label(eps)}" if dp and eps is not None else "nodp")
         if key not in runs:
-            est = preset.sim_overhead_s + len(subset) * (rounds * (steps * preset.step_s + preset.silo_eval_s)
-                                                          + preset.silo_eval_s)
+            # a silo's cost scales with its platforms: a region silo's step scores each platform's
+            # positions against that platform's sample, and it evaluates every platform it holds
+            weight = sum(len(silos[s].split("+")) for s in subset)
+            est = preset.sim_overhead_s + weight * (rounds * (steps * preset.step_s + preset.silo_eval_s)
+                                                     + preset.silo_eval_s)
             runs[key] = TrainRun(key, "federated", subset, dp, eps if dp else None, estimate_s=est)
         return key
 
