@@ -107,8 +107,13 @@ class SiloData:
         return self.silo.platforms
 
     def platform_mask(self, platform: str) -> torch.Tensor:
-        """``[C]`` bool: the next-interest classes of one platform (public catalogue)."""
-        return platform_category_mask(self.catalogue, self.categories, platform)
+        """``[C]`` bool: the next-interest classes of one platform (public catalogue; computed
+        once per platform, as each round's training and evaluation ask again)."""
+        return self._platform_masks[platform]
+
+    @cached_property
+    def _platform_masks(self) -> dict[str, torch.Tensor]:
+        return {p: platform_category_mask(self.catalogue, self.categories, p) for p in self.catalogue.platforms}
 
     def platform_rows(self) -> torch.Tensor:
         """The item rows of the silo's platforms (one platform's, or a region silo's several), ascending."""

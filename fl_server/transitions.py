@@ -44,8 +44,9 @@ from fl_server.records import RunRecords
 from shared_model.config import RunConfig
 from shared_model.item_index import ItemIndex, build_item_index
 from shared_model.schema import Catalogue
+from shared_model.sequences import row_platforms
 from shared_model.transitions import (TransitionTable, candidate_pairs, cross_candidate_pairs, pair_spaces,
-                                      popular_rows, query_problem, space_of, sum_releases)
+                                      popular_rows, query_problem, sum_releases)
 
 Pairs = tuple[np.ndarray, np.ndarray]
 
@@ -114,10 +115,16 @@ def query_content(spaces: list[str], candidates: Mapping[str, Pairs]) -> RecordD
     return content
 
 
-def catalogue_rows(catalogue: Catalogue) -> dict[str, np.ndarray]:
-    """Each platform's item rows: positions in the catalogue (= the item index's rows)."""
-    platforms = np.array([item.platform for item in catalogue.items.values()])
-    return {p: np.flatnonzero(platforms == p).astype(np.int64) for p in catalogue.platforms}
+def catalogue_platforms(catalogue: Catalogue) -> np.ndarray:
+    """``[N]`` each catalogue row's platform (its index in ``catalogue.platforms``; rows are
+    positions in the catalogue = the item index's rows)."""
+    return row_platforms(catalogue, list(catalogue.items)).numpy()
+
+
+def catalogue_rows(catalogue: Catalogue, item_platform: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Each platform's item rows (from :func:`catalogue_platforms`, or ``item_platform`` if given)."""
+    plat = catalogue_platforms(catalogue) if item_platform is None else item_platform
+    return {p: np.flatnonzero(plat == i).astype(np.int64) for i, p in enumerate(catalogue.platforms)}
 
 
 def release_problem(cfg: RunConfig, content: RecordDict, expected: Pairs | None, platform_rows: np.ndarray,
@@ -173,7 +180,8 @@ def collect_transitions(grid: Grid, cfg: RunConfig, catalogue: Catalogue, record
     candidates = platform_candidates(cfg, catalogue, index, popularity.sums if popularity else None, wanted) \
         if cfg.dp and index is not None else {}
     seconds = time.time() - started
-    rows, num_items = catalogue_rows(catalogue), len(catalogue.items)
+    item_platform = catalogue_platforms(catalogue)
+    rows, num_items = catalogue_rows(catalogue, item_platform), len(catalogue.items)
     queries: dict[tuple[str, ...], RecordDict] = {}  # one per set of spaces
     for n in nodes:
         if node_spaces[n] not in queries:
@@ -213,7 +221,8 @@ def collect_transitions(grid: Grid, cfg: RunConfig, catalogue: Catalogue, record
             continue
         counts = msg.content["counts"]["counts"].numpy().astype(np.float64)
         std = float(metrics.get("noise-std", 0.0))
-        for space, (a, b, c) in by_space(pairs, counts, spaces, candidates if cfg.dp else None, catalogue).items():
+        for space, (a, b, c) in by_space(pairs, counts, spaces, candidates if cfg.dp else None, item_platform,
+                                        catalogue.platforms).items():
             releases.setdefault(space, []).append((a, b, c, std))
             silos.setdefault(space, []).append(silo)
         released += 1
@@ -234,19 +243,23 @@ def collect_transitions(grid: Grid, cfg: RunConfig, catalogue: Catalogue, record
 
 
 def by_space(pairs: Pairs, counts: np.ndarray, spaces: Sequence[str], candidates: Mapping[str, Pairs] | None,
-             catalogue: Catalogue) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+             item_platform: np.ndarray, platforms: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """A release's ``(a, b, counts)`` split by pair space: a DP release in blocks of the spaces'
     candidates (``candidates``), in order; exact counts (``candidates`` None) by each pair's
-    items' platforms."""
+    items' platforms (``item_platform``: each row's index in ``platforms``)."""
     if candidates is not None:
         ends = np.cumsum([len(candidates[s][0]) for s in spaces])[:-1]
         return {s: (a, b, c) for s, a, b, c in zip(spaces, np.split(pairs[0], ends), np.split(pairs[1], ends),
                                                    np.split(counts, ends))}
-    plat = np.array([item.platform for item in catalogue.items.values()])
-    names = np.array([space_of(x, y, catalogue.platforms) for x, y in zip(plat[pairs[0]], plat[pairs[1]])]) \
-        if len(pairs[0]) else np.zeros(0, dtype=str)
-    return {s: (pairs[0][names == s], pairs[1][names == s], counts[names == s]) for s in spaces
-            if np.any(names == s)}
+    pa, pb = item_platform[pairs[0]], item_platform[pairs[1]]
+    out = {}
+    for s in spaces:
+        x, _, y = s.partition("|")
+        ia, ib = list(platforms).index(x), list(platforms).index(y or x)
+        keep = ((pa == ia) & (pb == ib)) | ((pa == ib) & (pb == ia))
+        if keep.any():
+            out[s] = (pairs[0][keep], pairs[1][keep], counts[keep])
+    return out
 
 
 def merge_tables(tables: list[TransitionTable], num_items: int) -> TransitionTable:

@@ -223,7 +223,7 @@ def test_a_region_silo_s_release_is_counted_in_the_query_s_order_and_overlapping
 
 def test_the_server_splits_a_region_silo_s_releases_by_platform_and_space() -> None:
     from fl_server.popularity import reply_platforms
-    from fl_server.transitions import by_space, concatenated
+    from fl_server.transitions import by_space, catalogue_platforms, concatenated
     from shared_model.schema import Catalogue, Item
 
     assert reply_platforms({"platform": "p,q"}) == ("p", "q") and reply_platforms({"platform": "p"}) == ("p",)
@@ -232,11 +232,13 @@ def test_the_server_splits_a_region_silo_s_releases_by_platform_and_space() -> N
              "p|q": (np.array([2]), np.array([3]))}
     pairs = concatenated(["p", "q", "p|q"], cands)
     assert pairs is not None and pairs[0].tolist() == [0, 3, 4, 2]
-    split = by_space(pairs, np.array([1.0, 2.0, 3.0, 4.0]), ["p", "q", "p|q"], cands, catalogue)
+    plat = catalogue_platforms(catalogue)
+    assert plat.tolist() == [0, 0, 0, 1, 1, 1]
+    split = by_space(pairs, np.array([1.0, 2.0, 3.0, 4.0]), ["p", "q", "p|q"], cands, plat, catalogue.platforms)
     assert {s: c.tolist() for s, (_, _, c) in split.items()} == {"p": [1.0], "q": [2.0, 3.0], "p|q": [4.0]}
     # exact (non-private) counts come as sparse pairs: split by their items' platforms
     exact = by_space((np.array([0, 2, 3]), np.array([1, 3, 5])), np.array([5.0, 6.0, 7.0]), ["p", "q", "p|q"], None,
-                     catalogue)
+                     plat, catalogue.platforms)
     assert {s: (a.tolist(), c.tolist()) for s, (a, _, c) in exact.items()} == {
         "p": ([0], [5.0]), "q": ([3], [7.0]), "p|q": ([2], [6.0])}
     assert concatenated(["p", "r"], cands) is None
