@@ -58,6 +58,9 @@ examples:
   fedshift evaluate --checkpoint runs/quick/checkpoints/round-003 --split test
   fedshift evaluate --checkpoint RUN/checkpoints/round-003 --against RUN/checkpoints/round-000 \
       --no-baselines          # did training help? paired Δ = round-003 − round-000 per user
+  fedshift evaluate --layout regions --split test --checkpoint REGIONS/checkpoints/round-005 \
+      --against PLATFORMS/checkpoints/round-005 --against-own-platform --no-baselines
+                              # a region federation against a platform federation, paired
   fedshift evaluate --split test --json > baselines.json   # baselines only
 exit status: 0 ok; 1 a predictor's scores are not finite (the message names it), or
 --public-key was given and the checkpoint does not verify (`fedshift verify`);
@@ -74,6 +77,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--against", metavar="DIR", help="a second checkpoint (e.g. the run's round-000, the untrained "
                    "model), scored on the same users as 'against'; the paired Δ is then checkpoint − against "
                    "unless --reference says otherwise")
+    p.add_argument("--against-own-platform", action="store_true",
+                   help="the --against checkpoint reads only each history's events on the target's platform, as "
+                        "a one-platform silo holds that user: with --layout regions and a checkpoint of the "
+                        "platforms layout as --against, a region federation against a platform federation on the "
+                        "same users and targets, paired (cold start: no history)")
     p.add_argument("--public-key", metavar="KEY", help="verify the checkpoint against the run's signed manifest "
                    "first (RUN/server-signing.pub; see `fedshift verify`)")
     p.add_argument("--split", choices=("valid", "test"), default="valid",
@@ -107,7 +115,7 @@ def _fail(msg: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from simulations.evaluation import ModelPredictor, all_baselines, evaluate, format_table
+    from simulations.evaluation import ModelPredictor, OwnPlatformHistory, all_baselines, evaluate, format_table
 
     import warnings
 
@@ -120,6 +128,8 @@ def _run(args: argparse.Namespace) -> int:
         return _fail("nothing to evaluate: give --checkpoint or drop --no-baselines")
     if args.against and not args.checkpoint:
         return _fail("--against compares with a checkpoint: give --checkpoint")
+    if args.against_own_platform and not args.against:
+        return _fail("--against-own-platform changes how --against reads histories: give --against")
     reference = args.reference or ("against" if args.against else "most-popular")
     if args.bootstrap < 0 or args.max_users < 0:
         return _fail("--bootstrap and --max-users must be >= 0")
@@ -155,7 +165,9 @@ def _run(args: argparse.Namespace) -> int:
             if args.against:
                 # checked against the same dataset's catalogue, as the first one was
                 other = Scorer.from_checkpoint(args.against, dataset, args.base_model, device=args.device)
-                predictors.append(ModelPredictor(other, "against"))
+                against = ModelPredictor(other, "against")
+                predictors.append(OwnPlatformHistory(against, scorer.catalogue) if args.against_own_platform
+                                  else against)
         dataset = dataset or RunConfig().dataset_dir()
         if not dataset.is_dir():
             return _fail(f"{dataset}: dataset folder not found")
@@ -189,6 +201,7 @@ def _run(args: argparse.Namespace) -> int:
     result["dataset"] = str(dataset)
     result["checkpoint"] = str(args.checkpoint) if args.checkpoint else None
     result["against"] = str(args.against) if args.against else None
+    result["against-own-platform"] = bool(args.against_own_platform)
     result["seconds"] = round(time.perf_counter() - t0, 2)
     text = json.dumps(result, indent=2)
     if args.out:

@@ -247,3 +247,44 @@ def test_bundled_regions_layout_through_the_harness(bundled_regions) -> None:
     hr10 = np.concatenate([hits(u["rank"], 10, u["tied"]) for u in parts])
     e = res["methods"]["most-popular"]["switch"]["hr10"]
     assert e["n"] == len(hr10) and e["value"] == pytest.approx(float(hr10.mean()), abs=1e-6)
+
+
+def test_own_platform_history_is_the_platforms_layout_s_case(bundled_regions) -> None:
+    """`evaluate --against-own-platform`: a region case's history cut to the target's platform is
+    exactly the platforms layout's case for that user and target, so the two federations are
+    compared on the same inputs, paired; cold start on B keeps no history."""
+    from simulations.evaluation import OwnPlatformHistory
+
+    cat, regions = bundled_regions
+    _, flat = load_dataset(BUNDLED)
+    seen: list = []
+
+    class Recorder:
+        name = "against"
+
+        def predict(self, cases, platform):  # type: ignore[no-untyped-def]
+            seen.extend(cases)
+            return np.zeros((len(cases), 1)), np.zeros((len(cases), 1))
+
+    own = OwnPlatformHistory(Recorder(), cat)
+    assert own.name == "against"
+    for platform in ("arts", "office"):
+        seen.clear()
+        mixed = platform_cases(cat, regions, platform, "test")
+        own.predict(mixed, platform)
+        want = {(c.user_id, c.target.item_id): c.history for c in platform_cases(cat, flat, platform, "test")}
+        got = {(c.user_id, c.target.item_id): c.history for c in seen}
+        assert got == want and len(got) == len(mixed) > 400
+        assert any(len(c.history) < len(m.history) for c, m in zip(seen, mixed))  # the other platform was cut
+    seen.clear()
+    cold = cross_cases(cat, regions, "arts", "office", "test")
+    own.predict(cold, "office")
+    assert cold and all(c.history == () for c in seen)
+
+
+def test_against_own_platform_without_against_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    from fedshift.cli import main
+
+    assert main(["evaluate", "--against-own-platform"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--against-own-platform" in err[0] and "give --against" in err[0]

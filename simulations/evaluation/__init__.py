@@ -29,6 +29,7 @@ from simulations.evaluation.harness import (
     DIFFERENCE_METRICS,
     METRICS,
     ModelPredictor,
+    OwnPlatformHistory,
     Predictor,
     concat,
     differences,
@@ -44,7 +45,7 @@ from simulations.evaluation.harness import (
 
 __all__ = [
     "DIFFERENCE_METRICS", "METRICS", "SWITCH", "Case", "CategoryMarkov", "Estimate", "HistoryLogit", "ItemCooccurrence",
-    "ModelPredictor", "MostPopular", "Predictor", "TrainStats", "all_baselines", "bootstrap_mean_ci", "concat",
+    "ModelPredictor", "MostPopular", "OwnPlatformHistory", "Predictor", "TrainStats", "all_baselines", "bootstrap_mean_ci", "concat",
     "cross_cases", "differences", "evaluate", "format_table", "group_order", "group_seed", "history_source",
     "is_switch", "new_interest_hit", "paired_bootstrap", "paired_difference", "per_user", "platform_cases",
     "summarise", "switch_cases", "take",

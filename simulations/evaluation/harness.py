@@ -289,6 +289,24 @@ class ModelPredictor:
         return self.scorer.predict([c.history for c in cases], platform)
 
 
+class OwnPlatformHistory:
+    """``inner`` reading only each history's events on the target's platform, as a one-platform
+    silo (the platforms layout) holds that user: a model of a platform federation scored on a
+    region layout's cases, paired with a region federation's model on the same users and targets
+    (a cold-start case then has no history, as on a platform silo)."""
+
+    def __init__(self, inner: Any, catalogue: Catalogue, name: str | None = None):
+        self.inner = inner
+        self.catalogue = catalogue
+        self.name = name or inner.name
+
+    def predict(self, cases: Sequence[Case], platform: str) -> tuple[np.ndarray, np.ndarray]:
+        items = self.catalogue.items
+        own = [dataclasses.replace(c, history=tuple(e for e in c.history if items[e.item_id].platform == platform))
+               for c in cases]
+        return self.inner.predict(own, platform)
+
+
 def group_order(groups: Sequence[str]) -> list[str]:
     """Display order: the platforms, ``overall``, ``switch`` (where present), the cold-start ``A->B`` groups."""
     groups = list(groups)
