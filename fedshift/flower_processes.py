@@ -5,7 +5,6 @@ turning SIGTERM/SIGHUP into an unwinding exit so started processes are stopped."
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -13,6 +12,8 @@ import socket
 import time
 from pathlib import Path
 from typing import Any, TextIO
+
+from shared_model.io_utils import toml_value
 
 APP_DIR = Path(__file__).resolve().parents[1]
 FLOWER_ENV = {
@@ -58,14 +59,6 @@ def copy_app(dest: Path, app_dir: Path = APP_DIR) -> Path:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, dest / rel)
     return dest
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))
 
 
 def free_port() -> int:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -46,3 +49,17 @@ def csv_bytes(header: Sequence[str], rows: Iterable[Sequence[object]], compress:
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
     """Write a CSV atomically; gzip-compressed (reproducibly) when the name ends in ``.gz``."""
     write_bytes_atomic(path, csv_bytes(header, rows, compress=str(path).endswith(".gz")))
+
+
+def toml_value(value: Any) -> str:
+    """One TOML value: a bool, a number, or a basic string. A string keeps every character but
+    those TOML requires escaped (quote, backslash, control characters). Plain ``json.dumps``
+    is not TOML: it writes a non-BMP character as a surrogate pair (``\\ud83d\\ude00``), which
+    TOML rejects, and leaves U+007F raw, which TOML forbids."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")

@@ -107,3 +107,17 @@ def test_the_cli_parser_imports_no_ml_library() -> None:
             "print(','.join(m for m in ('torch', 'transformers', 'flwr', 'opacus', 'peft') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert proc.stdout.strip() == "", proc.stdout
+
+
+def test_run_config_files_are_toml_for_any_path(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A dataset path with a non-BMP character, a quote, a backslash, a newline or U+007F still
+    writes a run-config file that TOML reads back unchanged (json.dumps wrote surrogate pairs)."""
+    import tomllib
+
+    from fedshift.flower_processes import write_run_config
+
+    config = {"dataset": "/data/🛒 shop \"eu\"\\x\nend\x7f\t", "epsilon": 8.0, "delta": 1e-05, "local-steps": 20,
+              "dp": True, "inf": float("inf")}
+    path = write_run_config(config, tmp_path / "run.toml")
+    assert tomllib.loads(path.read_text()) == config
+    assert "\\ud83d" not in path.read_text()

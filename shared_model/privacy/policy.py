@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared_model.io_utils import write_bytes_atomic
+from shared_model.io_utils import toml_value, write_bytes_atomic
 
 POLICY_NAME = "policy.toml"
 #: Accountants a policy may name (upper bounds on ε); gdp is an approximation.
@@ -97,7 +97,7 @@ class SiloPolicy:
         return {k: getattr(self, k.replace("-", "_")) for k in self.keys()}
 
     def to_toml(self) -> str:
-        return "".join(f"{k} = {_toml(v)}\n" for k, v in self.to_dict().items())
+        return "".join(f"{k} = {toml_value(v)}\n" for k, v in self.to_dict().items())
 
     @property
     def sha256(self) -> str:
@@ -137,14 +137,6 @@ def _invalid(key: str, default: Any, value: Any) -> str | None:
         if value not in POLICY_ACCOUNTANTS:
             return f"must be one of {', '.join(POLICY_ACCOUNTANTS)}, got {value!r}"
     return None
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def parse_policy(values: Mapping[str, Any], source: str | Path = POLICY_NAME) -> SiloPolicy:
