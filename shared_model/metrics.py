@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from scipy.stats import rankdata
 
 
 def _tie_mean(ranks: Sequence[int], tied: Sequence[int] | None, gain: Callable[[np.ndarray], np.ndarray],
@@ -82,14 +83,6 @@ def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
     n_neg = len(y) - n_pos
     if n_pos == 0 or n_neg == 0:
         return math.nan
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=np.float64)
-    sorted_s = s[order]
-    # mid-ranks: every member of a tie group gets the mean of the 1-based ranks it spans
-    boundaries = np.flatnonzero(np.diff(sorted_s)) + 1
-    starts = np.concatenate(([0], boundaries))
-    ends = np.concatenate((boundaries, [len(s)]))
-    for a, b in zip(starts, ends):
-        ranks[order[a:b]] = 0.5 * (a + 1 + b)
+    ranks = rankdata(s, method="average")  # mid-ranks: a tie group shares the mean of the ranks it spans
     u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
