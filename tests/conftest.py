@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -10,6 +12,13 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest-xdist: each worker its own temp root, so the Flower and Ray processes a test looks for
+# (by their temp folders, e.g. fedshift-flwr-*) are its worker's only; short, as Ray puts its
+# sockets under it and socket paths are length-limited.
+if (_worker := os.environ.get("PYTEST_XDIST_WORKER")):
+    os.environ["TMPDIR"] = tempfile.mkdtemp(prefix=f"fsx-{_worker}-", dir="/tmp")
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    atexit.register(shutil.rmtree, os.environ["TMPDIR"], ignore_errors=True)
 # Silo ledgers default to ~/.local/share/fedshift; tests must never write there.
 os.environ.setdefault("FEDSHIFT_STATE", tempfile.mkdtemp(prefix="fedshift-test-state-"))
 

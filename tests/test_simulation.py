@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import psutil
@@ -27,15 +28,16 @@ pytestmark = pytest.mark.slow
 
 
 def _flower_processes() -> list[str]:
-    """Flower processes started by `fedshift simulate` from this test session's environment
-    (other environments' simulations running on the same machine are not ours)."""
+    """Flower processes started by `fedshift simulate` from this test session's environment and
+    temp root (other environments' simulations, and other xdist workers', are not ours)."""
     names = ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet")
     out = []
     for p in psutil.process_iter(["cmdline", "status"]):
         if p.info.get("status") == psutil.STATUS_ZOMBIE:
             continue
         cmd = " ".join(p.info.get("cmdline") or [])
-        if any(n in cmd for n in names) and "fedshift-flwr-" in cmd and cmd.startswith(sys.prefix):
+        if any(n in cmd for n in names) and "fedshift-flwr-" in cmd and cmd.startswith(sys.prefix) \
+                and tempfile.gettempdir() in cmd:
             out.append(cmd)
     return out
 
