@@ -101,9 +101,9 @@ def hardest(model: SequenceModel, q: torch.Tensor, inp: SequenceInput, items: It
             own_pairs: torch.Tensor | None, pool: torch.Tensor) -> tuple[Candidates, torch.Tensor]:
     """Each position's ``top_k`` highest-scoring items of ``pool`` (platform rows: the catalogue,
     or a uniform sample of it; on a region silo only the pool's items on the position's target
-    platform, each platform's positions scored apart) under the current model, history and the target excluded as in
-    evaluation, as its own candidates; and whether the target itself scores within them
-    (``[B, P]``). Scored without gradient. Among a sample of a fraction f of the catalogue, the
+    platform, each platform's positions scored apart) under the current model, history and the
+    target excluded as in evaluation, as its own candidates; and whether the target itself
+    scores within them (``[B, P]``). Scored without gradient. Among a sample of a fraction f of the catalogue, the
     top k stand for about the top k/f of the whole catalogue."""
     with torch.no_grad():
         qd = q.detach()
