@@ -63,6 +63,7 @@ def test_small_silos_pooled_in_one_paired_row() -> None:
     train = {"a-large": 90, "a-small": 9, "b-large": 80, "b-small": 8}
     assert ps.small_silos(train) == ["a-small", "b-small"]
     assert ps.small_silos({"x": 5, "y": 5}) == []  # equal silos: nothing is small
+    assert ps.small_silos({"r0": 3951, "r1": 4049}) == []  # about equal (the regions layout): nothing is small
     out = ps.pooled_comparison(fed, loc, owners, ps.small_silos(train), reps=200, seed=0, train_users=train)
     assert out is not None and out["silos"] == ["a-small", "b-small"] and out["platform"] == "a+b"
     assert out["users"] == 4 and out["train-users"] == 17

@@ -6,8 +6,9 @@ sliced out of the experiment's per-platform groups), each method's metrics with 
 paired-bootstrap intervals (:func:`simulations.evaluation.summarise`) and the per-user paired
 difference federated − local-only with its interval (:func:`simulations.evaluation.differences`),
 both seeded per silo (:func:`simulations.evaluation.group_seed`), so the draws are paired.
-The silos below the median training-user count are also compared pooled (one row, their
-users together): a small silo alone has too few held-out users for a narrow interval.
+The small silos, with fewer than half the median silo's training users, are also compared
+pooled (one row, their users together): a small silo alone has too few held-out users for a
+narrow interval.
 """
 
 from __future__ import annotations
@@ -70,11 +71,12 @@ def per_silo_comparison(federated: Mapping[str, PerUser], local: Mapping[str, Pe
 
 
 def small_silos(train_users: Mapping[str, int]) -> list[str]:
-    """The silos with fewer training users than the median silo (none when all are equal)."""
+    """The silos with fewer than half the median silo's training users (none when the silos are
+    about equal: below the median alone would call the smaller of two equal regions small)."""
     if not train_users:
         return []
     median = float(np.median(list(train_users.values())))
-    return sorted(s for s, n in train_users.items() if n < median)
+    return sorted(s for s, n in train_users.items() if n < median / 2)
 
 
 def pooled_comparison(federated: Mapping[str, PerUser], local: Mapping[str, PerUser],

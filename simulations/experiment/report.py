@@ -226,8 +226,8 @@ def silo_table(doc: Mapping[str, Any]) -> list[str]:
              f"each silo's held-out {ps['split']} users, {setting}. Each cell: value [95 % paired-bootstrap "
              "interval]; Δ = federated − local-only per user, with its paired interval: federation helps a silo "
              "only where the interval of Δ lies above 0."
-             + (" The last row pools the silos with fewer training users than the median silo: their held-out users "
-                "together, the same draws for both methods." if ps.get("pooled") else "")
+             + (" The last row pools the silos with fewer than half the median silo's training users: their held-out "
+                "users together, the same draws for both methods." if ps.get("pooled") else "")
              + (" A region silo's row (platforms joined with +) pools its cases on every platform: a held-out user "
                 "counts once per platform of their held-out events." if any("+" in r["platform"] for r in
                                                                          ps["silos"].values()) else ""), "",
