@@ -30,10 +30,10 @@ from typing import TextIO
 import psutil
 
 from fedshift.deploy_credentials import Certificates, SupernodeKey, write_certificates, write_supernode_keys
-from fedshift.flower_processes import FLOWER_ENV, copy_app, free_port, relay, toml_value, write_run_config
+from fedshift.flower_processes import FLOWER_ENV, copy_app, free_port, relay, write_run_config
 from shared_model.config import RunConfig
 from shared_model.privacy.ledger_signatures import gather_public_keys
-from shared_model.io_utils import write_bytes_atomic
+from shared_model.io_utils import toml_value, write_bytes_atomic
 
 CONNECTION = "fedshift"
 READY_SECONDS = 60.0

@@ -33,10 +33,10 @@ from typing import Any, TextIO
 
 import psutil
 
-from fedshift.flower_processes import (FLOWER_ENV, copy_app, free_port, relay, terminate, toml_value,
+from fedshift.flower_processes import (FLOWER_ENV, copy_app, free_port, relay, terminate,
                                        write_run_config)
 from shared_model.config import RunConfig
-from shared_model.io_utils import write_bytes_atomic
+from shared_model.io_utils import toml_value, write_bytes_atomic
 
 def local_superlink_env(flwr_home: Path) -> dict[str, str]:
     """Environment for `flwr` with a private FLWR_HOME and its own local SuperLink ports,
